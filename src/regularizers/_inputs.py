@@ -283,8 +283,8 @@ def prepare(data: object, logprobs: object, target: Target, mask: object) -> Bat
             if xp.isdtype(m.dtype, "complex floating"):
                 raise TypeError(f"mask array {i} must be bool, integer or real, got dtype "
                                 f"{m.dtype}")
-        m = _flatten(xp, mask_arrays)
-        mask_flat = m if xp.isdtype(m.dtype, "bool") else m != 0
+        mask_flat = _flatten(xp, [m if xp.isdtype(m.dtype, "bool") else m != 0
+                                  for m in mask_arrays])
         count = xp.sum(xp.astype(mask_flat, t.dtype))
         t = xp.where(mask_flat, t, xp.zeros((), dtype=t.dtype, device=array_api_compat.device(t)))
 

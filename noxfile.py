@@ -1,0 +1,63 @@
+"""Sessions: one test session per backend configuration, lint, and the demo.
+
+``nox`` runs every test session and lint (the README's test command); ``nox -s demo`` runs
+the main job; ``nox -R`` reuses the virtualenvs for fast local re-runs.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.needs_version = ">=2024.3.2"
+# pip, not uv: these machines carry torch's CPU wheel on disk, which only pip looks at.
+nox.options.default_venv_backend = "virtualenv"
+nox.options.error_on_missing_interpreters = True
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test")
+LINT_DEPS = nox.project.dependency_groups(PYPROJECT, "lint")
+# Always this range: a looser one pulls a multi-GB CUDA build of torch.
+TORCH = "torch>=2.13,<2.14"
+
+# backend configuration -> what its session installs besides the test group
+BACKENDS: dict[str, list[str]] = {
+    "numpy": [],
+    "array_api_strict": ["array-api-strict"],
+    "array_api_strictest": ["array-api-strict"],
+    "torch": [TORCH],
+    "jax": ["jax"],
+    "dask": ["dask[array]"],
+}
+TEST_SESSIONS = [f"tests-{name}" for name in BACKENDS]
+nox.options.sessions = [*TEST_SESSIONS, "lint"]
+
+
+def _tests(backend: str, extra: list[str]) -> None:
+    @nox.session(name=f"tests-{backend}")
+    def session(session: nox.Session) -> None:
+        if backend == "numpy":
+            # First prove the promise of a bare install: array-api-compat and numpy only.
+            session.install(".", "numpy")
+            session.run("python", "spec_tests/check_minimal_install.py")
+        session.install(".", *TEST_DEPS, *extra)
+        session.run("pytest", "--backend", backend, *session.posargs)
+
+
+for _name, _extra in BACKENDS.items():
+    _tests(_name, _extra)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (lint and format) on everything; mypy --strict on the package."""
+    session.install(".", *LINT_DEPS)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", "src")
+    session.run("mypy")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: the shipped sample logprobs through every regularizer on every backend."""
+    session.install(".[numpy,torch,jax,dask]")
+    session.run("python", "examples/demo.py", *session.posargs)
