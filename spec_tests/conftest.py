@@ -58,9 +58,13 @@ class Backend(enum.Enum):
     @property
     def library(self) -> str:
         return {
-            "numpy": "numpy", "array_api_strict": "array_api_strict",
-            "array_api_strictest": "array_api_strict", "torch": "torch", "jax": "jax",
-            "jax_jit": "jax", "dask": "dask",
+            "numpy": "numpy",
+            "array_api_strict": "array_api_strict",
+            "array_api_strictest": "array_api_strict",
+            "torch": "torch",
+            "jax": "jax",
+            "jax_jit": "jax",
+            "dask": "dask",
         }[self.value]
 
     @property
@@ -74,9 +78,12 @@ _ALIASES = {"jax": ["jax", "jax_jit"]}
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--backend", action="append", default=[],
+        "--backend",
+        action="append",
+        default=[],
         help="backend configuration to run (repeatable): "
-        + ", ".join(b.value for b in Backend) + "; 'jax' selects jax and jax_jit",
+        + ", ".join(b.value for b in Backend)
+        + "; 'jax' selects jax and jax_jit",
     )
 
 
@@ -121,8 +128,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         only = metafunc.definition.get_closest_marker("backends")
         if only is not None:
             backends = [b for b in backends if b.library in only.args or b.value in only.args]
-        metafunc.parametrize("bk", [Harness(b) for b in backends],
-                             ids=[b.value for b in backends])
+        metafunc.parametrize("bk", [Harness(b) for b in backends], ids=[b.value for b in backends])
 
 
 class Harness:
@@ -198,7 +204,9 @@ class Harness:
             import array_api_strict
 
             with array_api_strict.ArrayAPIStrictFlags(
-                api_version="2023.12", boolean_indexing=False, data_dependent_shapes=False,
+                api_version="2023.12",
+                boolean_indexing=False,
+                data_dependent_shapes=False,
                 enabled_extensions=(),
             ):
                 yield
@@ -224,11 +232,14 @@ class Harness:
         if self.library == "torch":
             import torch
 
-            leaves = [t.detach().clone().requires_grad_(True) for t in
-                      (x if isinstance(x, list) else [x])]
+            leaves = [
+                t.detach().clone().requires_grad_(True) for t in (x if isinstance(x, list) else [x])
+            ]
             value = fn(leaves if isinstance(x, list) else leaves[0])
             grads = torch.autograd.grad(value, leaves, allow_unused=True)
-            grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+            grads = [
+                torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads, strict=False)
+            ]
             return grads if isinstance(x, list) else grads[0]
         if self.library == "jax":
             import jax
@@ -250,6 +261,6 @@ def _namespace(backend: Backend) -> Any:
         return importlib.import_module("jax.numpy")
     if backend.library == "array_api_strict":
         return importlib.import_module("array_api_strict")
-    return importlib.import_module(f"array_api_compat.{backend.library}" + (
-        ".array" if backend.library == "dask" else ""))
-
+    return importlib.import_module(
+        f"array_api_compat.{backend.library}" + (".array" if backend.library == "dask" else "")
+    )

@@ -16,8 +16,9 @@ def flat(arrays: Any) -> np.ndarray:
     return np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays])
 
 
-def reference(reg: rg.Regularizer, x: Any, mask: Any = None) -> tuple[float, dict[str, float],
-                                                                         np.ndarray]:
+def reference(
+    reg: rg.Regularizer, x: Any, mask: Any = None
+) -> tuple[float, dict[str, float], np.ndarray]:
     """Value, metrics and d value / d flat(x) in float64, for a logprobs/probs target."""
     lp = flat(x)
     t = np.exp(lp) if reg.target == "probs" else lp
@@ -37,8 +38,11 @@ def reference(reg: rg.Regularizer, x: Any, mask: Any = None) -> tuple[float, dic
             d = c - mu
             s = d * d
             raw = float(s[m].sum())
-            metrics = {"l2_raw": raw, "l2_mean": raw / max(n, 1),
-                       "l2_max": float(s[m].max()) if n else 0.0}
+            metrics = {
+                "l2_raw": raw,
+                "l2_mean": raw / max(n, 1),
+                "l2_max": float(s[m].max()) if n else 0.0,
+            }
             inside = ~((t < (-np.inf if lo is None else lo)) | (t > (np.inf if hi is None else hi)))
             g = np.where(inside, 2.0 * d * scale, 0.0)
         g = np.where(m, g, 0.0)

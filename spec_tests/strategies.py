@@ -19,8 +19,14 @@ def elements(lo: float = -200.0, hi: float = 50.0) -> st.SearchStrategy[float]:
 
 
 @st.composite
-def arrays(draw: st.DrawFn, dtype: str | None = None, lo: float = -200.0, hi: float = 50.0,
-           min_side: int = 0, max_dims: int = 2) -> np.ndarray:
+def arrays(
+    draw: st.DrawFn,
+    dtype: str | None = None,
+    lo: float = -200.0,
+    hi: float = 50.0,
+    min_side: int = 0,
+    max_dims: int = 2,
+) -> np.ndarray:
     dt = dtype or draw(st.sampled_from(FLOATS))
     shape = draw(hnp.array_shapes(min_dims=1, max_dims=max_dims, min_side=min_side, max_side=10))
     # Sprinkle the kinks: exact zeros, and values on and around the ADR's clip bounds.
@@ -29,8 +35,9 @@ def arrays(draw: st.DrawFn, dtype: str | None = None, lo: float = -200.0, hi: fl
 
 
 @st.composite
-def ragged(draw: st.DrawFn, dtype: str | None = None, lo: float = -200.0,
-           hi: float = 50.0) -> list[np.ndarray]:
+def ragged(
+    draw: st.DrawFn, dtype: str | None = None, lo: float = -200.0, hi: float = 50.0
+) -> list[np.ndarray]:
     dt = dtype or draw(st.sampled_from(FLOATS))
     n = draw(st.integers(1, 4))
     return [draw(arrays(dt, lo, hi, max_dims=1)) for _ in range(n)]
@@ -52,8 +59,14 @@ def centers() -> st.SearchStrategy[Any]:
 
 
 @st.composite
-def regularizers(draw: st.DrawFn, *, clip: bool = True, center: bool = True,
-                 probs: bool = False, kinds: tuple[str, ...] = ("l1", "l2")) -> rg.Regularizer:
+def regularizers(
+    draw: st.DrawFn,
+    *,
+    clip: bool = True,
+    center: bool = True,
+    probs: bool = False,
+    kinds: tuple[str, ...] = ("l1", "l2"),
+) -> rg.Regularizer:
     kind = draw(st.sampled_from(kinds))
     opts: dict[str, Any] = {"reduce": draw(st.sampled_from(["sum", "mean"]))}
     if probs:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from functools import cache
 from typing import Any, ClassVar
 
 import array_api_compat
@@ -49,7 +48,10 @@ class Regularizer:
     _opts: dict[str, Any]
 
     def __init__(
-        self, *, target: Target | tuple[str, str] = "logprobs", reduce: str = "sum",
+        self,
+        *,
+        target: Target | tuple[str, str] = "logprobs",
+        reduce: str = "sum",
         mask: object = None,
     ) -> None:
         object.__setattr__(self, "_opts", {})
@@ -105,7 +107,8 @@ class Regularizer:
     def __repr__(self) -> str:
         defaults = _defaults(type(self))
         shown = [
-            f"{n}={self._opts[n]!r}" for n in self._option_names
+            f"{n}={self._opts[n]!r}"
+            for n in self._option_names
             if n not in defaults or self._opts[n] != defaults[n]
         ]
         return f"{type(self).__name__}({', '.join(shown)})"
@@ -116,10 +119,7 @@ class Regularizer:
 
     # ---- the call protocol -------------------------------------------------------------
     def _prepare(self, data: object, logprobs: object, mask: object) -> Batch:
-        if mask is _UNSET:
-            mask = self._opts["mask"]
-        else:
-            mask = check_mask_option(mask)
+        mask = self._opts["mask"] if mask is _UNSET else check_mask_option(mask)
         return prepare(data, logprobs, self.target, mask)
 
     def compute(
@@ -182,13 +182,17 @@ def _out(xp: Namespace, value: Array) -> Array:
     return value
 
 
-@cache
 def _defaults(cls: type[Regularizer]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, p in inspect.signature(cls.__init__).parameters.items():
-        if p.default is not inspect.Parameter.empty:
-            out[name] = p.default
-    return out
+    """The keyword defaults of ``cls.__init__`` (what ``repr`` leaves out)."""
+    found = _DEFAULTS.get(cls)
+    if found is None:
+        params = inspect.signature(cls.__init__).parameters.values()
+        found = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        _DEFAULTS[cls] = found
+    return found
+
+
+_DEFAULTS: dict[type[Regularizer], dict[str, Any]] = {}
 
 
 def _rebuild(cls: type[Regularizer], options: dict[str, Any]) -> Regularizer:
@@ -223,4 +227,3 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
             v = v.detach()
         out[key] = float(v)
     return out
-

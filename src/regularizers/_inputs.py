@@ -37,8 +37,9 @@ def _as_arrays(logprobs: object, what: str = "logprobs") -> list[Array]:
     """The arrays of ``logprobs``: one array, or a non-empty list/tuple of arrays."""
     if isinstance(logprobs, (list, tuple)):
         if not logprobs:
-            raise ValueError(f"{what} is an empty {type(logprobs).__name__}; at least one "
-                             "array is needed")
+            raise ValueError(
+                f"{what} is an empty {type(logprobs).__name__}; at least one array is needed"
+            )
         for i, a in enumerate(logprobs):
             if not is_array_api_obj(a):
                 raise TypeError(f"{what}[{i}] must be an array, got {type(a).__name__}")
@@ -62,7 +63,7 @@ def _namespace(arrays: list[Array], what: str = "logprobs") -> Namespace:
 
 
 def _is_low_precision(xp: Namespace, dtype: Any) -> bool:
-    return dtype != xp.float32 and dtype != xp.float64
+    return bool(dtype != xp.float32 and dtype != xp.float64)
 
 
 def _check_float(xp: Namespace, a: Array, what: str) -> None:
@@ -107,14 +108,16 @@ def _read_field(data: object, key: str, xp: Namespace, like: Array, role: str) -
     """The arrays stored under ``key`` in ``data``, in datum order."""
     what = f"{role} Field({key!r})"
     if data is None:
-        raise ValueError(f"{what} reads data, but data is None; pass the data that holds "
-                         f"{key!r}")
+        raise ValueError(f"{what} reads data, but data is None; pass the data that holds {key!r}")
     if isinstance(data, Mapping):
         if key not in data:
-            raise KeyError(f"{what}: data has no key {key!r}; keys present: {sorted(map(str, data))}")
+            raise KeyError(
+                f"{what}: data has no key {key!r}; keys present: {sorted(map(str, data))}"
+            )
         value = data[key]
-        per_datum = isinstance(value, (list, tuple)) and value and not isinstance(
-            value[0], numbers.Number)
+        per_datum = (
+            isinstance(value, (list, tuple)) and value and not isinstance(value[0], numbers.Number)
+        )
         values = list(value) if per_datum else [value]
         if not values:
             raise ValueError(f"{what}: data[{key!r}] is empty; at least one array is needed")
@@ -131,10 +134,13 @@ def _read_field(data: object, key: str, xp: Namespace, like: Array, role: str) -
                     f"Datum), got {type(datum).__name__}"
                 )
             if key not in inputs:
-                raise KeyError(f"{what}: data[{i}].loss_fn_inputs has no key {key!r}; keys "
-                               f"present: {sorted(map(str, inputs))}")
-            out.append(_to_namespace(inputs[key], xp, like,
-                                     f"{what} data[{i}].loss_fn_inputs[{key!r}]"))
+                raise KeyError(
+                    f"{what}: data[{i}].loss_fn_inputs has no key {key!r}; keys "
+                    f"present: {sorted(map(str, inputs))}"
+                )
+            out.append(
+                _to_namespace(inputs[key], xp, like, f"{what} data[{i}].loss_fn_inputs[{key!r}]")
+            )
         return out
     raise TypeError(
         f"data must be None, a mapping of arrays or a sequence of datums with loss_fn_inputs, "
@@ -222,7 +228,7 @@ class Batch:
         start = 0
         for a in self.arrays:
             n = _size(a)
-            piece = g if len(self.arrays) == 1 else g[start:start + n]
+            piece = g if len(self.arrays) == 1 else g[start : start + n]
             start += n
             grads.append(xp.astype(xp.reshape(piece, tuple(a.shape)), a.dtype))
         return grads if self.is_list else grads[0]
@@ -240,8 +246,13 @@ def prepare(data: object, logprobs: object, target: Target, mask: object) -> Bat
     arrays = _as_arrays(logprobs)
     xp = _namespace(arrays)
     for i, a in enumerate(arrays):
-        _check_float(xp, a, "logprobs" if len(arrays) == 1 and not isinstance(
-            logprobs, (list, tuple)) else f"logprobs[{i}]")
+        _check_float(
+            xp,
+            a,
+            "logprobs"
+            if len(arrays) == 1 and not isinstance(logprobs, (list, tuple))
+            else f"logprobs[{i}]",
+        )
     like = arrays[0]
 
     if isinstance(target, Field):
@@ -281,15 +292,25 @@ def prepare(data: object, logprobs: object, target: Target, mask: object) -> Bat
             )
         for i, m in enumerate(mask_arrays):
             if xp.isdtype(m.dtype, "complex floating"):
-                raise TypeError(f"mask array {i} must be bool, integer or real, got dtype "
-                                f"{m.dtype}")
-        mask_flat = _flatten(xp, [m if xp.isdtype(m.dtype, "bool") else m != 0
-                                  for m in mask_arrays])
+                raise TypeError(
+                    f"mask array {i} must be bool, integer or real, got dtype {m.dtype}"
+                )
+        mask_flat = _flatten(
+            xp, [m if xp.isdtype(m.dtype, "bool") else m != 0 for m in mask_arrays]
+        )
         count = xp.sum(xp.astype(mask_flat, t.dtype))
         t = xp.where(mask_flat, t, xp.zeros((), dtype=t.dtype, device=array_api_compat.device(t)))
 
-    return Batch(xp=xp, values=t, mask=mask_flat, count=count, size=size, target=target,
-                 arrays=arrays, is_list=isinstance(logprobs, (list, tuple)))
+    return Batch(
+        xp=xp,
+        values=t,
+        mask=mask_flat,
+        count=count,
+        size=size,
+        target=target,
+        arrays=arrays,
+        is_list=isinstance(logprobs, (list, tuple)),
+    )
 
 
 def _fmt_shapes(shapes: list[tuple[int, ...]]) -> str:

@@ -47,9 +47,7 @@ class Field:
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, str):
-            raise TypeError(
-                f"Field key must be a str, got {type(self.key).__name__} {self.key!r}"
-            )
+            raise TypeError(f"Field key must be a str, got {type(self.key).__name__} {self.key!r}")
         if not self.key:
             raise ValueError("Field key must be a non-empty str, got ''")
 
@@ -111,7 +109,7 @@ def check_real(option: str, value: object, *, finite: bool = True) -> float:
     return result
 
 
-def check_center(value: object) -> None | Literal["mean"] | float:
+def check_center(value: object) -> Literal["mean"] | float | None:
     """``None``, ``"mean"`` or a finite real number."""
     if value is None:
         return None
@@ -137,8 +135,10 @@ def check_clip(value: object) -> tuple[float | None, float | None] | None:
             "clip must be None or a pair (lo, hi) of finite numbers (either may be None), "
             f"got {_describe(value)}"
         )
-    lo, hi = (None if b is None else check_real(f"clip {name}", b) for name, b in
-              zip(("lo", "hi"), value))
+    lo, hi = (
+        None if b is None else check_real(f"clip {name}", b)
+        for name, b in zip(("lo", "hi"), value, strict=False)
+    )
     if lo is None and hi is None:
         raise ValueError("clip=(None, None) clips nothing; pass clip=None instead")
     if lo is not None and hi is not None and lo > hi:

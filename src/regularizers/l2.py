@@ -60,7 +60,7 @@ class L2(Regularizer):
         *,
         target: Target | tuple[str, str] = "logprobs",
         reduce: str = "sum",
-        center: None | Literal["mean"] | float = None,
+        center: Literal["mean"] | float | None = None,
         clip: tuple[float | None, float | None] | None = None,
         mask: object = None,
     ) -> None:
@@ -69,7 +69,7 @@ class L2(Regularizer):
         self._set("clip", check_clip(clip))
 
     @property
-    def center(self) -> None | Literal["mean"] | float:
+    def center(self) -> Literal["mean"] | float | None:
         """None, ``"mean"`` or the number subtracted after clipping."""
         return self._opts["center"]  # type: ignore[no-any-return]
 
