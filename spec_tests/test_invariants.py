@@ -347,8 +347,7 @@ def half_dtypes(bk: Harness) -> list[str]:
 @given(reg=S.regularizers(), x=S.arrays(lo=-60, hi=60, max_dims=1))
 def test_inv12_dtype_rules(bk: Harness, reg: rg.Regularizer, x: np.ndarray) -> None:
     for dtype in ["float32", "float64", *half_dtypes(bk)]:
-        bx = bk.asarray(x.astype("float32"))
-        bx = bk.call(lambda a, d=dtype: bk.xp.astype(a, getattr(bk.xp, d)), bx)
+        bx = bk.xp.astype(bk.asarray(x.astype("float32")), getattr(bk.xp, dtype))
         value, metrics = bk.call(lambda lp: reg.compute(None, lp), bx)
         want = bk.dtype("float64" if dtype == "float64" else "float32")
         assert value.dtype == want, (dtype, value.dtype)
