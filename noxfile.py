@@ -40,7 +40,7 @@ def _tests(backend: str, extra: list[str]) -> None:
             session.install(".", "numpy")
             session.run("python", "spec_tests/check_minimal_install.py")
         session.install(".", *TEST_DEPS, *extra)
-        session.run("pytest", "--backend", backend, *session.posargs)
+        session.run("pytest", "spec_tests", "--backend", backend, *session.posargs)
 
 
 for _name, _extra in BACKENDS.items():

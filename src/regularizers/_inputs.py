@@ -30,7 +30,8 @@ Namespace = Any
 
 def _library(x: object) -> str:
     """The top-level library an array comes from, for error messages."""
-    return type(x).__module__.split(".")[0]
+    top = type(x).__module__.split(".")[0]
+    return {"jaxlib": "jax"}.get(top, top)
 
 
 def _as_arrays(logprobs: object, what: str = "logprobs") -> list[Array]:
