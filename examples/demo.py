@@ -123,13 +123,13 @@ def main() -> int:
             closed = [to_numpy(g) for g in grad]
             if name in ("torch", "jax"):
                 ref = autodiff(name, reg, data, xs)
-                err = max(float(np.max(np.abs(c - r))) for c, r in zip(closed, ref, strict=False))
+                err = max(float(np.max(np.abs(c - r))) for c, r in zip(closed, ref, strict=True))
                 check = f"closed form vs {name} autodiff: max |diff| {err:.1e}"
                 ok = err <= 1e-5 * max(1.0, max(float(np.max(np.abs(r))) for r in ref))
             else:
                 fd = finite_differences(reg, {"weights": weights}, logprobs, picks)
                 got = [float(closed[i][j]) for i, j in picks]
-                err = max(abs(a - b) for a, b in zip(got, fd, strict=False))
+                err = max(abs(a - b) for a, b in zip(got, fd, strict=True))
                 check = f"closed form vs finite differences: max |diff| {err:.1e}"
                 ok = err <= 1e-3 * max(1.0, max(abs(v) for v in fd))
             results[name] = {"value": float(to_numpy(value)), **rg.to_floats(metrics)}

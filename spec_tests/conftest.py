@@ -238,7 +238,7 @@ class Harness:
             value = fn(leaves if isinstance(x, list) else leaves[0])
             grads = torch.autograd.grad(value, leaves, allow_unused=True)
             grads = [
-                torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads, strict=False)
+                torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads, strict=True)
             ]
             return grads if isinstance(x, list) else grads[0]
         if self.library == "jax":

@@ -137,7 +137,7 @@ def check_clip(value: object) -> tuple[float | None, float | None] | None:
         )
     lo, hi = (
         None if b is None else check_real(f"clip {name}", b)
-        for name, b in zip(("lo", "hi"), value, strict=False)
+        for name, b in zip(("lo", "hi"), value, strict=True)
     )
     if lo is None and hi is None:
         raise ValueError("clip=(None, None) clips nothing; pass clip=None instead")
