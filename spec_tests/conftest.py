@@ -281,3 +281,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Report how many distinct cases the fuzzers tried in this run."""
+    import sys
+
+    fuzz = sys.modules.get(f"{__package__}.test_fuzz")
+    if fuzz is None:
+        return
+    counts = {k: len(v) for k, v in fuzz.FUZZED.items() if v}
+    if counts:
+        terminalreporter.write_sep("-", "fuzzing")
+        for kind, n in counts.items():
+            terminalreporter.write_line(f"distinct {kind} cases tried: {n}")
