@@ -104,7 +104,9 @@ def test_equal_regularizers_hit_the_same_jit_cache_entry(bk: Harness) -> None:
     jitted = jax.jit(loss, static_argnums=0)
     x = bk.asarray(np.array([-1.0, -2.0, 0.5]))
     a, b = rg.L2(center="mean", clip=(-100.0, 0.0)), rg.L2(clip=[-100, 0], center="mean")
-    assert a is not b and a == b and hash(a) == hash(b)
+    assert a is not b
+    assert a == b
+    assert hash(a) == hash(b)
     first, second = jitted(a, x), jitted(b, x)
     assert traces == [repr(a)], traces
     assert bk.float(first) == bk.float(second)

@@ -69,7 +69,8 @@ def test_read_only_numpy_arrays_work(bk: Harness) -> None:
         for g, w in zip(grad, want_grad, strict=True):
             np.testing.assert_array_equal(g, w)
             assert g.flags.writeable  # ours to hand back, not a view of x
-    assert not x.flags.writeable and not mask.flags.writeable
+    assert not x.flags.writeable
+    assert not mask.flags.writeable
 
 
 @pytest.mark.backends("torch")
@@ -84,7 +85,10 @@ def test_torch_requires_grad_and_grad_untouched(bk: Harness) -> None:
         reg.compute(None, [fresh, used])
         reg.value_and_grad(None, [fresh, used])
         reg.compute(None, frozen)
-    assert fresh.requires_grad and used.requires_grad and not frozen.requires_grad
+    assert fresh.requires_grad
+    assert used.requires_grad
+    assert not frozen.requires_grad
     assert fresh.grad is None
     assert used.grad.tolist() == [[7.0, 8.0]]
-    assert fresh.tolist() == [-2.0, 0.0, -150.0] and used.tolist() == [[-1.0, -4.0]]
+    assert fresh.tolist() == [-2.0, 0.0, -150.0]
+    assert used.tolist() == [[-1.0, -4.0]]
