@@ -29,7 +29,7 @@ BACKENDS: dict[str, list[str]] = {
     "dask": ["dask[array]"],
 }
 TEST_SESSIONS = [f"tests-{name}" for name in BACKENDS]
-nox.options.sessions = [*TEST_SESSIONS, "lint"]
+nox.options.sessions = [*TEST_SESSIONS, "tests-tinker", "lint"]
 
 
 def _tests(backend: str, extra: list[str]) -> None:
@@ -45,6 +45,15 @@ def _tests(backend: str, extra: list[str]) -> None:
 
 for _name, _extra in BACKENDS.items():
     _tests(_name, _extra)
+
+
+@nox.session(name="tests-tinker")
+def tests_tinker(session: nox.Session) -> None:
+    """The Pipeline as a Tinker custom loss, checked with the tinker SDK's own code."""
+    session.install(".", *TEST_DEPS, "tinker", TORCH)
+    session.run(
+        "pytest", "spec_tests/test_tinker.py", "--tinker", "--backend", "torch", *session.posargs
+    )
 
 
 @nox.session

@@ -85,6 +85,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         + ", ".join(b.value for b in Backend)
         + "; 'jax' selects jax and jax_jit",
     )
+    parser.addoption(
+        "--tinker",
+        action="store_true",
+        help="also run test_tinker.py, against the installed tinker SDK",
+    )
+
+
+def pytest_ignore_collect(collection_path: Any, config: pytest.Config) -> bool | None:
+    """test_tinker.py runs in the tinker session only (``--tinker``), where the SDK is."""
+    if collection_path.name == "test_tinker.py" and not config.getoption("--tinker"):
+        return True
+    return None
 
 
 def selected_backends(config: pytest.Config) -> list[Backend]:
@@ -107,6 +119,11 @@ def selected_backends(config: pytest.Config) -> list[Backend]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "backends(*names): run only on these backends")
+    if config.getoption("--tinker"):
+        try:
+            importlib.import_module("tinker")
+        except ImportError as exc:
+            raise pytest.UsageError(f"--tinker was given but {exc}") from exc
     for b in selected_backends(config):
         try:
             importlib.import_module(b.library)

@@ -12,9 +12,22 @@ intact, no copies to the host.
 """
 
 from ._base import Regularizer, to_floats
+from ._config import from_config, register, to_config
 from ._options import Field
 from .l1 import L1
 from .l2 import L2
+from .pipeline import Pipeline, Term
 
-__all__ = ["L1", "L2", "Field", "Regularizer", "to_floats"]
+__all__ = [
+    "L1",
+    "L2",
+    "Field",
+    "Pipeline",
+    "Regularizer",
+    "Term",
+    "from_config",
+    "register",
+    "to_config",
+    "to_floats",
+]
 __version__ = "0.1.0"

@@ -117,6 +117,12 @@ class Regularizer:
         # Immutable objects still pickle and copy (for multiprocessing and deepcopy).
         return (_rebuild, (type(self), self.options()))
 
+    def to_config(self) -> dict[str, Any]:
+        """A JSON-serializable dict; ``regularizers.from_config`` rebuilds an equal object."""
+        from ._config import to_config
+
+        return to_config(self)
+
     # ---- the call protocol -------------------------------------------------------------
     def _prepare(self, data: object, logprobs: object, mask: object) -> Batch:
         mask = self._opts["mask"] if mask is _UNSET else check_mask_option(mask)
@@ -145,7 +151,7 @@ class Regularizer:
         """
         batch = self._prepare(data, logprobs, mask)
         value, metrics = self._evaluate(batch)
-        return _out(batch.xp, value), {k: _out(batch.xp, v) for k, v in metrics.items()}
+        return as_0d(batch.xp, value), {k: as_0d(batch.xp, v) for k, v in metrics.items()}
 
     def __call__(
         self, logprobs: object, *, data: object = None, mask: object = _UNSET
@@ -165,7 +171,7 @@ class Regularizer:
         batch = self._prepare(data, logprobs, mask)
         value, metrics, g = self._evaluate_with_grad(batch)
         xp = batch.xp
-        return _out(xp, value), {k: _out(xp, v) for k, v in metrics.items()}, batch.pullback(g)
+        return as_0d(xp, value), {k: as_0d(xp, v) for k, v in metrics.items()}, batch.pullback(g)
 
     # ---- what a penalty writes ---------------------------------------------------------
     def _evaluate(self, batch: Batch) -> tuple[Array, Metrics]:
@@ -175,7 +181,7 @@ class Regularizer:
         raise NotImplementedError
 
 
-def _out(xp: Namespace, value: Array) -> Array:
+def as_0d(xp: Namespace, value: Array) -> Array:
     # NumPy reductions return NumPy scalars; the contract is a 0-d array of the namespace.
     if array_api_compat.is_numpy_namespace(xp):
         return xp.asarray(value)

@@ -1,0 +1,347 @@
+r"""Weighted regularizers as one differentiable loss, with per-term metrics and gradient norms.
+
+.. math::
+
+    \mathcal{L}(x) = b(x) + \sum_i w_i\, R_i(x)
+
+where :math:`b` is an optional base loss, :math:`R_i` the terms and :math:`w_i \ge 0` their
+weights. The total is one 0-d array of the caller's namespace: autodiff sees through it, to
+every datum's array of a ragged list. With ``track_grad_norms=True`` the metrics also hold
+:math:`\lVert\nabla R_i\rVert_2` over all logprobs elements, :math:`w_i\lVert\nabla R_i\rVert`,
+:math:`\lVert\nabla b\rVert` and :math:`\lVert\nabla\mathcal{L}\rVert`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import array_api_compat
+from array_api_compat import array_namespace
+
+from ._backends import autodiff_grad, has_autodiff, stop_gradient
+from ._base import Regularizer, as_0d, to_floats
+from ._options import check_real
+
+__all__ = ["Pipeline", "Term"]
+
+Array = Any
+RESERVED = ("base_loss", "loss_total", "regularizer_total", "total_grad_norm")
+
+
+def _name_of(obj: object) -> str | None:
+    name = getattr(obj, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    name = getattr(obj, "__name__", None)
+    if isinstance(name, str) and name and name != "<lambda>":
+        return name
+    return None
+
+
+def _check_term_object(obj: object, what: str) -> None:
+    compute = getattr(obj, "compute", None)
+    if not (callable(compute) or callable(obj)):
+        raise TypeError(
+            f"{what} must be a regularizer, an object with name and compute(data, logprobs), or "
+            f"a callable (data, logprobs) -> value or (value, metrics); got {type(obj).__name__}"
+        )
+
+
+class Term:
+    """One weighted term of a :class:`Pipeline`: ``weight · regularizer(data, logprobs)``.
+
+    Parameters
+    ----------
+    regularizer : Regularizer, object with ``name`` and ``compute``, or callable
+        A plain callable takes ``(data, logprobs)`` and returns a 0-d array, or a pair
+        ``(value, metrics)``.
+    weight : float
+        Finite and non-negative (NumPy scalars accepted, bool rejected).
+    name : str, optional
+        Defaults to the regularizer's ``name`` (or a function's ``__name__``); required for
+        lambdas and to tell two terms of the same kind apart.
+    """
+
+    __slots__ = ("name", "regularizer", "weight")
+    regularizer: Any
+    weight: float
+    name: str
+
+    def __init__(self, regularizer: Any, weight: float, name: str | None = None) -> None:
+        _check_term_object(regularizer, "a term")
+        if name is None:
+            name = _name_of(regularizer)
+            if name is None:
+                raise TypeError(
+                    f"a term of type {type(regularizer).__name__} has no name; pass name=..."
+                )
+        elif not isinstance(name, str) or not name:
+            raise TypeError(f"term name must be a non-empty str, got {name!r}")
+        w = check_real(f"weight of term {name!r}", weight)
+        if w < 0:
+            raise ValueError(f"weight of term {name!r} must be non-negative, got {w!r}")
+        for attr, value in (("regularizer", regularizer), ("weight", w), ("name", name)):
+            object.__setattr__(self, attr, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Term is immutable (cannot set {name!r})")
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.regularizer, self.weight, self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Term) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Term({self.regularizer!r}, {self.weight!r}, name={self.name!r})"
+
+
+class Pipeline:
+    r"""The sum of a base loss and weighted regularizers, as one differentiable loss.
+
+    ``loss, metrics = pipe(data, logprobs)`` with
+    :math:`\texttt{loss} = b + \sum_i w_i R_i` (SPEC section 7). Metric keys are flat:
+    ``loss_total``, ``regularizer_total``, ``base_loss`` (when given), and per term
+    ``<name>/value``, ``<name>/weight``, ``<name>/contribution`` and ``<name>/<metric>``.
+    With ``track_grad_norms=True`` also ``<name>/grad_norm``, ``<name>/grad_norm_weighted``,
+    ``base_loss/grad_norm`` and ``total_grad_norm``: closed form (``value_and_grad``) where a
+    term has one, the backend's autodiff otherwise. They never touch the caller's graph or
+    ``.grad``.
+
+    Parameters
+    ----------
+    terms : sequence of Term or (regularizer, weight)
+    base_loss : regularizer, object with ``compute`` or callable, optional
+    track_grad_norms : bool, default False
+    metrics : {"float", "array"}, default "float"
+        ``"float"`` gives ``dict[str, float]`` (what Tinker's ``forward_backward_custom``
+        expects; it syncs the host); ``"array"`` keeps 0-d arrays, for ``jax.jit`` and
+        ``torch.compile(fullgraph=True)``.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import regularizers as rg
+    >>> pipe = rg.Pipeline([(rg.L1(), 1.0), (rg.L2(), 0.5)])
+    >>> loss, metrics = pipe(None, xp.asarray([1.0, 2.0, 3.0]))
+    >>> float(loss), metrics["l2_weight_decay/contribution"]
+    (13.0, 7.0)
+    """
+
+    __slots__ = ("base_loss", "metrics", "terms", "track_grad_norms")
+    terms: tuple[Term, ...]
+    base_loss: Any
+    track_grad_norms: bool
+    metrics: Literal["float", "array"]
+
+    def __init__(
+        self,
+        terms: Sequence[Term | tuple[Any, float]],
+        *,
+        base_loss: Any = None,
+        track_grad_norms: bool = False,
+        metrics: Literal["float", "array"] = "float",
+    ) -> None:
+        if isinstance(terms, (str, bytes, Mapping)) or not isinstance(terms, Sequence):
+            raise TypeError(
+                f"terms must be a list of Term or (regularizer, weight) pairs, got "
+                f"{type(terms).__name__}"
+            )
+        built = []
+        for i, t in enumerate(terms):
+            if isinstance(t, Term):
+                built.append(t)
+            elif isinstance(t, tuple) and len(t) == 2:
+                built.append(Term(*t))
+            else:
+                raise TypeError(
+                    f"terms[{i}] must be a Term or a (regularizer, weight) pair, got {t!r}"
+                )
+        seen: set[str] = set()
+        for t in built:
+            if t.name in RESERVED:
+                raise ValueError(
+                    f"term name {t.name!r} is reserved for the pipeline's own "
+                    "metrics; pass another name="
+                )
+            if t.name in seen:
+                raise ValueError(
+                    f"two terms are named {t.name!r}; pass name= to tell them apart, e.g. "
+                    f"rg.Term({t.regularizer!r}, {t.weight!r}, name='{t.name}_2')"
+                )
+            seen.add(t.name)
+        if base_loss is not None:
+            _check_term_object(base_loss, "base_loss")
+        if not built and base_loss is None:
+            raise ValueError("a Pipeline needs at least one term or a base_loss")
+        if not isinstance(track_grad_norms, bool):
+            raise TypeError(f"track_grad_norms must be a bool, got {track_grad_norms!r}")
+        if metrics not in ("float", "array"):
+            raise ValueError(f"metrics={metrics!r} is not known; allowed: 'float', 'array'")
+        for attr, value in (
+            ("terms", tuple(built)),
+            ("base_loss", base_loss),
+            ("track_grad_norms", track_grad_norms),
+            ("metrics", metrics),
+        ):
+            object.__setattr__(self, attr, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Pipeline is immutable (cannot set {name!r})")
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.terms, self.base_loss, self.track_grad_norms, self.metrics)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pipeline) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        extra = "" if self.base_loss is None else f", base_loss={self.base_loss!r}"
+        extra += ", track_grad_norms=True" if self.track_grad_norms else ""
+        extra += "" if self.metrics == "float" else f", metrics={self.metrics!r}"
+        return f"Pipeline([{', '.join(map(repr, self.terms))}]{extra})"
+
+    def to_config(self) -> dict[str, Any]:
+        """A JSON-serializable dict; ``regularizers.from_config`` rebuilds an equal Pipeline."""
+        from ._config import to_config
+
+        return to_config(self)
+
+    # ---- evaluation --------------------------------------------------------------------
+    def __call__(self, data: object, logprobs: object) -> tuple[Array, dict[str, Any]]:
+        """``(loss, metrics)`` for one batch; see the class docstring for the keys."""
+        parts: list[tuple[str, Any, float | None]] = []
+        if self.base_loss is not None:
+            parts.append(("base_loss", self.base_loss, None))
+        parts += [(t.name, t.regularizer, t.weight) for t in self.terms]
+        results = {
+            name: _run(name, obj, data, logprobs, self.track_grad_norms) for name, obj, _ in parts
+        }
+        first = next(iter(results.values()))[0]
+        xp = array_namespace(first)
+
+        def const(v: float) -> Array:
+            return xp.asarray(v, dtype=first.dtype, device=array_api_compat.device(first))
+
+        metrics: dict[str, Any] = {}
+        loss: Array = None
+        reg_total: Array = None
+        for name, _, weight in parts:
+            value, term_metrics, _ = results[name]
+            if weight is None:  # the base loss
+                loss = value
+                metrics["base_loss"] = value
+                prefix = "base_loss/"
+            else:
+                contribution = weight * value
+                reg_total = contribution if reg_total is None else reg_total + contribution
+                metrics[f"{name}/value"] = value
+                metrics[f"{name}/weight"] = const(weight)
+                metrics[f"{name}/contribution"] = contribution
+                prefix = f"{name}/"
+            metrics.update({prefix + k: v for k, v in term_metrics.items()})
+        if reg_total is None:
+            reg_total = const(0.0)
+        loss = reg_total if loss is None else loss + reg_total
+        metrics = {"loss_total": loss, "regularizer_total": reg_total, **metrics}
+        if self.track_grad_norms:
+            metrics.update(self._grad_norms(xp, parts, results))
+        metrics = {k: as_0d(xp, stop_gradient(xp, v)) for k, v in metrics.items()}
+        loss = as_0d(xp, loss)
+        return loss, (to_floats(metrics) if self.metrics == "float" else metrics)
+
+    def _grad_norms(
+        self,
+        xp: Any,
+        parts: list[tuple[str, Any, float | None]],
+        results: dict[str, tuple[Array, dict[str, Array], list[Array]]],
+    ) -> dict[str, Array]:
+        out: dict[str, Array] = {}
+        total: list[Array] | None = None
+        for name, _, weight in parts:
+            grads = results[name][2]
+            norm = _norm(xp, grads)
+            w = 1.0 if weight is None else weight
+            if weight is None:
+                out["base_loss/grad_norm"] = norm
+            else:
+                out[f"{name}/grad_norm"] = norm
+                out[f"{name}/grad_norm_weighted"] = w * norm
+            scaled = [w * g for g in grads]
+            total = scaled if total is None else [a + b for a, b in zip(total, scaled, strict=True)]
+        out["total_grad_norm"] = _norm(xp, total or [])
+        return out
+
+
+def _run(
+    name: str, obj: Any, data: object, logprobs: object, with_grad: bool
+) -> tuple[Array, dict[str, Array], list[Array]]:
+    """(value, metrics, gradient as a list of arrays or []) of one term, errors named."""
+    try:
+        if with_grad and isinstance(obj, Regularizer):
+            value, metrics, grad = obj.value_and_grad(data, logprobs)
+        else:
+            value, found = _evaluate(obj, data, logprobs)
+            metrics = dict(found)
+            grad = _gradient(name, obj, data, logprobs, value) if with_grad else []
+    except Exception as exc:
+        raise _named(name, exc) from exc
+    shape = getattr(value, "shape", None)
+    if shape is None or tuple(shape) != ():
+        raise TypeError(
+            f"term {name!r} must return a 0-d array as its value, got "
+            f"{type(value).__name__}" + ("" if shape is None else f" of shape {shape}")
+        )
+    return value, dict(metrics), grad if isinstance(grad, list) else [grad]
+
+
+def _evaluate(obj: Any, data: object, logprobs: object) -> tuple[Array, Mapping[str, Array]]:
+    compute = getattr(obj, "compute", None)
+    out = compute(data, logprobs) if callable(compute) else obj(data, logprobs)
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
+        return out[0], out[1]
+    return out, {}
+
+
+def _gradient(name: str, obj: Any, data: object, logprobs: object, value: Array) -> Any:
+    vag = getattr(obj, "value_and_grad", None)
+    if callable(vag):
+        return vag(data, logprobs)[2]
+    xp = array_namespace(value)
+    if not has_autodiff(xp):
+        raise TypeError(
+            f"cannot compute the gradient norm of term {name!r} on {xp.__name__}: it has no "
+            "value_and_grad and this backend has no autodiff (use torch or JAX, or give the "
+            "term a value_and_grad)"
+        )
+    fn: Callable[[Any], Array] = lambda lp: _evaluate(obj, data, lp)[0]  # noqa: E731
+    return autodiff_grad(xp, fn, logprobs)
+
+
+def _norm(xp: Any, grads: list[Array]) -> Array:
+    """The L2 norm over all elements of a list of arrays, in at least float32."""
+    total: Array = None
+    for g in grads:
+        if g.dtype != xp.float64 and g.dtype != xp.float32:
+            g = xp.astype(g, xp.float32)
+        s = xp.sum(g * g)
+        total = s if total is None else total + s
+    if total is None:
+        return xp.asarray(0.0)
+    return xp.sqrt(total)
+
+
+def _named(name: str, exc: Exception) -> Exception:
+    """The same kind of exception, its message naming the term."""
+    message = f"term {name!r} failed: {type(exc).__name__}: {exc}"
+    try:
+        return type(exc)(message)
+    except Exception:
+        return RuntimeError(message)
