@@ -212,3 +212,14 @@ def test_torch_compile_fullgraph(bk: Harness) -> None:
     eager_value, eager_metrics = reg.compute(None, x)
     assert value.item() == pytest.approx(eager_value.item())
     assert rg.to_floats(metrics) == pytest.approx(rg.to_floats(eager_metrics))
+
+
+@pytest.mark.backends("jax")
+def test_jax_jit_of_a_regularizer_itself(bk: Harness) -> None:
+    import jax
+
+    reg = rg.L2(center="mean")
+    x = bk.asarray(np.array([-1.0, -2.0, -6.0]))
+    value, metrics = jax.jit(reg)(x)  # a regularizer is a callable jax can hold
+    assert bk.float(value) == pytest.approx(14.0)
+    assert rg.to_floats(metrics)["l2_max"] == pytest.approx(9.0)

@@ -44,7 +44,7 @@ class Regularizer:
 
     name: ClassVar[str] = "regularizer"
     _option_names: ClassVar[tuple[str, ...]] = ("target", "reduce", "mask")
-    __slots__ = ("_opts",)
+    __slots__ = ("__weakref__", "_opts")
     _opts: dict[str, Any]
 
     def __init__(
@@ -168,10 +168,33 @@ class Regularizer:
         input), with each array's dtype and device. It follows the conventions of SPEC
         section 3, exactly as autodiff through :meth:`compute` does.
         """
+        if not self.has_closed_form_grad:
+            return self._value_and_autodiff_grad(data, logprobs, mask)
         batch = self._prepare(data, logprobs, mask)
         value, metrics, g = self._evaluate_with_grad(batch)
         xp = batch.xp
         return as_0d(xp, value), {k: as_0d(xp, v) for k, v in metrics.items()}, batch.pullback(g)
+
+    @property
+    def has_closed_form_grad(self) -> bool:
+        """Whether this class writes ``_evaluate_with_grad`` (else ``value_and_grad`` uses the
+        backend's autodiff, and raises TypeError on a backend without one)."""
+        return type(self)._evaluate_with_grad is not Regularizer._evaluate_with_grad
+
+    def _value_and_autodiff_grad(
+        self, data: object, logprobs: object, mask: object
+    ) -> tuple[Array, Metrics, Array | list[Array]]:
+        from ._backends import autodiff_grad, has_autodiff
+
+        value, metrics = self.compute(data, logprobs, mask=mask)
+        xp = array_api_compat.array_namespace(value)
+        if not has_autodiff(xp):
+            raise TypeError(
+                f"{type(self).__name__} has no closed-form gradient (_evaluate_with_grad) and "
+                f"{xp.__name__} has no autodiff; use torch or JAX, or write _evaluate_with_grad"
+            )
+        grad = autodiff_grad(xp, lambda lp: self.compute(data, lp, mask=mask)[0], logprobs)
+        return value, metrics, grad
 
     # ---- what a penalty writes ---------------------------------------------------------
     def _evaluate(self, batch: Batch) -> tuple[Array, Metrics]:

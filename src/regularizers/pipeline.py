@@ -132,7 +132,7 @@ class Pipeline:
     (13.0, 7.0)
     """
 
-    __slots__ = ("base_loss", "metrics", "terms", "track_grad_norms")
+    __slots__ = ("__weakref__", "base_loss", "metrics", "terms", "track_grad_norms")
     terms: tuple[Term, ...]
     base_loss: Any
     track_grad_norms: bool

@@ -1,0 +1,114 @@
+"""The conformance kit on every built-in and on users' own regularizers, on every backend."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+
+import regularizers as rg
+from regularizers._inputs import Batch
+from regularizers.testing import check_regularizer
+
+Harness = Any
+
+
+class MaxAbs(rg.Regularizer):
+    """A user's penalty written against the extension API: the largest |t| counted."""
+
+    name: ClassVar[str] = "max_abs"
+
+    def _evaluate(self, batch: Batch) -> tuple[Any, dict[str, Any]]:
+        m = batch.max_nonneg(batch.xp.abs(batch.values))
+        return m, {"max_abs": m}
+
+
+class Smooth(rg.Regularizer):
+    """Σ log(1 + t²), with a closed-form gradient 2t / (1 + t²)."""
+
+    name: ClassVar[str] = "smooth"
+
+    def _evaluate(self, batch: Batch) -> tuple[Any, dict[str, Any]]:
+        v = batch.reduce(batch.sum(batch.xp.log1p(batch.values * batch.values)), self.reduce)
+        return v, {"smooth": v}
+
+    def _evaluate_with_grad(self, batch: Batch) -> tuple[Any, dict[str, Any], Any]:
+        v, m = self._evaluate(batch)
+        t = batch.values
+        return v, m, 2 * t / (1 + t * t) * batch.grad_scale(self.reduce)
+
+
+class DuckTyped:
+    """Not a subclass at all: a name and a compute, as the Pipeline also accepts."""
+
+    name = "duck"
+
+    def compute(self, data: Any, logprobs: Any) -> tuple[Any, dict[str, Any]]:
+        return rg.L1(reduce="mean").compute(data, logprobs)
+
+
+BUILTINS = [
+    rg.L1(),
+    rg.L1(reduce="mean", target="probs"),
+    rg.L2(),
+    rg.L2(center="mean", clip=(-100.0, 0.0)),
+    rg.L2(center=-1.0, clip=(None, 0.0), reduce="mean"),
+]
+
+
+@pytest.mark.parametrize(
+    "reg", [*BUILTINS, Smooth(), Smooth(reduce="mean"), MaxAbs(), DuckTyped()], ids=repr
+)
+def test_conformance(bk: Harness, reg: Any) -> None:
+    with bk.flags(forbid_compute=False):  # the kit compares values, so it computes Dask graphs
+        check_regularizer(reg, bk.xp)
+
+
+class WrongGradient(Smooth):
+    def _evaluate_with_grad(self, batch: Batch) -> tuple[Any, dict[str, Any], Any]:
+        v, m, g = super()._evaluate_with_grad(batch)
+        return v, m, 2 * g
+
+
+class NotZeroD(MaxAbs):
+    def _evaluate(self, batch: Batch) -> tuple[Any, dict[str, Any]]:
+        return batch.xp.reshape(super()._evaluate(batch)[0], (1,)), {}
+
+
+class Mutating:
+    name = "mutating"
+
+    def compute(self, data: Any, logprobs: Any) -> tuple[Any, dict[str, Any]]:
+        for a in logprobs if isinstance(logprobs, list) else [logprobs]:
+            a[...] = 0.0
+        return rg.L1().compute(data, logprobs)
+
+
+@pytest.mark.backends("torch", "jax")  # where there is autodiff to compare a closed form with
+def test_the_kit_catches_a_wrong_gradient(bk: Harness) -> None:
+    with pytest.raises(AssertionError, match="gradient equals autodiff"):
+        check_regularizer(WrongGradient(), bk.xp)
+
+
+@pytest.mark.backends("numpy", "torch", "jax")
+def test_the_kit_catches_a_value_that_is_not_0d(bk: Harness) -> None:
+    with pytest.raises(AssertionError, match="0-d result"):
+        check_regularizer(NotZeroD(), bk.xp)
+
+
+@pytest.mark.backends("numpy", "torch")  # JAX arrays cannot be changed in place at all
+def test_the_kit_catches_mutated_inputs(bk: Harness) -> None:
+    with pytest.raises(AssertionError, match="inputs not mutated"):
+        check_regularizer(Mutating(), bk.xp)
+
+
+def test_value_and_grad_falls_back_to_autodiff_or_says_why(bk: Harness) -> None:
+    import numpy as np
+
+    x = bk.asarray(np.array([-3.0, 1.0, 0.5]))
+    if bk.backend.has_autodiff:
+        _, _, g = MaxAbs().value_and_grad(None, x)
+        assert bk.to_numpy(g).tolist() == [-1.0, 0.0, 0.0]
+    else:
+        with pytest.raises(TypeError, match=r"MaxAbs.*no closed-form gradient"):
+            MaxAbs().value_and_grad(None, x)
