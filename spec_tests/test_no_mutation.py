@@ -22,6 +22,14 @@ REGS = [
 ]
 
 
+PIPE = rg.Pipeline(
+    [rg.Term(r, 0.5, name=f"t{i}") for i, r in enumerate(REGS)]
+    + [rg.Term(rg.L1(mask=rg.Field("weights")), 1.0, name="masked")],
+    track_grad_norms=True,
+    metrics="array",
+)
+
+
 def bits(a: np.ndarray) -> bytes:
     """The exact bytes (NaN payloads and signed zeros included)."""
     return np.ascontiguousarray(a).tobytes() + str((a.dtype, a.shape)).encode()
@@ -49,6 +57,7 @@ def test_inputs_are_bit_identical_afterwards(
         bk.call(lambda a, b, r=reg: r.value_and_grad(None, a, mask=b), lp, m)
         with bk.flags():
             type(reg)(**{**reg.options(), "mask": rg.Field("weights")}).value_and_grad(fields, lps)
+    bk.call(lambda f, a: PIPE(f, a), fields, lps)
     after = [bits(bk.to_numpy(a)) for a in (lp, m, *lps, *fields["weights"])]
     assert before == after
 
@@ -85,6 +94,12 @@ def test_torch_requires_grad_and_grad_untouched(bk: Harness) -> None:
         reg.compute(None, [fresh, used])
         reg.value_and_grad(None, [fresh, used])
         reg.compute(None, frozen)
+    tracked = rg.Pipeline(
+        [rg.Term(r, 1.0, name=f"t{i}") for i, r in enumerate(REGS)]
+        + [rg.Term(lambda d, lp: sum((a**2).sum() for a in lp), 1.0, name="sq")],
+        track_grad_norms=True,
+    )
+    tracked(None, [fresh, used])  # grad norms by closed form and by torch autograd
     assert fresh.requires_grad
     assert used.requires_grad
     assert not frozen.requires_grad

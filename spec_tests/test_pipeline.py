@@ -276,3 +276,13 @@ def test_pipelines_are_immutable_and_equal_by_terms() -> None:
     with pytest.raises(AttributeError, match="immutable"):
         a.metrics = "array"  # type: ignore[misc]
     assert "Term(L1(), 0.1, name='l1_sparsity')" in repr(a)
+
+
+def test_grad_norm_does_not_overflow_when_the_norm_fits(bk: Harness) -> None:
+    """∇ of L1 on probs is exp(x): at x = 47 its square overflows float32, its norm does not."""
+    x = bk.asarray(np.array([47.0, 46.0, -1.0], dtype=np.float32))
+    pipe = rg.Pipeline([(rg.L1(target="probs"), 1.0)], track_grad_norms=True, metrics="array")
+    _, m = bk.call(lambda lp: pipe(None, lp), x)
+    want = math.sqrt(math.exp(94.0) + math.exp(92.0) + math.exp(-2.0))
+    assert bk.float(m["l1_sparsity/grad_norm"]) == pytest.approx(want, rel=1e-5)
+    assert bk.float(m["total_grad_norm"]) == pytest.approx(want, rel=1e-5)

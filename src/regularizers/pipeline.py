@@ -326,16 +326,27 @@ def _gradient(name: str, obj: Any, data: object, logprobs: object, value: Array)
 
 
 def _norm(xp: Any, grads: list[Array]) -> Array:
-    """The L2 norm over all elements of a list of arrays, in at least float32."""
-    total: Array = None
+    """The L2 norm over all elements of a list of arrays, in at least float32.
+
+    Scaled by the largest finite |g| (as BLAS nrm2 does), so that a norm that fits the dtype
+    is not lost to an overflowing square (a ``target="probs"`` gradient is ``exp(x)``).
+    Infinities give inf and NaN gives NaN.
+    """
+    flat = []
     for g in grads:
+        g = xp.reshape(g, (-1,))
         if g.dtype != xp.float64 and g.dtype != xp.float32:
             g = xp.astype(g, xp.float32)
-        s = xp.sum(g * g)
-        total = s if total is None else total + s
-    if total is None:
+        flat.append(g)
+    if not flat:
         return xp.asarray(0.0)
-    return xp.sqrt(total)
+    g = flat[0] if len(flat) == 1 else xp.concat(flat)
+    zero = xp.zeros((), dtype=g.dtype, device=array_api_compat.device(g))
+    finite = xp.isfinite(g)
+    largest = xp.max(xp.where(finite, xp.abs(g), zero)) if g.shape[0] else zero
+    scale = xp.where(largest > zero, largest, xp.ones_like(largest))
+    scaled = xp.where(finite, g / scale, g)
+    return scale * xp.sqrt(xp.sum(scaled * scaled))
 
 
 def _named(name: str, exc: Exception) -> Exception:
