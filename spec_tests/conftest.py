@@ -204,7 +204,10 @@ class Harness:
         if isinstance(a, (list, tuple)):
             return [self.to_numpy(x) for x in a]
         if self.library == "torch":
-            return a.detach().cpu().numpy()
+            import torch
+
+            a = a.detach().cpu()
+            return (a.float() if a.dtype == torch.bfloat16 else a).numpy()  # NumPy has no bf16
         if self.library == "dask":
             return np.asarray(a.compute())
         if self.library == "array_api_strict":

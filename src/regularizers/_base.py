@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import array_api_compat
 
+from ._fastpath import try_compute
 from ._inputs import Array, Batch, Namespace, prepare
 from ._options import Target, _ByIdentity, check_mask_option, check_reduce, check_target
 
@@ -149,6 +150,10 @@ class Regularizer:
         metrics : dict[str, array]
             0-d arrays; nothing here syncs the host (see :func:`to_floats`).
         """
+        if mask is _UNSET:
+            fast = try_compute(self, logprobs)
+            if fast is not None:
+                return fast
         batch = self._prepare(data, logprobs, mask)
         value, metrics = self._evaluate(batch)
         return as_0d(batch.xp, value), {k: as_0d(batch.xp, v) for k, v in metrics.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ._base import Metrics, Regularizer
+from ._fastpath import KINDS
 from ._inputs import Array, Batch
 from ._ops import abs_
 
@@ -54,3 +55,6 @@ class L1(Regularizer):
         value, metrics = self._evaluate(batch)
         grad = batch.xp.sign(batch.values) * batch.grad_scale(self.reduce)
         return value, metrics, grad
+
+
+KINDS[L1] = "l1"  # the exact class has native fast paths (_fastpath.py)

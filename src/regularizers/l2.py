@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 from ._base import Metrics, Regularizer
+from ._fastpath import KINDS
 from ._inputs import Array, Batch
 from ._ops import clip_, inside_clip
 from ._options import Target, check_center, check_clip
@@ -108,3 +109,6 @@ class L2(Regularizer):
             inside = inside_clip(xp, batch.values, *self.clip)
             grad = xp.where(inside, grad, xp.zeros_like(grad))
         return value, metrics, grad
+
+
+KINDS[L2] = "l2"  # the exact class has native fast paths (_fastpath.py)

@@ -1,0 +1,129 @@
+"""Every native fast path equals the generic array API path (issue: performance).
+
+Hypothesis draws the regularizer's options and the input: shapes, ragged lists, dtypes
+(half precision included), the kinks (0, the clip bounds), ±inf and NaN, empty arrays. The
+fast result must equal the generic one (``_fastpath.disabled()``) to the dtype's tolerance,
+NaN where it is NaN, and the fast path must really have been taken.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import regularizers as rg
+from regularizers import _fastpath
+
+from . import strategies as S
+
+Harness = Any
+pytestmark = pytest.mark.backends("numpy", "torch")
+
+SPECIALS = [0.0, -0.0, -100.0, -100.5, 0.5, np.inf, -np.inf, np.nan, 1e4, -3e4]
+
+
+@st.composite
+def inputs(draw: st.DrawFn, dtypes: tuple[str, ...]) -> Any:
+    dtype = draw(st.sampled_from(dtypes))
+    elements = st.one_of(S.elements(-300.0, 10.0), st.sampled_from(SPECIALS))
+    size = st.integers(0, 3000) if draw(st.integers(0, 9)) == 0 else st.integers(0, 40)
+    arrays = [
+        draw(hnp.arrays("float64", draw(size), elements=elements))
+        for _ in range(draw(st.integers(1, 4)))
+    ]
+    specials_only = draw(st.booleans())
+    if not specials_only:
+        arrays = [np.where(np.isfinite(a), a, -7.0) for a in arrays]
+    as_list = draw(st.booleans())
+    return [a.astype(dtype) for a in arrays] if as_list else arrays[0].astype(dtype)
+
+
+def dtypes_for(bk: Harness) -> tuple[str, ...]:
+    return ("float16", "float32", "float64") + (("bfloat16",) if bk.library == "torch" else ())
+
+
+def to_backend(bk: Harness, x: Any, dtype_name: str | None = None) -> Any:
+    if bk.library == "torch":
+        import torch
+
+        def one(a: np.ndarray) -> Any:
+            return torch.asarray(a.astype("float32") if a.dtype == np.float16 else a)
+
+        return [one(a) for a in x] if isinstance(x, list) else one(x)
+    return x
+
+
+@given(reg=S.regularizers(probs=True), data=st.data())
+def test_fast_path_equals_generic_path(
+    bk: Harness, reg: rg.Regularizer, data: st.DataObject
+) -> None:
+    x = data.draw(inputs(("float16", "float32", "float64")), label="x")
+    xs = to_backend(bk, x)
+    if bk.library == "torch":
+        import torch
+
+        half = data.draw(st.sampled_from([None, torch.float16, torch.bfloat16]), label="half")
+        if half is not None:
+            xs = [a.to(half) for a in xs] if isinstance(xs, list) else xs.to(half)
+    # exp(1e4) overflows to inf on both paths alike: NumPy's warning is not the question here.
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert _fastpath.try_compute(reg, xs) is not None, "the fast path was not taken"
+        fast_value, fast_metrics = reg.compute(None, xs)
+        with _fastpath.disabled():
+            assert _fastpath.try_compute(reg, xs) is None
+            value, metrics = reg.compute(None, xs)
+    assert fast_value.dtype == value.dtype
+    assert tuple(fast_value.shape) == ()
+    flat = np.concatenate(
+        [
+            np.asarray(bk.to_numpy(a), dtype=np.float64).reshape(-1)
+            for a in (xs if isinstance(xs, list) else [xs])
+        ]
+    )
+    with np.errstate(over="ignore"):
+        t = np.exp(flat) if reg.target == "probs" else flat
+    finite = t[np.isfinite(t)]
+    big = (
+        (np.abs(finite).max() if finite.size else 0.0)
+        + 1.0
+        + abs(reg.center if isinstance(getattr(reg, "center", None), float) else 0.0)
+    )
+    rtol = {"float64": 1e-9}.get(str(value.dtype).replace("torch.", ""), 2e-5)
+    atol = rtol * max(t.size, 1) * big * big
+    for name, a, b in [
+        ("value", fast_value, value),
+        *((k, fast_metrics[k], metrics[k]) for k in metrics),
+    ]:
+        np.testing.assert_allclose(
+            bk.to_numpy(a), bk.to_numpy(b), rtol=rtol, atol=atol, equal_nan=True, err_msg=name
+        )
+    assert fast_metrics.keys() == metrics.keys()
+
+
+def test_fast_path_steps_aside(bk: Harness) -> None:
+    """Masks, subclasses, autograd, foreign dtypes: the generic path (and its errors) runs."""
+    x = bk.asarray(np.array([-1.0, 0.0, 2.0]))
+
+    class MyL1(rg.L1):
+        pass
+
+    assert _fastpath.try_compute(rg.L1(), x) is not None
+    assert _fastpath.try_compute(rg.L1(mask=np.ones(3)), x) is None
+    assert _fastpath.try_compute(MyL1(), x) is None
+    assert _fastpath.try_compute(rg.L2(target=rg.Field("adv")), x) is None
+    assert _fastpath.try_compute(rg.L1(), bk.asarray(np.array([1, 2], dtype=np.int32))) is None
+    if bk.library == "torch":
+        import torch
+
+        leaf = torch.tensor([-1.0, 0.0], requires_grad=True)
+        assert _fastpath.try_compute(rg.L2(), leaf) is None
+        with torch.no_grad():
+            assert _fastpath.try_compute(rg.L2(), leaf) is not None
+        value, _ = rg.L1().compute(None, leaf)
+        value.backward()
+        assert leaf.grad.tolist() == [-1.0, 0.0]  # the generic path's convention at 0
