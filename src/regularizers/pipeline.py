@@ -217,13 +217,24 @@ class Pipeline:
     # ---- evaluation --------------------------------------------------------------------
     def __call__(self, data: object, logprobs: object) -> tuple[Array, dict[str, Any]]:
         """``(loss, metrics)`` for one batch; see the class docstring for the keys."""
+        loss, metrics, _ = self._evaluate(data, logprobs, self.track_grad_norms)
+        return loss, metrics
+
+    def value_and_grad(self, data: object, logprobs: object) -> tuple[Array, dict[str, Any], Any]:
+        """``(loss, metrics, grad)`` with the gradient of the loss w.r.t. ``logprobs`` (shaped
+        like it) from each term's closed form, or the backend's autodiff: on any backend."""
+        loss, metrics, grad = self._evaluate(data, logprobs, True)
+        return loss, metrics, grad if isinstance(logprobs, (list, tuple)) else grad[0]
+
+    def _evaluate(
+        self, data: object, logprobs: object, with_grad: bool
+    ) -> tuple[Array, dict[str, Any], list[Array]]:
+        """Loss, metrics and (when ``with_grad``) the loss's gradient as a list of arrays."""
         parts: list[tuple[str, Any, float | None]] = []
         if self.base_loss is not None:
             parts.append(("base_loss", self.base_loss, None))
         parts += [(t.name, t.regularizer, t.weight) for t in self.terms]
-        results = {
-            name: _run(name, obj, data, logprobs, self.track_grad_norms) for name, obj, _ in parts
-        }
+        results = {name: _run(name, obj, data, logprobs, with_grad) for name, obj, _ in parts}
         first = next(iter(results.values()))[0]
         xp = array_namespace(first)
 
@@ -233,8 +244,9 @@ class Pipeline:
         metrics: dict[str, Any] = {}
         loss: Array = None
         reg_total: Array = None
+        grad: list[Array] = []
         for name, _, weight in parts:
-            value, term_metrics, _ = results[name]
+            value, term_metrics, term_grad = results[name]
             if weight is None:  # the base loss
                 loss = value
                 metrics["base_loss"] = value
@@ -247,36 +259,36 @@ class Pipeline:
                 metrics[f"{name}/contribution"] = contribution
                 prefix = f"{name}/"
             metrics.update({prefix + k: v for k, v in term_metrics.items()})
+            if with_grad:
+                w = 1.0 if weight is None else weight
+                scaled = [w * g for g in term_grad]
+                grad = scaled if not grad else [a + b for a, b in zip(grad, scaled, strict=True)]
         if reg_total is None:
             reg_total = const(0.0)
         loss = reg_total if loss is None else loss + reg_total
         metrics = {"loss_total": loss, "regularizer_total": reg_total, **metrics}
         if self.track_grad_norms:
-            metrics.update(self._grad_norms(xp, parts, results))
+            metrics.update(self._grad_norms(xp, parts, results, grad))
         metrics = {k: as_0d(xp, stop_gradient(xp, v)) for k, v in metrics.items()}
         loss = as_0d(xp, loss)
-        return loss, (to_floats(metrics) if self.metrics == "float" else metrics)
+        return loss, (to_floats(metrics) if self.metrics == "float" else metrics), grad
 
     def _grad_norms(
         self,
         xp: Any,
         parts: list[tuple[str, Any, float | None]],
         results: dict[str, tuple[Array, dict[str, Array], list[Array]]],
+        total: list[Array],
     ) -> dict[str, Array]:
         out: dict[str, Array] = {}
-        total: list[Array] | None = None
         for name, _, weight in parts:
-            grads = results[name][2]
-            norm = _norm(xp, grads)
-            w = 1.0 if weight is None else weight
+            norm = _norm(xp, results[name][2])
             if weight is None:
                 out["base_loss/grad_norm"] = norm
             else:
                 out[f"{name}/grad_norm"] = norm
-                out[f"{name}/grad_norm_weighted"] = w * norm
-            scaled = [w * g for g in grads]
-            total = scaled if total is None else [a + b for a, b in zip(total, scaled, strict=True)]
-        out["total_grad_norm"] = _norm(xp, total or [])
+                out[f"{name}/grad_norm_weighted"] = weight * norm
+        out["total_grad_norm"] = _norm(xp, total)
         return out
 
 
