@@ -17,7 +17,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import regularizers as rg
-from regularizers import _fastpath
+from regularizers import _fastpath, _native_numpy
+
+try:
+    from regularizers import _native_torch
+except ImportError:  # the numpy session has no torch; only the numpy fast path runs there
+    _native_torch = None  # type: ignore[assignment]
 
 from . import strategies as S
 
@@ -70,10 +75,18 @@ def test_fast_path_equals_generic_path(
         half = data.draw(st.sampled_from([None, torch.float16, torch.bfloat16]), label="half")
         if half is not None:
             xs = [a.to(half) for a in xs] if isinstance(xs, list) else xs.to(half)
+    # Small blocks too, so that combining blocks (Chan's formula, running extrema) is tested.
+    block = data.draw(st.sampled_from([None, 1, 7, 64]), label="block")
+    native = _native_torch if bk.library == "torch" else _native_numpy
+    saved = native.BLOCK
     # exp(1e4) overflows to inf on both paths alike: NumPy's warning is not the question here.
     with np.errstate(over="ignore", invalid="ignore"):
-        assert _fastpath.try_compute(reg, xs) is not None, "the fast path was not taken"
-        fast_value, fast_metrics = reg.compute(None, xs)
+        try:
+            native.BLOCK = block or saved
+            assert _fastpath.try_compute(reg, xs) is not None, "the fast path was not taken"
+            fast_value, fast_metrics = reg.compute(None, xs)
+        finally:
+            native.BLOCK = saved
         with _fastpath.disabled():
             assert _fastpath.try_compute(reg, xs) is None
             value, metrics = reg.compute(None, xs)

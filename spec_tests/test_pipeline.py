@@ -289,12 +289,15 @@ def test_grad_norm_does_not_overflow_when_the_norm_fits(bk: Harness) -> None:
 
 
 @given(pipe=pipelines(), x=S.arrays(hi=5.0) | S.ragged(hi=5.0))
-def test_pipeline_value_and_grad_on_every_backend(bk: Harness, pipe: rg.Pipeline,
-                                                  x: Any) -> None:
+def test_pipeline_value_and_grad_on_every_backend(bk: Harness, pipe: rg.Pipeline, x: Any) -> None:
     loss, _, grad = bk.call(lambda lp: pipe.value_and_grad(None, lp), bk.asarray(x))
     want = sum(t.weight * reference(t.regularizer, x)[2] for t in pipe.terms)
     got = bk.to_numpy(grad)
     assert isinstance(got, list) == isinstance(x, list)
     np.testing.assert_allclose(flat(got), want, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(bk.float(loss), sum(t.weight * reference(t.regularizer, x)[0]
-                                                   for t in pipe.terms), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        bk.float(loss),
+        sum(t.weight * reference(t.regularizer, x)[0] for t in pipe.terms),
+        rtol=1e-4,
+        atol=1e-3,
+    )

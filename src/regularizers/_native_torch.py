@@ -2,9 +2,11 @@
 
 The generic path materializes ``|x|`` or ``x²`` and reduces it once per metric. Here each
 quantity is one fused reduction kernel over the input, with no full-size temporary:
-``vector_norm(x, 1)`` for Σ|x|, ``vector_norm(x, 2)²`` for Σx², ``aminmax`` for max x² (from the
-extrema), ``var`` (Welford, one pass) for Σ(c - mean)². Half precision accumulates in
-float32 through the kernels' ``dtype=`` argument, without a float32 copy of the input.
+``vector_norm(x, 1)`` for Σ|x|, ``vector_norm(x, 2)²`` for Σx², ``aminmax`` for max x² (from
+the extrema). Where the input must be transformed first (``exp``, clipping, a center), it is
+done block by block (``BLOCK`` elements), so no full-size temporary exists; ``center="mean"``
+combines per-block ``var_mean`` (Welford) with Chan's parallel formula: one pass, stable.
+Half precision accumulates in float32.
 
 Taken only when autograd does not need the graph (no input requires grad, or grad mode is
 off) and outside ``torch.compile`` tracing; otherwise the generic path runs, whose gradient
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BLOCK = 1 << 20  # elements per block where the input is transformed (4 MiB of float32)
 
 
 def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
@@ -37,30 +40,70 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
         zero = torch.zeros((), dtype=dtype, device=x.device)
         names = ("l1_raw", "l1_mean") if kind == "l1" else ("l2_raw", "l2_mean", "l2_max")
         return zero, {k: zero.clone() for k in names}
-    if reg.target == "probs":
-        x = torch.exp(x.to(dtype))
-    if kind == "l1":
-        raw = torch.linalg.vector_norm(x, 1, dtype=dtype)
+    clipping = kind == "l2" and reg.clip is not None
+    lo, hi = reg.clip if clipping else (None, None)
+    probs = reg.target == "probs"
+    center = None if kind == "l1" else reg.center
+
+    if kind == "l1" and not probs:
+        raw = torch.linalg.vector_norm(x, 1, dtype=dtype)  # one fused pass, no temporary
         mean = raw / n
         return (raw if reg.reduce == "sum" else mean), {"l1_raw": raw, "l1_mean": mean}
-    lo, hi = reg.clip if reg.clip is not None else (None, None)
-    center = reg.center
-    c = x if reg.clip is None else torch.clamp(x.to(dtype), lo, hi)
-    if center == "mean":
-        c = c.to(dtype)
-        # One fused pass each: the (Welford, stable) variance, and both extrema.
-        raw = torch.var(c, correction=0) * n
-        m = c.mean()
-        low, high = torch.aminmax(c)
-        peak = torch.maximum((high - m) ** 2, (low - m) ** 2)
-        # sum((c - m)²) is NaN as soon as c holds ±inf (inf - inf); var says so too
-        peak = torch.where(torch.isfinite(m), peak, raw)
-    else:
-        if center is not None:
-            c = c.to(dtype) - center
-        raw = torch.linalg.vector_norm(c, 2, dtype=dtype) ** 2
-        low, high = torch.aminmax(c)
+    if kind == "l2" and not probs and not clipping and center is None:
+        raw = torch.linalg.vector_norm(x, 2, dtype=dtype) ** 2
+        low, high = torch.aminmax(x)
         peak = torch.maximum(high.to(dtype) ** 2, low.to(dtype) ** 2)
+        return _l2_out(reg, raw, peak, n)
+
+    # Anything that transforms the input (exp, clip, shift) runs block by block, so that no
+    # full-size temporary exists: each block's transform stays small and in cache.
+    def blocks() -> Any:
+        for i in range(0, n, BLOCK):
+            c = x[i : i + BLOCK].to(dtype)
+            if probs:
+                c = torch.exp(c)
+            if clipping:
+                c = torch.clamp(c, lo, hi)
+            yield c
+
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    if kind == "l1":  # probs: Σ exp(x) >= 0
+        raw = zero
+        for c in blocks():
+            raw = raw + c.sum()
+        mean = raw / n
+        return (raw if reg.reduce == "sum" else mean), {"l1_raw": raw, "l1_mean": mean}
+    if center == "mean":
+        # Chan's parallel combination of per-block (Welford) variances: one pass, stable.
+        count, mean, m2 = 0, zero, zero
+        cmin = torch.full((), float("inf"), dtype=dtype, device=x.device)
+        cmax = -cmin
+        for c in blocks():
+            k = c.numel()
+            var, bmean = torch.var_mean(c, correction=0)
+            low, high = torch.aminmax(c)
+            cmin, cmax = torch.minimum(cmin, low), torch.maximum(cmax, high)
+            total = count + k
+            delta = bmean - mean
+            mean = mean + delta * (k / total)
+            m2 = m2 + var * k + delta * delta * (count * k / total)
+            count = total
+        raw = m2
+        peak = torch.maximum((cmax - mean) ** 2, (cmin - mean) ** 2)
+        # sum((c - m)²) is NaN as soon as c holds ±inf (inf - inf); the extrema would not say
+        peak = torch.where(torch.isfinite(mean), peak, mean - mean)
+        raw = torch.where(torch.isfinite(mean), raw, mean - mean)
+        return _l2_out(reg, raw, peak, n)
+    raw, peak = zero, zero
+    for c in blocks():
+        if center is not None:
+            c = c - center
+        raw = raw + torch.linalg.vector_norm(c, 2) ** 2
+        low, high = torch.aminmax(c)
+        peak = torch.maximum(peak, torch.maximum(low * low, high * high))
+    return _l2_out(reg, raw, peak, n)
+
+
+def _l2_out(reg: Any, raw: Any, peak: Any, n: int) -> tuple[Any, dict[str, Any]]:
     mean = raw / n
-    metrics = {"l2_raw": raw, "l2_mean": mean, "l2_max": peak}
-    return (raw if reg.reduce == "sum" else mean), metrics
+    return (raw if reg.reduce == "sum" else mean), {"l2_raw": raw, "l2_mean": mean, "l2_max": peak}

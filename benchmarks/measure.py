@@ -1,0 +1,410 @@
+"""Measure one backend (numpy, torch eager, jax jit) and print the results as JSON.
+
+Run by ``benchmarks/run.py`` once per backend, each in its own process (Keras 3 chooses its
+backend at import). Every implementation of a case is timed in the same process, on the same
+array, interleaved round by round, and reported as a median.
+
+Implementations, for each case and size:
+
+- ``floor``: one native ``sum(x)``: a single read of the input, the cost floor;
+- ``ours``: ``regularizers`` (``compute`` for value+metrics);
+- ``native``: hand-written native code for the same outputs, as an expert would write it;
+- ``adr``: the ADR's code transcribed as written (separate passes, a host sync per metric);
+- ``keras``: Keras 3's ``regularizers.L1``/``L2`` (value only: it has no metrics).
+
+Peak extra memory for value+metrics at 1e7 (numpy and torch) is measured in a fresh
+subprocess per implementation: NumPy through tracemalloc (NumPy reports its buffers to it),
+torch CPU through the growth of the process's peak resident set (``ru_maxrss``), since
+torch's CPU allocator keeps no statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import regularizers as rg
+
+SIZES = [1_000, 100_000, 1_000_000, 10_000_000]
+RAGGED = (256, 512)  # a Tinker-shaped batch: 256 datums of 512 tokens
+W1, W2 = 1e-3, 1e-4  # the pipeline's weights
+
+
+def logprobs(n: int, seed: int = 0) -> np.ndarray:
+    """Logprob-like float32 values, built in pieces so that making them leaves no large peak
+    in the process's memory (the torch memory figure is a growth of that peak)."""
+    rng = np.random.default_rng(seed)
+    x = np.empty(n, dtype=np.float32)
+    for i in range(0, n, 1 << 20):
+        piece = x[i : i + (1 << 20)]
+        piece[:] = -rng.gamma(0.6, 1.8, size=piece.size)
+        k = max(1, piece.size // 200)
+        piece[rng.integers(0, piece.size, size=k)] = -rng.uniform(20, 150, size=k)
+    return x
+
+
+# ---- implementations per backend ------------------------------------------------------------
+def numpy_impls() -> dict[str, dict[str, Callable[[Any], Any]]]:
+    l1, l2c, l2 = rg.L1(), rg.L2(center="mean", clip=(-100.0, 0.0)), rg.L2()
+
+    def native_l1(x: Any) -> Any:
+        raw = np.abs(x).sum()
+        return raw, raw / x.size
+
+    def native_l2c(x: Any) -> Any:
+        c = np.clip(x, -100.0, 0.0)
+        m = c.mean()
+        d = c - m
+        raw = np.dot(d, d)
+        return raw, raw / x.size, max((c.max() - m) ** 2, (c.min() - m) ** 2)
+
+    def native_l2(x: Any) -> Any:
+        raw = np.dot(x, x)
+        return raw, raw / x.size, max(x.max() ** 2, x.min() ** 2)
+
+    def adr_l1(x: Any) -> Any:
+        value = np.sum(np.abs(x))
+        return value, {"l1_raw": float(value), "l1_mean": float(np.mean(np.abs(x)))}
+
+    def adr_l2(x: Any, clip: bool, center: bool) -> Any:
+        t = np.clip(x, -100, 0) if clip else x
+        t = t - np.mean(t) if center else t
+        sq = np.power(t, 2)
+        value = np.sum(sq)
+        return value, {
+            "l2_raw": float(value),
+            "l2_mean": float(np.mean(sq)),
+            "l2_max": float(np.max(sq)),
+        }
+
+    return {
+        "l1": {"ours": lambda x: l1.compute(None, x), "native": native_l1, "adr": adr_l1},
+        "l2_clip_center": {
+            "ours": lambda x: l2c.compute(None, x),
+            "native": native_l2c,
+            "adr": lambda x: adr_l2(x, True, True),
+        },
+        "l2": {
+            "ours": lambda x: l2.compute(None, x),
+            "native": native_l2,
+            "adr": lambda x: adr_l2(x, False, False),
+        },
+    }
+
+
+def torch_impls() -> dict[str, dict[str, Callable[[Any], Any]]]:
+    import torch
+
+    l1, l2c, l2 = rg.L1(), rg.L2(center="mean", clip=(-100.0, 0.0)), rg.L2()
+
+    def native_l1(x: Any) -> Any:
+        raw = torch.linalg.vector_norm(x, 1)
+        return raw, raw / x.numel()
+
+    def native_l2c(x: Any) -> Any:
+        c = x.clamp(-100.0, 0.0)
+        raw = torch.var(c, correction=0) * c.numel()
+        m = c.mean()
+        lo, hi = torch.aminmax(c)
+        return raw, raw / c.numel(), torch.maximum((hi - m) ** 2, (lo - m) ** 2)
+
+    def native_l2(x: Any) -> Any:
+        raw = torch.dot(x, x)
+        lo, hi = torch.aminmax(x)
+        return raw, raw / x.numel(), torch.maximum(hi * hi, lo * lo)
+
+    def adr_l1(x: Any) -> Any:
+        value = torch.sum(torch.abs(x))
+        return value, {"l1_raw": value.item(), "l1_mean": torch.mean(torch.abs(x)).item()}
+
+    def adr_l2(x: Any, clip: bool, center: bool) -> Any:
+        t = torch.clip(x, -100, 0) if clip else x
+        t = t - torch.mean(t) if center else t
+        sq = torch.pow(t, 2)
+        value = torch.sum(sq)
+        return value, {
+            "l2_raw": value.item(),
+            "l2_mean": torch.mean(sq).item(),
+            "l2_max": torch.max(sq).item(),
+        }
+
+    return {
+        "l1": {"ours": lambda x: l1.compute(None, x), "native": native_l1, "adr": adr_l1},
+        "l2_clip_center": {
+            "ours": lambda x: l2c.compute(None, x),
+            "native": native_l2c,
+            "adr": lambda x: adr_l2(x, True, True),
+        },
+        "l2": {
+            "ours": lambda x: l2.compute(None, x),
+            "native": native_l2,
+            "adr": lambda x: adr_l2(x, False, False),
+        },
+    }
+
+
+def jax_impls() -> dict[str, dict[str, Callable[[Any], Any]]]:
+    import jax
+    import jax.numpy as jnp
+
+    l1, l2c, l2 = rg.L1(), rg.L2(center="mean", clip=(-100.0, 0.0)), rg.L2()
+
+    def native_l1(x: Any) -> Any:
+        raw = jnp.abs(x).sum()
+        return raw, raw / x.size
+
+    def native_l2c(x: Any) -> Any:
+        c = jnp.clip(x, -100.0, 0.0)
+        d = c - c.mean()
+        sq = d * d
+        raw = sq.sum()
+        return raw, raw / x.size, sq.max()
+
+    def native_l2(x: Any) -> Any:
+        sq = x * x
+        raw = sq.sum()
+        return raw, raw / x.size, sq.max()
+
+    def adr_l2(x: Any, clip: bool, center: bool) -> Any:
+        t = jnp.clip(x, -100, 0) if clip else x
+        t = t - jnp.mean(t) if center else t
+        sq = jnp.power(t, 2)
+        return jnp.sum(sq), jnp.mean(sq), jnp.max(sq)
+
+    def adr(fn: Callable[[Any], Any], names: tuple[str, ...]) -> Callable[[Any], Any]:
+        jitted = jax.jit(fn)
+
+        def run(x: Any) -> Any:  # the ADR syncs the host once per metric (Nx.to_number)
+            out = jitted(x)
+            return out[0], {k: float(v) for k, v in zip(names, out, strict=True)}
+
+        return run
+
+    return {
+        "l1": {
+            "ours": jax.jit(lambda x: l1.compute(None, x)),
+            "native": jax.jit(native_l1),
+            "adr": adr(
+                lambda x: (jnp.sum(jnp.abs(x)), jnp.mean(jnp.abs(x))), ("l1_raw", "l1_mean")
+            ),
+        },
+        "l2_clip_center": {
+            "ours": jax.jit(lambda x: l2c.compute(None, x)),
+            "native": jax.jit(native_l2c),
+            "adr": adr(lambda x: adr_l2(x, True, True), ("l2_raw", "l2_mean", "l2_max")),
+        },
+        "l2": {
+            "ours": jax.jit(lambda x: l2.compute(None, x)),
+            "native": jax.jit(native_l2),
+            "adr": adr(lambda x: adr_l2(x, False, False), ("l2_raw", "l2_mean", "l2_max")),
+        },
+    }
+
+
+def keras_impls(backend: str) -> dict[str, Callable[[Any], Any]]:
+    try:
+        import keras
+    except ImportError:
+        return {}
+    l1, l2 = keras.regularizers.L1(1.0), keras.regularizers.L2(1.0)
+    if backend == "jax":
+        import jax
+
+        return {"l1": jax.jit(lambda x: l1(x)), "l2": jax.jit(lambda x: l2(x))}
+    return {"l1": lambda x: l1(x), "l2": lambda x: l2(x)}
+
+
+def pipeline_impls(backend: str) -> dict[str, Callable[[Any], Any]]:
+    """Loss and gradient of W1·L1 + W2·L2 over a ragged batch (a list of arrays)."""
+    pipe = rg.Pipeline([(rg.L1(), W1), (rg.L2(), W2)], metrics="array")
+    if backend == "numpy":
+
+        def native(xs: Any) -> Any:
+            x = np.concatenate(xs)
+            loss = W1 * np.abs(x).sum() + W2 * np.dot(x, x)
+            g = W1 * np.sign(x) + (2 * W2) * x
+            return loss, np.split(g, np.cumsum([a.size for a in xs])[:-1])
+
+        return {"ours": lambda xs: pipe.value_and_grad(None, xs), "native": native}
+    if backend == "torch":
+        import torch
+
+        def ours(xs: Any) -> Any:
+            leaves = [a.detach().requires_grad_(True) for a in xs]
+            loss, _ = pipe(None, leaves)
+            loss.backward()
+            return loss, [leaf.grad for leaf in leaves]
+
+        def native_t(xs: Any) -> Any:
+            leaves = [a.detach().requires_grad_(True) for a in xs]
+            x = torch.cat(leaves)
+            loss = W1 * x.abs().sum() + W2 * (x * x).sum()
+            loss.backward()
+            return loss, [leaf.grad for leaf in leaves]
+
+        return {"ours": ours, "native": native_t}
+    import jax
+    import jax.numpy as jnp
+
+    def hand(xs: Any) -> Any:
+        x = jnp.concatenate(xs)
+        return W1 * jnp.abs(x).sum() + W2 * (x * x).sum()
+
+    return {
+        "ours": jax.jit(jax.value_and_grad(lambda xs: pipe(None, xs)[0])),
+        "native": jax.jit(jax.value_and_grad(hand)),
+    }
+
+
+# ---- timing ----------------------------------------------------------------------------------
+def sync(out: Any) -> Any:
+    leaves = out if isinstance(out, (list, tuple)) else [out]
+    for leaf in leaves:
+        if isinstance(leaf, (list, tuple, dict)):
+            sync(list(leaf.values()) if isinstance(leaf, dict) else leaf)
+        elif hasattr(leaf, "block_until_ready"):
+            leaf.block_until_ready()
+    return out
+
+
+def time_all(impls: dict[str, Callable[[Any], Any]], x: Any, budget: float) -> dict[str, float]:
+    """Median seconds per call; implementations interleaved round by round."""
+    for fn in impls.values():  # warm up (and compile)
+        sync(fn(x))
+        sync(fn(x))
+    start = time.perf_counter()
+    for fn in impls.values():
+        sync(fn(x))
+    one_round = max(time.perf_counter() - start, 1e-7)
+    rounds = int(min(200, max(7, budget / one_round)))
+    inner = 1 if one_round > 1e-3 else int(min(200, 1e-3 / one_round) + 1)
+    samples: dict[str, list[float]] = {k: [] for k in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                sync(fn(x))
+            samples[name].append((time.perf_counter() - t0) / inner)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def memory_child(backend: str, case: str, impl: str, n: int) -> None:
+    """In a fresh process: the peak extra bytes one call of ``impl`` allocates."""
+    x = logprobs(n)
+    impls = {"numpy": numpy_impls, "torch": torch_impls}[backend]()[case]
+    fn = impls[impl]
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(1)
+        x = torch.from_numpy(x)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        fn(x)
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    else:
+        fn(x[:1000])
+        tracemalloc.start()
+        fn(x)
+        extra = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    print(json.dumps({"extra_bytes": extra, "input_bytes": int(x.nbytes)}))
+
+
+def memory(backend: str, case: str, impl: str, n: int) -> dict[str, int]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory", backend, case, impl, str(n)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", choices=["numpy", "torch", "jax"])
+    parser.add_argument("--memory", nargs=4)
+    parser.add_argument("--budget", type=float, default=0.6, help="seconds per measurement")
+    args = parser.parse_args()
+    if args.memory:
+        backend, case, impl, n = args.memory
+        memory_child(backend, case, impl, int(n))
+        return
+    backend = args.backend
+    if backend == "jax":
+        import jax
+
+        jax.config.update("jax_platform_name", "cpu")
+        convert: Callable[[np.ndarray], Any] = lambda a: jax.device_put(a)  # noqa: E731
+    elif backend == "torch":
+        import torch
+
+        convert = torch.from_numpy
+    else:
+        convert = np.asarray
+    impls = {"numpy": numpy_impls, "torch": torch_impls, "jax": jax_impls}[backend]()
+    keras = keras_impls(backend)
+    floor: Callable[[Any], Any]
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        floor = jax.jit(jnp.sum)
+    else:
+        floor = lambda x: x.sum()  # noqa: E731
+    results: dict[str, Any] = {"backend": backend, "cases": []}
+    for n in SIZES:
+        x = convert(logprobs(n))
+        for case, case_impls in impls.items():
+            todo = {"floor": floor, **case_impls}
+            if case in keras:
+                todo["keras"] = keras[case]
+            times = time_all(todo, x, args.budget if n >= 10**6 else args.budget / 3)
+            results["cases"].append({"case": case, "n": n, "seconds": times})
+            print(
+                f"# {backend} {case} n={n}: "
+                + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()),
+                file=sys.stderr,
+            )
+    # the ragged batch: value+metrics on the list, and the pipeline's loss + gradient
+    xs = [convert(logprobs(RAGGED[1], seed=i)) for i in range(RAGGED[0])]
+    n_ragged = RAGGED[0] * RAGGED[1]
+    flat_floor: Callable[[Any], Any]
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        flat_floor = jax.jit(lambda xs: jnp.sum(jnp.concatenate(xs)))
+    elif backend == "torch":
+        import torch
+
+        flat_floor = lambda xs: torch.cat(xs).sum()  # noqa: E731
+    else:
+        flat_floor = lambda xs: np.concatenate(xs).sum()  # noqa: E731
+    ours_l1 = impls["l1"]["ours"]
+    times = time_all({"floor": flat_floor, "ours": ours_l1}, xs, args.budget)
+    results["cases"].append({"case": "l1_ragged", "n": n_ragged, "seconds": times})
+    times = time_all({"floor": flat_floor, **pipeline_impls(backend)}, xs, args.budget)
+    results["cases"].append({"case": "pipeline_loss_grad_ragged", "n": n_ragged, "seconds": times})
+    if backend in ("numpy", "torch"):
+        results["memory"] = {
+            case: {impl: memory(backend, case, impl, SIZES[-1]) for impl in ("ours", "native")}
+            for case in impls
+        }
+    results["threads"] = os.cpu_count()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
