@@ -69,6 +69,13 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark suite (not in the default run: CI time is for tests)."""
+    session.install(".", "numpy", TORCH, "jax", "keras", "matplotlib")
+    session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session
 def demo(session: nox.Session) -> None:
     """The main job: the shipped sample logprobs through every regularizer on every backend."""
     session.install(".[numpy,torch,jax,dask]")

@@ -49,11 +49,24 @@ def try_compute(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     if reg.target != "logprobs" and reg.target != "probs":  # a Field reads data: generic
         return None
     first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
-    module = type(first).__module__
+    native = _NATIVE.get(type(first).__module__)
+    if native is None:
+        native = _load(type(first).__module__)
+        if native is None:
+            return None
+    return native.compute(kind, reg, logprobs)  # type: ignore[no-any-return]
+
+
+_NATIVE: dict[str, Any] = {}
+
+
+def _load(module: str) -> Any:
+    """The native module for arrays of ``module`` (imported once), or None."""
     if module == "numpy":
         from . import _native_numpy as native
     elif module == "torch":
         from . import _native_torch as native  # type: ignore[no-redef]
     else:
         return None
-    return native.compute(kind, reg, logprobs)
+    _NATIVE[module] = native
+    return native

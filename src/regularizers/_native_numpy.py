@@ -34,6 +34,13 @@ def _blocks(arrays: list[np.ndarray]) -> Any:
 
 
 def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
+    if (
+        type(logprobs) is np.ndarray
+        and logprobs.size <= BLOCK
+        and logprobs.dtype.type in _SMALL
+        and reg.target == "logprobs"
+    ):
+        return _small(kind, reg, logprobs)
     arrays = _arrays(logprobs)
     if arrays is None:
         return None
@@ -110,6 +117,35 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
     metrics = {"l2_raw": raw, "l2_mean": raw / max(n, 1), "l2_max": peak}
     value = raw if reg.reduce == "sum" else metrics["l2_mean"]
     return _out(value, metrics, dtype)
+
+
+_SMALL = (np.float32, np.float64)
+
+
+def _small(kind: str, reg: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
+    """One array that fits a block: the whole-array form, with as few calls as possible."""
+    n = x.size
+    if kind == "l1":
+        raw = np.abs(x).sum()
+        mean = raw / n if n else raw
+        value = raw if reg.reduce == "sum" else mean
+        return np.asarray(value), {"l1_raw": np.asarray(raw), "l1_mean": np.asarray(mean)}
+    c = x if reg.clip is None else np.clip(x, *reg.clip)
+    if reg.center is not None:
+        c = c - (c.mean() if reg.center == "mean" and n else reg.center if n else 0.0)
+        c = c.astype(x.dtype, copy=False)
+    c = c.reshape(-1)
+    raw = np.dot(c, c)
+    peak = max(c.max() ** 2, c.min() ** 2) if n else raw
+    if peak != peak or raw != raw:  # NaN: as np.maximum and the generic path
+        peak = raw = x.dtype.type("nan")
+    mean = raw / n if n else raw
+    value = raw if reg.reduce == "sum" else mean
+    return np.asarray(value), {
+        "l2_raw": np.asarray(raw),
+        "l2_mean": np.asarray(mean),
+        "l2_max": np.asarray(peak),
+    }
 
 
 def _nan_max(a: float, b: float) -> float:
