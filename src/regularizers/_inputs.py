@@ -195,6 +195,18 @@ class Batch:
             a = self.xp.where(self.mask, a, self.zero())
         return self.xp.max(a)
 
+    def max_square(self, d: Array) -> Array:
+        """max of ``d²`` over counted elements, as ``max(max(d)², min(d)²)``; 0 when none.
+
+        Exact (squaring is monotone in |d|), and much cheaper under XLA than a max over the
+        squares next to their sum; masked-out elements count as 0, which never wins.
+        """
+        if self.size == 0:
+            return self.zero()
+        d = self.where_counted(d)
+        top, bottom = self.xp.max(d), self.xp.min(d)
+        return self.xp.maximum(top * top, bottom * bottom)
+
     def per_element(self, total: Array) -> Array:
         """``total / count``, and 0 (not NaN) when nothing is counted."""
         if isinstance(self.count, int):

@@ -98,7 +98,7 @@ class L2(Regularizer):
         raw = batch.sum(s)
         mean = batch.per_element(raw)
         value = raw if self.reduce == "sum" else mean
-        return value, {"l2_raw": raw, "l2_mean": mean, "l2_max": batch.max_nonneg(s)}
+        return value, {"l2_raw": raw, "l2_mean": mean, "l2_max": batch.max_square(d)}
 
     def _evaluate_with_grad(self, batch: Batch) -> tuple[Array, Metrics, Array]:
         xp = batch.xp
