@@ -44,6 +44,12 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
     arrays = _arrays(logprobs)
     if arrays is None:
         return None
+    if len(arrays) > 1 and all(a.size < BLOCK for a in arrays):
+        # A ragged batch of short datums: one concatenation, not a Python loop per datum.
+        flat = np.concatenate([a.reshape(-1) for a in arrays])
+        if flat.dtype.type in _SMALL and flat.size <= BLOCK and reg.target == "logprobs":
+            return _small(kind, reg, flat)
+        arrays = [flat]
     dtype = np.result_type(*arrays)
     if dtype == np.float16:
         dtype = np.dtype(np.float32)
