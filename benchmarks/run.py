@@ -151,10 +151,20 @@ def write_doc(results: list[dict[str, Any]], met: list[tuple[str, bool, str]]) -
         return
     import platform
 
-    lines = [START, "", f"Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{platform.machine()}, {results[0].get('threads')} CPU threads, "
-             f"Python {platform.python_version()}.", "", "```text", *table(results), "```", "",
-             "| goal | measured | |", "|---|---|---|"]
+    lines = [
+        START,
+        "",
+        f"Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{platform.machine()}, {results[0].get('threads')} CPU threads, "
+        f"Python {platform.python_version()}.",
+        "",
+        "```text",
+        *table(results),
+        "```",
+        "",
+        "| goal | measured | |",
+        "|---|---|---|",
+    ]
     lines += [f"| {g} | {got} | {'met' if ok else '**missed**'} |" for g, ok, got in met]
     lines += ["", "![benchmark chart](benchmarks.png)", "", END]
     text = DOC.read_text()
