@@ -86,6 +86,14 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
             raw = raw + c.sum()
         mean = raw / n
         return (raw if reg.reduce == "sum" else mean), {"l1_raw": raw, "l1_mean": mean}
+    if center == "mean" and n <= BLOCK:  # one block: the direct form, fewest kernels
+        c = next(blocks())
+        m = c.sum() / n
+        dev = c - m
+        raw = torch.dot(dev, dev)
+        low, high = torch.aminmax(c)
+        # An infinity makes m ±inf or NaN, and then dot and maximum say NaN, as they should.
+        return _l2_out(reg, raw, torch.maximum((high - m) ** 2, (low - m) ** 2), n)
     if center == "mean":
         # Chan's parallel combination of per-block (Welford) variances: one pass, stable.
         count, mean, m2 = 0, zero, zero
