@@ -31,7 +31,11 @@ assert copy.__file__.startswith(sys.argv[1]), copy.__file__
 # The spec tests say `import regularizers` (and a few submodules): give them the copy's.
 sys.modules["regularizers"] = copy
 for info in pkgutil.iter_modules(copy.__path__):
-    sub = importlib.import_module(f"hostproject._vendor.regs.{info.name}")
+    try:
+        sub = importlib.import_module(f"hostproject._vendor.regs.{info.name}")
+    except ModuleNotFoundError as exc:  # a backend module whose backend is not installed
+        assert exc.name in ("torch", "jax"), exc
+        continue
     sys.modules[f"regularizers.{info.name}"] = sub
 import pytest
 code = pytest.main(sys.argv[2:])
