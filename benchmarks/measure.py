@@ -55,9 +55,46 @@ def logprobs(n: int, seed: int = 0) -> np.ndarray:
 
 
 # ---- implementations per backend ------------------------------------------------------------
-def numpy_impls() -> dict[str, dict[str, Callable[[Any], Any]]]:
-    l1, l2c, l2 = rg.L1(), rg.L2(center="mean", clip=(-100.0, 0.0)), rg.L2()
+REGS = {"l1": rg.L1(), "l2_clip_center": rg.L2(center="mean", clip=(-100.0, 0.0)), "l2": rg.L2()}
 
+
+def eager_impls(
+    xp: Any, to_number: Callable[[Any], float], native: dict[str, Callable[[Any], Any]]
+) -> dict[str, dict[str, Any]]:
+    """ours, the hand-written ``native`` code and the ADR transcription, for an eager ``xp``
+    (NumPy and torch share every function the ADR code uses)."""
+
+    def adr_l1(x: Any) -> Any:
+        value = xp.sum(xp.abs(x))
+        return value, {"l1_raw": to_number(value), "l1_mean": to_number(xp.mean(xp.abs(x)))}
+
+    def adr_l2(x: Any, clip: bool, center: bool) -> Any:
+        t = xp.clip(x, -100, 0) if clip else x
+        t = t - xp.mean(t) if center else t
+        sq = xp.pow(t, 2) if hasattr(xp, "pow") else xp.power(t, 2)
+        value = xp.sum(sq)
+        return value, {
+            "l2_raw": to_number(value),
+            "l2_mean": to_number(xp.mean(sq)),
+            "l2_max": to_number(xp.max(sq)),
+        }
+
+    adr = {
+        "l1": adr_l1,
+        "l2_clip_center": lambda x: adr_l2(x, True, True),
+        "l2": lambda x: adr_l2(x, False, False),
+    }
+    return {
+        case: {
+            "ours": (lambda x, r=reg: r.compute(None, x)),
+            "native": native[case],
+            "adr": adr[case],
+        }
+        for case, reg in REGS.items()
+    }
+
+
+def numpy_impls() -> dict[str, dict[str, Callable[[Any], Any]]]:
     def native_l1(x: Any) -> Any:
         raw = np.abs(x).sum()
         return raw, raw / x.size
@@ -73,40 +110,11 @@ def numpy_impls() -> dict[str, dict[str, Callable[[Any], Any]]]:
         raw = np.dot(x, x)
         return raw, raw / x.size, max(x.max() ** 2, x.min() ** 2)
 
-    def adr_l1(x: Any) -> Any:
-        value = np.sum(np.abs(x))
-        return value, {"l1_raw": float(value), "l1_mean": float(np.mean(np.abs(x)))}
-
-    def adr_l2(x: Any, clip: bool, center: bool) -> Any:
-        t = np.clip(x, -100, 0) if clip else x
-        t = t - np.mean(t) if center else t
-        sq = np.power(t, 2)
-        value = np.sum(sq)
-        return value, {
-            "l2_raw": float(value),
-            "l2_mean": float(np.mean(sq)),
-            "l2_max": float(np.max(sq)),
-        }
-
-    return {
-        "l1": {"ours": lambda x: l1.compute(None, x), "native": native_l1, "adr": adr_l1},
-        "l2_clip_center": {
-            "ours": lambda x: l2c.compute(None, x),
-            "native": native_l2c,
-            "adr": lambda x: adr_l2(x, True, True),
-        },
-        "l2": {
-            "ours": lambda x: l2.compute(None, x),
-            "native": native_l2,
-            "adr": lambda x: adr_l2(x, False, False),
-        },
-    }
+    return eager_impls(np, float, {"l1": native_l1, "l2_clip_center": native_l2c, "l2": native_l2})
 
 
 def torch_impls() -> dict[str, dict[str, Callable[[Any], Any]]]:
     import torch
-
-    l1, l2c, l2 = rg.L1(), rg.L2(center="mean", clip=(-100.0, 0.0)), rg.L2()
 
     def native_l1(x: Any) -> Any:
         raw = torch.linalg.vector_norm(x, 1)
@@ -114,8 +122,9 @@ def torch_impls() -> dict[str, dict[str, Callable[[Any], Any]]]:
 
     def native_l2c(x: Any) -> Any:
         c = x.clamp(-100.0, 0.0)
-        raw = torch.var(c, correction=0) * c.numel()
         m = c.mean()
+        d = c - m
+        raw = torch.dot(d, d)
         lo, hi = torch.aminmax(c)
         return raw, raw / c.numel(), torch.maximum((hi - m) ** 2, (lo - m) ** 2)
 
@@ -124,41 +133,16 @@ def torch_impls() -> dict[str, dict[str, Callable[[Any], Any]]]:
         lo, hi = torch.aminmax(x)
         return raw, raw / x.numel(), torch.maximum(hi * hi, lo * lo)
 
-    def adr_l1(x: Any) -> Any:
-        value = torch.sum(torch.abs(x))
-        return value, {"l1_raw": value.item(), "l1_mean": torch.mean(torch.abs(x)).item()}
-
-    def adr_l2(x: Any, clip: bool, center: bool) -> Any:
-        t = torch.clip(x, -100, 0) if clip else x
-        t = t - torch.mean(t) if center else t
-        sq = torch.pow(t, 2)
-        value = torch.sum(sq)
-        return value, {
-            "l2_raw": value.item(),
-            "l2_mean": torch.mean(sq).item(),
-            "l2_max": torch.max(sq).item(),
-        }
-
-    return {
-        "l1": {"ours": lambda x: l1.compute(None, x), "native": native_l1, "adr": adr_l1},
-        "l2_clip_center": {
-            "ours": lambda x: l2c.compute(None, x),
-            "native": native_l2c,
-            "adr": lambda x: adr_l2(x, True, True),
-        },
-        "l2": {
-            "ours": lambda x: l2.compute(None, x),
-            "native": native_l2,
-            "adr": lambda x: adr_l2(x, False, False),
-        },
-    }
+    return eager_impls(
+        torch, lambda v: v.item(), {"l1": native_l1, "l2_clip_center": native_l2c, "l2": native_l2}
+    )
 
 
 def jax_impls() -> dict[str, dict[str, Callable[[Any], Any]]]:
     import jax
     import jax.numpy as jnp
 
-    l1, l2c, l2 = rg.L1(), rg.L2(center="mean", clip=(-100.0, 0.0)), rg.L2()
+    l1, l2c, l2 = REGS["l1"], REGS["l2_clip_center"], REGS["l2"]
 
     def native_l1(x: Any) -> Any:
         raw = jnp.abs(x).sum()

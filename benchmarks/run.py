@@ -141,6 +141,38 @@ def goals(results: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
     return out
 
 
+DOC = HERE.parent / "docs" / "benchmarks.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def write_doc(results: list[dict[str, Any]], met: list[tuple[str, bool, str]]) -> None:
+    """Replace the results section of docs/benchmarks.md with this run's table and goals."""
+    if not DOC.exists() or START not in DOC.read_text():
+        return
+    import platform
+
+    lines = [
+        START,
+        "",
+        f"Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{platform.machine()}, {results[0].get('threads')} CPU threads, "
+        f"Python {platform.python_version()}.",
+        "",
+        "```text",
+        *table(results),
+        "```",
+        "",
+        "| goal | measured | |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {g} | {got} | {'met' if ok else '**missed**'} |" for g, ok, got in met]
+    lines += ["", "![benchmark chart](benchmarks.png)", "", END]
+    text = DOC.read_text()
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    DOC.write_text(head + "\n".join(lines) + tail)
+
+
 def chart(results: list[dict[str, Any]]) -> None:
     import matplotlib
 
@@ -198,6 +230,7 @@ def main() -> int:
         f"\n{len(met) - misses} of {len(met)} goals met in this run"
         + (f"; {misses} missed (see docs/benchmarks.md)" if misses else "")
     )
+    write_doc(results, met)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(
         json.dumps(

@@ -8,6 +8,7 @@ NaN where it is NaN, and the fast path must really have been taken.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import hypothesis.extra.numpy as hnp
@@ -140,3 +141,22 @@ def test_fast_path_steps_aside(bk: Harness) -> None:
         value, _ = rg.L1().compute(None, leaf)
         value.backward()
         assert leaf.grad.tolist() == [-1.0, 0.0]  # the generic path's convention at 0
+
+
+@pytest.mark.parametrize("bounds", [(-1e300, 0.0), (None, 1e300), (-1e39, -1.0)])
+def test_bounds_beyond_the_dtype_agree_with_the_generic_path(bk: Harness, bounds: Any) -> None:
+    """float32 input, float64-sized bounds and center: clamped to float32's range on both."""
+    x = bk.asarray(np.array([-3.0, 0.5, -200.0, 0.0], dtype=np.float32))
+    for reg in (rg.L2(clip=bounds), rg.L2(clip=bounds, center=-1e300), rg.L2(center=1e39)):
+        # (3.4e38)² is inf on both paths; NumPy's dot warns regardless of np.errstate
+        with np.errstate(over="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            assert _fastpath.try_compute(reg, x) is not None
+            fast_value, fast_metrics = reg.compute(None, x)
+            with _fastpath.disabled():
+                value, metrics = reg.compute(None, x)
+        np.testing.assert_allclose(bk.to_numpy(fast_value), bk.to_numpy(value), rtol=1e-6)
+        for k in metrics:
+            np.testing.assert_allclose(
+                bk.to_numpy(fast_metrics[k]), bk.to_numpy(metrics[k]), rtol=1e-6
+            )

@@ -116,9 +116,9 @@ def _read_field(data: object, key: str, xp: Namespace, like: Array, role: str) -
                 f"{what}: data has no key {key!r}; keys present: {sorted(map(str, data))}"
             )
         value = data[key]
-        per_datum = (
-            isinstance(value, (list, tuple)) and value and not isinstance(value[0], numbers.Number)
-        )
+        if isinstance(value, (list, tuple)) and not value:
+            raise ValueError(f"{what}: data[{key!r}] is empty; at least one array is needed")
+        per_datum = isinstance(value, (list, tuple)) and not isinstance(value[0], numbers.Number)
         values = list(value) if per_datum else [value]
         if not values:
             raise ValueError(f"{what}: data[{key!r}] is empty; at least one array is needed")
@@ -304,7 +304,7 @@ def prepare(data: object, logprobs: object, target: Target, mask: object) -> Bat
                 f"{_fmt_shapes(target_shapes)}"
             )
         for i, m in enumerate(mask_arrays):
-            if xp.isdtype(m.dtype, "complex floating"):
+            if not xp.isdtype(m.dtype, ("bool", "integral", "real floating")):
                 raise TypeError(
                     f"mask array {i} must be bool, integer or real, got dtype {m.dtype}"
                 )

@@ -44,6 +44,12 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
     arrays = _arrays(logprobs)
     if arrays is None:
         return None
+    if len(arrays) > 1 and all(a.size < BLOCK for a in arrays):
+        # A ragged batch of short datums: one concatenation, not a Python loop per datum.
+        flat = np.concatenate([a.reshape(-1) for a in arrays])
+        if flat.dtype.type in _SMALL and flat.size <= BLOCK and reg.target == "logprobs":
+            return _small(kind, reg, flat)
+        arrays = [flat]
     dtype = np.result_type(*arrays)
     if dtype == np.float16:
         dtype = np.dtype(np.float32)
@@ -62,8 +68,8 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
         metrics = {"l1_raw": raw, "l1_mean": raw / max(n, 1)}
         value = raw if reg.reduce == "sum" else metrics["l1_mean"]
         return _out(value, metrics, dtype)
-    lo, hi = reg.clip if reg.clip is not None else (None, None)
-    center = reg.center
+    lo, hi = (_finite(b, dtype) for b in reg.clip) if reg.clip is not None else (None, None)
+    center = _finite(reg.center, dtype) if isinstance(reg.center, float) else reg.center
     shifted = center is not None  # the block is modified in place: work on a copy
 
     def prepare(block: np.ndarray) -> np.ndarray:
@@ -122,6 +128,14 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
 _SMALL = (np.float32, np.float64)
 
 
+def _finite(value: float | None, dtype: Any) -> float | None:
+    """A bound or center clamped to the dtype's finite range, as ``_ops.scalar`` does."""
+    if value is None:
+        return None
+    top = float(np.finfo(dtype).max)
+    return min(max(value, -top), top)
+
+
 def _small(kind: str, reg: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
     """One array that fits a block: the whole-array form, with as few calls as possible."""
     n = x.size
@@ -130,9 +144,14 @@ def _small(kind: str, reg: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
         mean = raw / n if n else raw
         value = raw if reg.reduce == "sum" else mean
         return np.asarray(value), {"l1_raw": np.asarray(raw), "l1_mean": np.asarray(mean)}
-    c = x if reg.clip is None else np.clip(x, *reg.clip)
+    if reg.clip is None:
+        c = x
+    else:
+        lo, hi = (_finite(b, x.dtype) for b in reg.clip)
+        c = np.clip(x, lo, hi)
     if reg.center is not None:
-        c = c - (c.mean() if reg.center == "mean" and n else reg.center if n else 0.0)
+        center = _finite(reg.center, x.dtype) if reg.center != "mean" else None
+        c = c - (c.mean() if center is None and n else center if n else 0.0)
         c = c.astype(x.dtype, copy=False)
     c = c.reshape(-1)
     raw = np.dot(c, c)

@@ -46,7 +46,12 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
         names = ("l1_raw", "l1_mean") if kind == "l1" else ("l2_raw", "l2_mean", "l2_max")
         return zero, {k: zero.clone() for k in names}
     clipping = kind == "l2" and reg.clip is not None
-    lo, hi = reg.clip if clipping else (None, None)
+    top = float(torch.finfo(dtype).max)  # bounds and center clamped as _ops.scalar does
+    lo, hi = (
+        (None if b is None else min(max(b, -top), top) for b in reg.clip)
+        if clipping
+        else (None, None)
+    )
     probs = reg.target == "probs"
     center = None if kind == "l1" else reg.center
 
@@ -81,6 +86,14 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
             raw = raw + c.sum()
         mean = raw / n
         return (raw if reg.reduce == "sum" else mean), {"l1_raw": raw, "l1_mean": mean}
+    if center == "mean" and n <= BLOCK:  # one block: the direct form, fewest kernels
+        c = next(blocks())
+        m = c.sum() / n
+        dev = c - m
+        raw = torch.dot(dev, dev)
+        low, high = torch.aminmax(c)
+        # An infinity makes m ±inf or NaN, and then dot and maximum say NaN, as they should.
+        return _l2_out(reg, raw, torch.maximum((high - m) ** 2, (low - m) ** 2), n)
     if center == "mean":
         # Chan's parallel combination of per-block (Welford) variances: one pass, stable.
         count, mean, m2 = 0, zero, zero
@@ -107,7 +120,7 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
     raw, peak = zero, zero
     for c in blocks():
         if center is not None:
-            c = c - center
+            c = c - min(max(center, -top), top)
         raw = raw + torch.linalg.vector_norm(c, 2) ** 2
         low, high = torch.aminmax(c)
         peak = torch.maximum(peak, torch.maximum(low * low, high * high))

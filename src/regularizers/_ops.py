@@ -24,7 +24,13 @@ __all__ = ["abs_", "clip_", "inside_clip", "scalar"]
 
 
 def scalar(xp: Namespace, value: float, like: Array) -> Array:
-    """A 0-d array of ``like``'s dtype and device (no Python-scalar promotion surprises)."""
+    """A 0-d array of ``like``'s dtype and device (no Python-scalar promotion surprises).
+
+    A finite ``value`` beyond the dtype's range (``clip=(-1e300, 0)`` on float32) becomes the
+    dtype's largest finite value of that sign, not an overflowing cast.
+    """
+    top = float(xp.finfo(like.dtype).max)
+    value = min(max(value, -top), top)
     return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like))
 
 

@@ -103,7 +103,12 @@ def check_real(option: str, value: object, *, finite: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         # np.bool_ is not numbers.Real, so it lands here too.
         raise TypeError(f"{option} must be a real number, got {_describe(value)}")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int beyond float range: as meaningless as inf
+        raise ValueError(
+            f"{option} must be finite, got {str(value)[:40]}... (beyond float range)"
+        ) from None
     if finite and not math.isfinite(result):
         raise ValueError(f"{option} must be finite, got {result!r}")
     return result

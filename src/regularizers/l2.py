@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 from ._base import Metrics, Regularizer
 from ._fastpath import KINDS
 from ._inputs import Array, Batch
-from ._ops import clip_, inside_clip
+from ._ops import clip_, inside_clip, scalar
 from ._options import Target, check_center, check_clip
 
 __all__ = ["L2"]
@@ -87,7 +87,7 @@ class L2(Regularizer):
         if center == "mean":
             return c - batch.per_element(batch.sum(c))
         if center is not None:
-            return c - center
+            return c - scalar(xp, center, c)
         return c
 
     def _evaluate(self, batch: Batch) -> tuple[Array, Metrics]:
