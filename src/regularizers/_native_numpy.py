@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-BLOCK = 1 << 15  # elements: 128 KiB of float32, well inside L2 cache
+BLOCK = 1 << 16  # elements: 256 KiB of float32 (512 KiB of float64), inside a 1 MiB L2 cache
 _FLOATS = (np.float16, np.float32, np.float64)
 
 
