@@ -309,10 +309,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     import sys
 
     fuzz = sys.modules.get(f"{__package__}.test_fuzz")
-    if fuzz is None:
-        return
-    counts = {k: len(v) for k, v in fuzz.FUZZED.items() if v}
-    if counts:
+    counts = {} if fuzz is None else {k: len(v) for k, v in fuzz.FUZZED.items() if v}
+    results = sys.modules.get(f"{__package__}._results")
+    more = {} if results is None else dict(results.RESULTS)
+    if counts or more:
         terminalreporter.write_sep("-", "fuzzing")
         for kind, n in counts.items():
             terminalreporter.write_line(f"distinct {kind} cases tried: {n}")
+        for key, value in more.items():
+            terminalreporter.write_line(f"{key}: {value}")

@@ -93,8 +93,9 @@ def _to_namespace(value: Any, xp: Namespace, like: Array, what: str) -> Array:
                 return xp.asarray(value, device=dev)
             except Exception:
                 return xp.asarray(xp.from_dlpack(value), device=dev)
-        if isinstance(value, (list, tuple)):
-            return xp.asarray(value, dtype=like.dtype, device=dev)
+        if isinstance(value, (list, tuple)):  # numbers: read in the compute dtype
+            dtype = xp.float32 if _is_low_precision(xp, like.dtype) else like.dtype
+            return xp.asarray(value, dtype=dtype, device=dev)
     except (TypeError, ValueError, RuntimeError, BufferError) as exc:
         raise TypeError(
             f"{what} could not be converted to an array of {xp.__name__}: {exc}"

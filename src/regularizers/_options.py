@@ -66,7 +66,12 @@ def _as_field(option: str, value: object) -> Field | None:
     """``Field(k)`` or ``("field", k)`` as a Field; None for anything else."""
     if isinstance(value, Field):
         return value
-    if isinstance(value, tuple) and len(value) == 2 and value[0] == "field":
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and (value[0] == "field")
+    ):  # (an array of a pair of masks must never be compared with "field")
         key = value[1]
         if not isinstance(key, str) or not key:
             raise TypeError(
