@@ -69,8 +69,9 @@ MEAN_PIPE = rg.Pipeline(
 def test_compute_custom_loss_sends_minus_the_gradient(bk: Any, pipe: rg.Pipeline) -> None:
     data, fwd, logprobs = batch()
     result = TrainingClient._compute_custom_loss(data, pipe, fwd)
-    # What the pipeline says on its own: the closed-form gradient of every term.
-    loss, metrics = pipe(data, [torch.tensor(lp) for lp in logprobs])
+    # What the pipeline says on its own, on tensors that require grad as the SDK's do (so the
+    # same code path, and the same float32 rounding), and the closed-form gradient of each term.
+    loss, metrics = pipe(data, [torch.tensor(lp, requires_grad=True) for lp in logprobs])
     want = [np.zeros_like(lp) for lp in logprobs]
     for t in pipe.terms:
         _, _, g = t.regularizer.value_and_grad(data, [torch.tensor(lp) for lp in logprobs])
