@@ -83,7 +83,7 @@ def test_compute_custom_loss_sends_minus_the_gradient(bk: Any, pipe: rg.Pipeline
         assert sent.loss_fn_inputs["target_tokens"] == datum.loss_fn_inputs["target_tokens"]
     assert result.metrics == metrics  # dict[str, float], the pipeline's own
     assert all(type(v) is float for v in result.metrics.values())
-    assert result.loss_sum == pytest.approx(float(loss), rel=1e-6)
+    assert result.loss_sum == pytest.approx(loss.detach().item(), rel=1e-6)
 
 
 def test_custom_loss_is_accepted_by_the_sdks_tracing(bk: Any) -> None:
