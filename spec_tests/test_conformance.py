@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import pytest
 
 import regularizers as rg
-from regularizers._inputs import Batch
+from regularizers import Batch
 from regularizers.testing import check_regularizer
 
 Harness = Any
@@ -18,8 +18,8 @@ class MaxAbs(rg.Regularizer):
 
     name: ClassVar[str] = "max_abs"
 
-    def _evaluate(self, batch: Batch) -> tuple[Any, dict[str, Any]]:
-        m = batch.max_nonneg(batch.xp.abs(batch.values))
+    def evaluate(self, batch: Batch) -> tuple[Any, dict[str, Any]]:
+        m = batch.max(batch.xp.abs(batch.values))
         return m, {"max_abs": m}
 
 
@@ -28,14 +28,14 @@ class Smooth(rg.Regularizer):
 
     name: ClassVar[str] = "smooth"
 
-    def _evaluate(self, batch: Batch) -> tuple[Any, dict[str, Any]]:
-        v = batch.reduce(batch.sum(batch.xp.log1p(batch.values * batch.values)), self.reduce)
+    def evaluate(self, batch: Batch) -> tuple[Any, dict[str, Any]]:
+        v = batch.aggregate(batch.xp.log1p(batch.values * batch.values))
         return v, {"smooth": v}
 
-    def _evaluate_with_grad(self, batch: Batch) -> tuple[Any, dict[str, Any], Any]:
-        v, m = self._evaluate(batch)
+    def evaluate_with_grad(self, batch: Batch) -> tuple[Any, dict[str, Any], Any]:
+        v, m = self.evaluate(batch)
         t = batch.values
-        return v, m, 2 * t / (1 + t * t) * batch.grad_scale(self.reduce)
+        return v, m, batch.aggregate_grad(2 * t / (1 + t * t))
 
 
 class DuckTyped:
@@ -65,14 +65,14 @@ def test_conformance(bk: Harness, reg: Any) -> None:
 
 
 class WrongGradient(Smooth):
-    def _evaluate_with_grad(self, batch: Batch) -> tuple[Any, dict[str, Any], Any]:
-        v, m, g = super()._evaluate_with_grad(batch)
+    def evaluate_with_grad(self, batch: Batch) -> tuple[Any, dict[str, Any], Any]:
+        v, m, g = super().evaluate_with_grad(batch)
         return v, m, 2 * g
 
 
 class NotZeroD(MaxAbs):
-    def _evaluate(self, batch: Batch) -> tuple[Any, dict[str, Any]]:
-        return batch.xp.reshape(super()._evaluate(batch)[0], (1,)), {}
+    def evaluate(self, batch: Batch) -> tuple[Any, dict[str, Any]]:
+        return batch.xp.reshape(super().evaluate(batch)[0], (1,)), {}
 
 
 class Mutating:

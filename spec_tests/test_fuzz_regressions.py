@@ -339,6 +339,13 @@ def _expected_ok(
         return None
     if len({type(a) for a in arrays}) != 1:
         return None
+    well_formed_data = (
+        data is None
+        or isinstance(data, dict)
+        or (isinstance(data, list) and data and all(isinstance(d, Datum) for d in data))
+    )
+    if not well_formed_data:  # data of the wrong kind is a TypeError, whatever reads it
+        return None
     if isinstance(reg.target, rg.Field) or mask is not None:
         return None  # field and mask reads are checked by the typed-error property only
     return _flat64(bk, logprobs)

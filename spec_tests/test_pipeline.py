@@ -67,7 +67,11 @@ def test_loss_is_the_weighted_sum_with_flat_metrics(bk: Harness, pipe: rg.Pipeli
     np.testing.assert_allclose(bk.float(loss), want, rtol=1e-4, atol=1e-3)
     assert bk.float(metrics["loss_total"]) == bk.float(loss)
     for k, v in metrics.items():
-        assert tuple(v.shape) == (), k
+        if k.endswith("/weight") and not bk.jit:  # weights are the Python floats given
+            assert type(v) is float, k
+            assert v == next(t.weight for t in pipe.terms if k == f"{t.name}/weight")
+        else:
+            assert tuple(v.shape) == (), k
 
 
 def test_metrics_float_are_python_floats(bk: Harness) -> None:
@@ -213,7 +217,6 @@ def test_torch_compile_fullgraph_of_a_pipeline(bk: Harness) -> None:
     [
         (lambda: rg.Pipeline([(rg.L1(), float("nan"))]), ValueError, "weight.*l1_sparsity.*finite"),
         (lambda: rg.Pipeline([(rg.L1(), float("inf"))]), ValueError, "weight.*finite"),
-        (lambda: rg.Pipeline([(rg.L1(), -0.1)]), ValueError, "weight.*non-negative.*-0.1"),
         (lambda: rg.Pipeline([(rg.L1(), True)]), TypeError, "weight.*real number.*bool"),
         (lambda: rg.Pipeline([(rg.L1(), "0.1")]), TypeError, "weight.*str"),
         (lambda: rg.Pipeline([(rg.L1(), None)]), TypeError, "weight.*NoneType"),
@@ -233,7 +236,6 @@ def test_torch_compile_fullgraph_of_a_pipeline(bk: Harness) -> None:
         (lambda: rg.Pipeline([(42, 1.0)]), TypeError, "regularizer.*int"),
         (lambda: rg.Pipeline([rg.L1()]), TypeError, r"terms\[0\].*Term"),
         (lambda: rg.Pipeline(rg.L1()), TypeError, "terms must be a list"),
-        (lambda: rg.Pipeline([]), ValueError, "at least one term"),
         (lambda: rg.Pipeline([(rg.L1(), 1.0)], metrics="json"), ValueError, "metrics.*'float'"),
         (
             lambda: rg.Pipeline([(rg.L1(), 1.0)], track_grad_norms="yes"),

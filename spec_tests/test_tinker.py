@@ -2,7 +2,7 @@
 
 (a) ``TrainingClient._compute_custom_loss`` (the client-side step of
     ``forward_backward_custom``) with a Pipeline, real ``Datum`` and ``ForwardBackwardOutput``;
-(b) ``regularizers.tinker.custom_loss`` through the SDK's own ``trace_loss`` (what
+(b) ``regularizers.integrations.tinker.custom_loss`` through the SDK's own ``trace_loss`` (what
     ``ServiceClient.create_custom_loss`` runs before uploading) and ``run_loss_handle``.
 """
 
@@ -19,7 +19,7 @@ from tinker.lib.public_interfaces.custom_loss import run_loss_handle, trace_loss
 from tinker.lib.public_interfaces.training_client import TrainingClient
 
 import regularizers as rg
-from regularizers.tinker import custom_loss
+from regularizers.integrations.tinker import custom_loss
 
 pytestmark = pytest.mark.backends("torch")
 LENGTHS = (5, 9, 3, 12)

@@ -4,6 +4,15 @@ Pass your own arrays (NumPy, PyTorch, JAX, Dask, array-api-strict, anything
 ``array-api-compat`` knows) and get your own kind of array back: same device, gradients
 intact, no copies to the host.
 
+The package's layout:
+
+- ``penalties/``: one short module per penalty;
+- ``_core/``: the shared machinery (options, inputs and ``Batch``, aggregation, the
+  ``Regularizer`` base class, the registry, gradient conventions, autodiff);
+- ``_fastpaths/``: backend-specific native code (blocked NumPy, fused torch);
+- ``integrations/``: other libraries' APIs (Tinker);
+- ``pipeline``, ``config``, ``checks`` and ``testing``: the public tools around them.
+
 >>> import array_api_strict as xp
 >>> import regularizers as rg
 >>> value, metrics = rg.L2(clip=(-100.0, 0.0))(xp.asarray([-1.0, -2.0]))
@@ -11,23 +20,28 @@ intact, no copies to the host.
 5.0
 """
 
-from ._base import Regularizer, to_floats
-from ._config import from_config, register, to_config
-from ._options import Field
-from .l1 import L1
-from .l2 import L2
+from . import checks
+from ._core.base import Regularizer, to_floats
+from ._core.inputs import Batch
+from ._core.options import Field, option
+from .config import from_config, register, to_config
+from .penalties.l1 import L1
+from .penalties.l2 import L2
 from .pipeline import Pipeline, Term
 
 __all__ = [
     "L1",
     "L2",
+    "Batch",
     "Field",
     "Pipeline",
     "Regularizer",
     "Term",
+    "checks",
     "from_config",
+    "option",
     "register",
     "to_config",
     "to_floats",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -4,10 +4,11 @@ r"""Weighted regularizers as one differentiable loss, with per-term metrics and 
 
     \mathcal{L}(x) = b(x) + \sum_i w_i\, R_i(x)
 
-where :math:`b` is an optional base loss, :math:`R_i` the terms and :math:`w_i \ge 0` their
-weights. The total is one 0-d array of the caller's namespace: autodiff sees through it, to
+where :math:`b` is an optional base loss, :math:`R_i` the enabled terms and :math:`w_i` their
+(finite) weights; a negative weight is a bonus. The total is one 0-d array of the caller's namespace: autodiff sees through it, to
 every datum's array of a ragged list. With ``track_grad_norms=True`` the metrics also hold
-:math:`\lVert\nabla R_i\rVert_2` over all logprobs elements, :math:`w_i\lVert\nabla R_i\rVert`,
+:math:`\lVert\nabla R_i\rVert_2` over all elements of the term's input (not the model's
+parameters), :math:`w_i\lVert\nabla R_i\rVert`,
 :math:`\lVert\nabla b\rVert` and :math:`\lVert\nabla\mathcal{L}\rVert`.
 """
 
@@ -17,15 +18,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import array_api_compat
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_array_api_obj
 
-from ._backends import autodiff_grad, has_autodiff, stop_gradient
-from ._base import Regularizer, as_0d, to_floats
-from ._options import check_real
+from . import checks
+from ._core.autodiff import autodiff_grad, has_autodiff, stop_gradient
+from ._core.base import Regularizer, to_floats
+from ._core.inputs import as_0d, as_arrays, namespace_of
+from ._core.typing import Array
 
 __all__ = ["Pipeline", "Term"]
 
-Array = Any
 RESERVED = ("base_loss", "loss_total", "regularizer_total", "total_grad_norm")
 
 
@@ -40,6 +42,10 @@ def _name_of(obj: object) -> str | None:
 
 
 def _check_term_object(obj: object, what: str) -> None:
+    if isinstance(obj, type):
+        raise TypeError(
+            f"{what} is the class {obj.__name__}, not an instance; pass {obj.__name__}(...)"
+        )
     compute = getattr(obj, "compute", None)
     if not (callable(compute) or callable(obj)):
         raise TypeError(
@@ -48,8 +54,12 @@ def _check_term_object(obj: object, what: str) -> None:
         )
 
 
+def _weight(name: str, weight: object) -> float:
+    return checks.real(f"weight of term {name!r}", weight)
+
+
 class Term:
-    """One weighted term of a :class:`Pipeline`: ``weight · regularizer(data, logprobs)``.
+    """One weighted term of a :class:`Pipeline`: ``weight · regularizer(data, inputs[input])``.
 
     Parameters
     ----------
@@ -57,18 +67,32 @@ class Term:
         A plain callable takes ``(data, logprobs)`` and returns a 0-d array, or a pair
         ``(value, metrics)``.
     weight : float
-        Finite and non-negative (NumPy scalars accepted, bool rejected).
+        Finite; negative weights are bonuses (NumPy scalars accepted, bool rejected).
     name : str, optional
         Defaults to the regularizer's ``name`` (or a function's ``__name__``); required for
         lambdas and to tell two terms of the same kind apart.
+    enabled : bool, default True
+        A disabled term is skipped and reports no metrics.
+    input : str, default "logprobs"
+        Which of the pipeline's named inputs the term reads (e.g. ``"logits"``).
     """
 
-    __slots__ = ("name", "regularizer", "weight")
+    __slots__ = ("enabled", "input", "name", "regularizer", "weight")
     regularizer: Any
     weight: float
     name: str
+    enabled: bool
+    input: str
 
-    def __init__(self, regularizer: Any, weight: float, name: str | None = None) -> None:
+    def __init__(
+        self,
+        regularizer: Any,
+        weight: float,
+        *,
+        name: str | None = None,
+        enabled: bool = True,
+        input: str = "logprobs",  # noqa: A002 (the SPEC's spelling)
+    ) -> None:
         _check_term_object(regularizer, "a term")
         if name is None:
             name = _name_of(regularizer)
@@ -78,17 +102,35 @@ class Term:
                 )
         elif not isinstance(name, str) or not name:
             raise TypeError(f"term name must be a non-empty str, got {name!r}")
-        w = check_real(f"weight of term {name!r}", weight)
-        if w < 0:
-            raise ValueError(f"weight of term {name!r} must be non-negative, got {w!r}")
-        for attr, value in (("regularizer", regularizer), ("weight", w), ("name", name)):
+        w = _weight(name, weight)
+        checks.boolean(f"enabled of term {name!r}", enabled)
+        if not isinstance(input, str) or not input:
+            raise TypeError(f"input of term {name!r} must be a non-empty str, got {input!r}")
+        for attr, value in (
+            ("regularizer", regularizer),
+            ("weight", w),
+            ("name", name),
+            ("enabled", enabled),
+            ("input", input),
+        ):
             object.__setattr__(self, attr, value)
 
     def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"Term is immutable (cannot set {name!r})")
+        raise AttributeError(f"Term is immutable (cannot set {name!r}); use replace(...)")
+
+    def replace(self, **changes: Any) -> Term:
+        """A new Term with some of ``weight``, ``name``, ``enabled``, ``input`` changed."""
+        kw = {k: getattr(self, k) for k in ("name", "enabled", "input")}
+        weight = changes.pop("weight", self.weight)
+        regularizer = changes.pop("regularizer", self.regularizer)
+        kw.update(changes)
+        return Term(regularizer, weight, **kw)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_term, (self.regularizer, self.weight, self.name, self.enabled, self.input))
 
     def _key(self) -> tuple[Any, ...]:
-        return (self.regularizer, self.weight, self.name)
+        return (self.regularizer, self.weight, self.name, self.enabled, self.input)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Term) and self._key() == other._key()
@@ -97,24 +139,36 @@ class Term:
         return hash(self._key())
 
     def __repr__(self) -> str:
-        return f"Term({self.regularizer!r}, {self.weight!r}, name={self.name!r})"
+        extra = "" if self.enabled else ", enabled=False"
+        extra += "" if self.input == "logprobs" else f", input={self.input!r}"
+        return f"Term({self.regularizer!r}, {self.weight!r}, name={self.name!r}{extra})"
+
+
+def _term(reg: Any, weight: float, name: str, enabled: bool, input: str) -> Term:  # noqa: A002
+    return Term(reg, weight, name=name, enabled=enabled, input=input)
 
 
 class Pipeline:
     r"""The sum of a base loss and weighted regularizers, as one differentiable loss.
 
-    ``loss, metrics = pipe(data, logprobs)`` with
-    :math:`\texttt{loss} = b + \sum_i w_i R_i` (SPEC section 7). Metric keys are flat:
-    ``loss_total``, ``regularizer_total``, ``base_loss`` (when given), and per term
-    ``<name>/value``, ``<name>/weight``, ``<name>/contribution`` and ``<name>/<metric>``.
+    ``loss, metrics = pipe(data, logprobs)`` with :math:`\texttt{loss} = b + \sum_i w_i R_i`
+    over the enabled terms. ``logprobs`` is an array, a list of arrays, or a mapping of named
+    inputs (``{"logprobs": lp, "logits": z}``) that each term picks from with its ``input``.
+    Metric keys are flat: ``loss_total``, ``regularizer_total``, ``base_loss`` (when given),
+    and per term ``<name>/value``, ``<name>/weight`` (a Python float, or the call-time array),
+    ``<name>/contribution`` and ``<name>/<metric>``.
+
     With ``track_grad_norms=True`` also ``<name>/grad_norm``, ``<name>/grad_norm_weighted``,
-    ``base_loss/grad_norm`` and ``total_grad_norm``: closed form (``value_and_grad``) where a
-    term has one, the backend's autodiff otherwise. They never touch the caller's graph or
-    ``.grad``.
+    ``base_loss/grad_norm`` and ``total_grad_norm``. These are norms of gradients **with
+    respect to the term's input** (the logprobs or logits handed in), not to model
+    parameters; ``total_grad_norm`` is over all inputs together. A term whose value does not
+    depend on its input has grad norm 0. They are computed in closed form where a term has
+    one (the backend's autodiff otherwise) and never touch the caller's graph or ``.grad``.
 
     Parameters
     ----------
     terms : sequence of Term or (regularizer, weight)
+        May be empty (the loss is then 0, plus the base loss).
     base_loss : regularizer, object with ``compute`` or callable, optional
     track_grad_norms : bool, default False
     metrics : {"float", "array"}, default "float"
@@ -130,6 +184,8 @@ class Pipeline:
     >>> loss, metrics = pipe(None, xp.asarray([1.0, 2.0, 3.0]))
     >>> float(loss), metrics["l2_weight_decay/contribution"]
     (13.0, 7.0)
+    >>> float(pipe(None, xp.asarray([1.0, 2.0, 3.0]), weights={"l1_sparsity": 0.0})[0])
+    7.0
     """
 
     __slots__ = ("__weakref__", "base_loss", "metrics", "terms", "track_grad_norms")
@@ -140,7 +196,7 @@ class Pipeline:
 
     def __init__(
         self,
-        terms: Sequence[Term | tuple[Any, float]],
+        terms: Sequence[Term | tuple[Any, float]] = (),
         *,
         base_loss: Any = None,
         track_grad_norms: bool = False,
@@ -176,8 +232,6 @@ class Pipeline:
             seen.add(t.name)
         if base_loss is not None:
             _check_term_object(base_loss, "base_loss")
-        if not built and base_loss is None:
-            raise ValueError("a Pipeline needs at least one term or a base_loss")
         if not isinstance(track_grad_norms, bool):
             raise TypeError(f"track_grad_norms must be a bool, got {track_grad_norms!r}")
         if metrics not in ("float", "array"):
@@ -192,6 +246,9 @@ class Pipeline:
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"Pipeline is immutable (cannot set {name!r})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_pipeline, (self.terms, self.base_loss, self.track_grad_norms, self.metrics))
 
     def _key(self) -> tuple[Any, ...]:
         return (self.terms, self.base_loss, self.track_grad_norms, self.metrics)
@@ -208,44 +265,167 @@ class Pipeline:
         extra += "" if self.metrics == "float" else f", metrics={self.metrics!r}"
         return f"Pipeline([{', '.join(map(repr, self.terms))}]{extra})"
 
+    # ---- new pipelines from this one ------------------------------------------------------
+    def _names(self, changes: Mapping[str, Any], what: str) -> None:
+        if not isinstance(changes, Mapping):
+            raise TypeError(f"{what} takes a mapping term name -> value, got {changes!r}")
+        names = [t.name for t in self.terms]
+        unknown = [k for k in changes if k not in names]
+        if unknown:
+            raise KeyError(f"{what}: no term named {unknown[0]!r}; terms: {names}")
+
+    def with_weights(self, weights: Mapping[str, float]) -> Pipeline:
+        """A new Pipeline with the weights of the named terms replaced."""
+        self._names(weights, "with_weights")
+        return self._with(
+            [t.replace(weight=weights[t.name]) if t.name in weights else t for t in self.terms]
+        )
+
+    def with_enabled(self, enabled: Mapping[str, bool]) -> Pipeline:
+        """A new Pipeline with the named terms enabled or disabled."""
+        self._names(enabled, "with_enabled")
+        return self._with(
+            [t.replace(enabled=enabled[t.name]) if t.name in enabled else t for t in self.terms]
+        )
+
+    def _with(self, terms: list[Term]) -> Pipeline:
+        return Pipeline(
+            terms,
+            base_loss=self.base_loss,
+            track_grad_norms=self.track_grad_norms,
+            metrics=self.metrics,
+        )
+
     def to_config(self) -> dict[str, Any]:
         """A JSON-serializable dict; ``regularizers.from_config`` rebuilds an equal Pipeline."""
-        from ._config import to_config
-
-        return to_config(self)
+        terms = []
+        for t in self.terms:
+            if not isinstance(t.regularizer, Regularizer):
+                raise TypeError(
+                    f"term {t.name!r} is a {type(t.regularizer).__name__}, not a registered "
+                    "regularizer, so it cannot go in a config"
+                )
+            entry: dict[str, Any] = {
+                "regularizer": t.regularizer.to_config(),
+                "weight": t.weight,
+                "name": t.name,
+            }
+            if not t.enabled:
+                entry["enabled"] = False
+            if t.input != "logprobs":
+                entry["input"] = t.input
+            terms.append(entry)
+        base = self.base_loss
+        if base is not None and not isinstance(base, Regularizer):
+            raise TypeError(
+                f"base_loss is a {type(base).__name__}, not a registered "
+                "regularizer, so it cannot go in a config"
+            )
+        return {
+            "pipeline": {
+                "terms": terms,
+                "base_loss": None if base is None else base.to_config(),
+                "track_grad_norms": self.track_grad_norms,
+                "metrics": self.metrics,
+            }
+        }
 
     # ---- evaluation --------------------------------------------------------------------
-    def __call__(self, data: object, logprobs: object) -> tuple[Array, dict[str, Any]]:
-        """``(loss, metrics)`` for one batch; see the class docstring for the keys."""
-        loss, metrics, _ = self._evaluate(data, logprobs, self.track_grad_norms)
+    def __call__(
+        self,
+        data: object,
+        logprobs: object,
+        *,
+        weights: Mapping[str, Any] | None = None,
+        counts: Mapping[str, Any] | None = None,
+    ) -> tuple[Array, dict[str, Any]]:
+        """``(loss, metrics)`` for one batch; see the class docstring for the keys.
+
+        ``weights`` overrides term weights for this call (numbers or 0-d arrays: under
+        ``jax.jit`` pass an array so that a changing coefficient does not retrace);
+        ``counts`` is passed to every regularizer term (see ``Regularizer.counts``).
+        """
+        loss, metrics, _ = self._evaluate(data, logprobs, self.track_grad_norms, weights, counts)
         return loss, metrics
 
-    def value_and_grad(self, data: object, logprobs: object) -> tuple[Array, dict[str, Any], Any]:
+    def value_and_grad(
+        self,
+        data: object,
+        logprobs: object,
+        *,
+        weights: Mapping[str, Any] | None = None,
+        counts: Mapping[str, Any] | None = None,
+    ) -> tuple[Array, dict[str, Any], Any]:
         """``(loss, metrics, grad)`` with the gradient of the loss w.r.t. ``logprobs`` (shaped
-        like it) from each term's closed form, or the backend's autodiff: on any backend."""
-        loss, metrics, grad = self._evaluate(data, logprobs, True)
-        return loss, metrics, grad if isinstance(logprobs, (list, tuple)) else grad[0]
+        like it: an array, a list, or a dict of named inputs) from each term's closed form,
+        or the backend's autodiff: on any backend."""
+        loss, metrics, grads = self._evaluate(data, logprobs, True, weights, counts)
+        if isinstance(logprobs, Mapping):
+            return loss, metrics, {k: _shape_like(logprobs[k], g) for k, g in grads.items()}
+        return loss, metrics, _shape_like(logprobs, grads["logprobs"])
+
+    def _inputs(self, data: object, logprobs: object) -> dict[str, Any]:
+        if is_array_api_obj(data) or (
+            isinstance(data, (list, tuple)) and data and is_array_api_obj(data[0])
+        ):
+            raise TypeError(
+                "data is an array (or a list of arrays); the call is pipe(data, logprobs): "
+                "were the arguments swapped?"
+            )
+        if isinstance(logprobs, Mapping):
+            if not logprobs:
+                raise ValueError("the named inputs are empty; pass {'logprobs': ...}")
+            return dict(logprobs)
+        return {"logprobs": logprobs}
 
     def _evaluate(
-        self, data: object, logprobs: object, with_grad: bool
-    ) -> tuple[Array, dict[str, Any], list[Array]]:
-        """Loss, metrics and (when ``with_grad``) the loss's gradient as a list of arrays."""
-        parts: list[tuple[str, Any, float | None]] = []
+        self,
+        data: object,
+        logprobs: object,
+        with_grad: bool,
+        weights: Mapping[str, Any] | None,
+        counts: Mapping[str, Any] | None,
+    ) -> tuple[Array, dict[str, Any], dict[str, list[Array]]]:
+        """Loss, metrics and (when ``with_grad``) the loss's gradient per named input."""
+        inputs = self._inputs(data, logprobs)
+        if weights is not None:
+            self._names(weights, "weights")
+        active = [t for t in self.terms if t.enabled]
+        for t in active:
+            if t.input not in inputs:
+                raise KeyError(
+                    f"term {t.name!r} reads the input {t.input!r}, but the inputs are "
+                    f"{sorted(inputs)}"
+                )
+        parts: list[tuple[str, Any, Any, str]] = []
         if self.base_loss is not None:
-            parts.append(("base_loss", self.base_loss, None))
-        parts += [(t.name, t.regularizer, t.weight) for t in self.terms]
-        results = {name: _run(name, obj, data, logprobs, with_grad) for name, obj, _ in parts}
-        first = next(iter(results.values()))[0]
-        xp = array_namespace(first)
+            parts.append(("base_loss", self.base_loss, None, "logprobs"))
+        for t in active:
+            w = t.weight if weights is None or t.name not in weights else weights[t.name]
+            if not is_array_api_obj(w):
+                w = _weight(t.name, w)
+            parts.append((t.name, t.regularizer, w, t.input))
+        results = {
+            name: _run(name, obj, data, inputs[inp], with_grad, counts)
+            for name, obj, _, inp in parts
+        }
+        first_arrays = as_arrays(inputs.get("logprobs", next(iter(inputs.values()))))
+        xp = namespace_of(first_arrays)
+        like = first_arrays[0]
+        if results:
+            like = next(iter(results.values()))[0]
 
         def const(v: float) -> Array:
-            return xp.asarray(v, dtype=first.dtype, device=array_api_compat.device(first))
+            dtype = like.dtype
+            if not xp.isdtype(dtype, "real floating") or dtype not in (xp.float32, xp.float64):
+                dtype = xp.float32
+            return xp.asarray(v, dtype=dtype, device=array_api_compat.device(like))
 
         metrics: dict[str, Any] = {}
         loss: Array = None
         reg_total: Array = None
-        grad: list[Array] = []
-        for name, _, weight in parts:
+        grads: dict[str, list[Array]] = {}
+        for name, _, weight, inp in parts:
             value, term_metrics, term_grad = results[name]
             if weight is None:  # the base loss
                 loss = value
@@ -255,50 +435,73 @@ class Pipeline:
                 contribution = weight * value
                 reg_total = contribution if reg_total is None else reg_total + contribution
                 metrics[f"{name}/value"] = value
-                metrics[f"{name}/weight"] = const(weight)
+                metrics[f"{name}/weight"] = weight
                 metrics[f"{name}/contribution"] = contribution
                 prefix = f"{name}/"
             metrics.update({prefix + k: v for k, v in term_metrics.items()})
             if with_grad:
                 w = 1.0 if weight is None else weight
                 scaled = [w * g for g in term_grad]
-                grad = scaled if not grad else [a + b for a, b in zip(grad, scaled, strict=True)]
+                known = grads.get(inp)
+                grads[inp] = (
+                    scaled if known is None else [a + b for a, b in zip(known, scaled, strict=True)]
+                )
         if reg_total is None:
             reg_total = const(0.0)
         loss = reg_total if loss is None else loss + reg_total
         metrics = {"loss_total": loss, "regularizer_total": reg_total, **metrics}
+        if with_grad:
+            for key, value in inputs.items():
+                if key not in grads:
+                    grads[key] = [xp.zeros_like(a) for a in as_arrays(value)]
         if self.track_grad_norms:
-            metrics.update(self._grad_norms(xp, parts, results, grad))
-        metrics = {k: as_0d(xp, stop_gradient(xp, v)) for k, v in metrics.items()}
+            metrics.update(self._grad_norms(xp, parts, results, grads, like))
+        metrics = {
+            k: as_0d(xp, stop_gradient(xp, v)) if is_array_api_obj(v) else v
+            for k, v in metrics.items()
+        }
         loss = as_0d(xp, loss)
-        return loss, (to_floats(metrics) if self.metrics == "float" else metrics), grad
+        return loss, (to_floats(metrics) if self.metrics == "float" else metrics), grads
 
     def _grad_norms(
         self,
         xp: Any,
-        parts: list[tuple[str, Any, float | None]],
+        parts: list[tuple[str, Any, Any, str]],
         results: dict[str, tuple[Array, dict[str, Array], list[Array]]],
-        total: list[Array],
+        total: dict[str, list[Array]],
+        like: Array,
     ) -> dict[str, Array]:
         out: dict[str, Array] = {}
-        for name, _, weight in parts:
-            norm = _norm(xp, results[name][2])
+        for name, _, weight, _inp in parts:
+            norm = _norm(xp, results[name][2], like)
             if weight is None:
                 out["base_loss/grad_norm"] = norm
             else:
                 out[f"{name}/grad_norm"] = norm
-                out[f"{name}/grad_norm_weighted"] = weight * norm
-        out["total_grad_norm"] = _norm(xp, total)
+                out[f"{name}/grad_norm_weighted"] = xp.abs(weight * norm)
+        out["total_grad_norm"] = _norm(xp, [g for gs in total.values() for g in gs], like)
         return out
 
 
+def _pipeline(terms: Any, base_loss: Any, track: bool, metrics: Any) -> Pipeline:
+    return Pipeline(terms, base_loss=base_loss, track_grad_norms=track, metrics=metrics)
+
+
+def _shape_like(logprobs: object, grads: list[Array]) -> Any:
+    return grads if isinstance(logprobs, (list, tuple)) else grads[0]
+
+
 def _run(
-    name: str, obj: Any, data: object, logprobs: object, with_grad: bool
+    name: str, obj: Any, data: object, logprobs: object, with_grad: bool, counts: Any
 ) -> tuple[Array, dict[str, Array], list[Array]]:
     """(value, metrics, gradient as a list of arrays or []) of one term, errors named."""
     try:
-        if with_grad and isinstance(obj, Regularizer):
-            value, metrics, grad = obj.value_and_grad(data, logprobs)
+        if isinstance(obj, Regularizer):
+            if with_grad:
+                value, metrics, grad = obj.value_and_grad(data, logprobs, counts=counts)
+            else:
+                value, metrics = obj.compute(data, logprobs, counts=counts)
+                grad = []
         else:
             value, found = _evaluate(obj, data, logprobs)
             metrics = dict(found)
@@ -337,7 +540,7 @@ def _gradient(name: str, obj: Any, data: object, logprobs: object, value: Array)
     return autodiff_grad(xp, fn, logprobs)
 
 
-def _norm(xp: Any, grads: list[Array]) -> Array:
+def _norm(xp: Any, grads: list[Array], like: Array) -> Array:
     """The L2 norm over all elements of a list of arrays, in at least float32.
 
     Scaled by the largest finite |g| (as BLAS nrm2 does), so that a norm that fits the dtype
@@ -351,7 +554,7 @@ def _norm(xp: Any, grads: list[Array]) -> Array:
             g = xp.astype(g, xp.float32)
         flat.append(g)
     if not flat:
-        return xp.asarray(0.0)
+        return xp.zeros((), dtype=xp.float32, device=array_api_compat.device(like))
     g = flat[0] if len(flat) == 1 else xp.concat(flat)
     zero = xp.zeros((), dtype=g.dtype, device=array_api_compat.device(g))
     finite = xp.isfinite(g)

@@ -26,7 +26,7 @@ from typing import Any
 import array_api_compat
 from array_api_compat import array_namespace
 
-from ._backends import autodiff_grad, has_autodiff
+from ._core.autodiff import autodiff_grad, has_autodiff
 
 __all__ = ["check_regularizer"]
 

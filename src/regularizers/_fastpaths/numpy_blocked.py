@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from .._core.ops import clamp
+from .common import chan_merge, reduced
+
 BLOCK = 1 << 16  # elements: 256 KiB of float32 (512 KiB of float64), inside a 1 MiB L2 cache
 _FLOATS = (np.float16, np.float32, np.float64)
 
@@ -33,14 +36,16 @@ def _blocks(arrays: list[np.ndarray]) -> Any:
             yield flat[i : i + BLOCK]
 
 
-def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
+def _prepared(reg: Any, logprobs: Any) -> Any:
+    """``("small", x)`` for an input that fits one block, ``("blocks", arrays, dtype, n)``
+    otherwise, or None where the generic path must run (it validates and raises)."""
     if (
         type(logprobs) is np.ndarray
         and logprobs.size <= BLOCK
         and logprobs.dtype.type in _SMALL
         and reg.target == "logprobs"
     ):
-        return _small(kind, reg, logprobs)
+        return ("small", logprobs)
     arrays = _arrays(logprobs)
     if arrays is None:
         return None
@@ -48,26 +53,47 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
         # A ragged batch of short datums: one concatenation, not a Python loop per datum.
         flat = np.concatenate([a.reshape(-1) for a in arrays])
         if flat.dtype.type in _SMALL and flat.size <= BLOCK and reg.target == "logprobs":
-            return _small(kind, reg, flat)
+            return ("small", flat)
         arrays = [flat]
     dtype = np.result_type(*arrays)
     if dtype == np.float16:
         dtype = np.dtype(np.float32)
-    n = sum(a.size for a in arrays)
+    return ("blocks", arrays, dtype, sum(a.size for a in arrays))
+
+
+def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
+    """L1's value and metrics: Σ|x| (or Σ exp(x)) block by block."""
+    got = _prepared(reg, logprobs)
+    if got is None:
+        return None
+    if got[0] == "small":
+        return _small_l1(reg, got[1])
+    _, arrays, dtype, n = got
     buf = np.empty(min(n, BLOCK), dtype=dtype)
     probs = reg.target == "probs"
-    if kind == "l1":
-        raw = 0.0
-        for block in _blocks(arrays):
-            b = buf[: block.shape[0]]
-            if probs:
-                np.exp(block, out=b, dtype=dtype)  # not the float16 loop
-            else:
-                np.abs(block, out=b)
-            raw += float(b.sum())
-        metrics = {"l1_raw": raw, "l1_mean": raw / max(n, 1)}
-        value = raw if reg.reduce == "sum" else metrics["l1_mean"]
-        return _out(value, metrics, dtype)
+    raw = 0.0
+    for block in _blocks(arrays):
+        b = buf[: block.shape[0]]
+        if probs:
+            np.exp(block, out=b, dtype=dtype)  # not the float16 loop
+        else:
+            np.abs(block, out=b)
+        raw += float(b.sum())
+    return _out(reg, {"l1_raw": raw, "l1_mean": raw / max(n, 1)}, dtype)
+
+
+def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
+    """L2's value and metrics: clip, center and square block by block (Chan's merge for
+    ``center="mean"``)."""
+    got = _prepared(reg, logprobs)
+    if got is None:
+        return None
+    if got[0] == "small":
+        return _small_l2(reg, got[1])
+    _, arrays, dtype, n = got
+    buf = np.empty(min(n, BLOCK), dtype=dtype)
+    probs = reg.target == "probs"
+
     lo, hi = (_finite(b, dtype) for b in reg.clip) if reg.clip is not None else (None, None)
     center = _finite(reg.center, dtype) if isinstance(reg.center, float) else reg.center
     shifted = center is not None  # the block is modified in place: work on a copy
@@ -96,12 +122,7 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
             cmin = _nan_min(cmin, float(b.min()))
             cmax = _nan_max(cmax, float(b.max()))
             b -= bmean
-            bm2 = float(np.dot(b, b))
-            total = count + k
-            delta = bmean - mean
-            mean += delta * k / total
-            m2 += bm2 + delta * delta * count * k / total
-            count = total
+            count, mean, m2 = chan_merge(count, mean, m2, k, bmean, float(np.dot(b, b)))
         raw = m2
         peak = (
             0.0
@@ -120,30 +141,31 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
             raw += float(np.dot(b, b))
             top, bottom = float(b.max()), float(b.min())
             peak = _nan_max(peak, _nan_max(top * top, bottom * bottom))
-    metrics = {"l2_raw": raw, "l2_mean": raw / max(n, 1), "l2_max": peak}
-    value = raw if reg.reduce == "sum" else metrics["l2_mean"]
-    return _out(value, metrics, dtype)
+    return _out(reg, {"l2_raw": raw, "l2_mean": raw / max(n, 1), "l2_max": peak}, dtype)
 
 
 _SMALL = (np.float32, np.float64)
 
 
 def _finite(value: float | None, dtype: Any) -> float | None:
-    """A bound or center clamped to the dtype's finite range, as ``_ops.scalar`` does."""
-    if value is None:
-        return None
-    top = float(np.finfo(dtype).max)
-    return min(max(value, -top), top)
+    """A bound or center clamped to the dtype's finite range, as ``ops.scalar`` does."""
+    return None if value is None else clamp(value, float(np.finfo(dtype).max))
 
 
-def _small(kind: str, reg: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
+def _small_l1(reg: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
     """One array that fits a block: the whole-array form, with as few calls as possible."""
     n = x.size
-    if kind == "l1":
-        raw = np.abs(x).sum()
-        mean = raw / n if n else raw
-        value = raw if reg.reduce == "sum" else mean
-        return np.asarray(value), {"l1_raw": np.asarray(raw), "l1_mean": np.asarray(mean)}
+    raw = np.abs(x).sum()
+    mean = raw / n if n else raw
+    return np.asarray(reduced(reg, raw, mean)), {
+        "l1_raw": np.asarray(raw),
+        "l1_mean": np.asarray(mean),
+    }
+
+
+def _small_l2(reg: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
+    """One array that fits a block: the whole-array form, with as few calls as possible."""
+    n = x.size
     if reg.clip is None:
         c = x
     else:
@@ -159,8 +181,7 @@ def _small(kind: str, reg: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
     if peak != peak or raw != raw:  # NaN: as np.maximum and the generic path
         peak = raw = x.dtype.type("nan")
     mean = raw / n if n else raw
-    value = raw if reg.reduce == "sum" else mean
-    return np.asarray(value), {
+    return np.asarray(reduced(reg, raw, mean)), {
         "l2_raw": np.asarray(raw),
         "l2_mean": np.asarray(mean),
         "l2_max": np.asarray(peak),
@@ -175,8 +196,14 @@ def _nan_min(a: float, b: float) -> float:
     return a if a != a or a <= b else b
 
 
-def _out(value: float, metrics: dict[str, float], dtype: Any) -> tuple[Any, dict[str, Any]]:
+def _out(reg: Any, metrics: dict[str, float], dtype: Any) -> tuple[Any, dict[str, Any]]:
+    """Value and metrics as 0-d arrays of the compute dtype, from the float64 totals."""
+    prefix = next(iter(metrics)).rsplit("_", 1)[0]
+    value = reduced(reg, metrics[f"{prefix}_raw"], metrics[f"{prefix}_mean"])
     with np.errstate(over="ignore"):  # a float64 total beyond float32 is inf, as generic
         return np.asarray(value, dtype=dtype), {
             k: np.asarray(v, dtype=dtype) for k, v in metrics.items()
         }
+
+
+FAST = {"l1_sparsity": l1, "l2_weight_decay": l2}

@@ -20,46 +20,89 @@ from typing import Any
 
 import torch
 
+from .._core.ops import clamp
+from .common import chan_merge, reduced
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BLOCK = 1 << 18  # elements per block where the input is transformed (1 MiB of float32)
 
 
-def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
-    # (_fastpath has already stepped aside under torch.compile tracing.)
+def _flat(logprobs: Any) -> Any:
+    """The input as one flat tensor, or None where the generic path must run."""
+    # (dispatch has already stepped aside under torch.compile tracing.)
     if type(logprobs) is torch.Tensor:  # the common case, with the fewest checks
         if logprobs.dtype not in _FLOATS or (logprobs.requires_grad and torch.is_grad_enabled()):
             return None
-        x = logprobs.reshape(-1)
-    else:
-        arrays = list(logprobs)
-        if not arrays or any(type(a) is not torch.Tensor or a.dtype not in _FLOATS for a in arrays):
-            return None
-        if torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
-            return None
-        if len({a.device for a in arrays}) != 1:
-            return None
-        x = torch.cat([a.reshape(-1) for a in arrays])
-    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        return logprobs.reshape(-1)
+    arrays = list(logprobs)
+    if not arrays or any(type(a) is not torch.Tensor or a.dtype not in _FLOATS for a in arrays):
+        return None
+    if torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
+        return None
+    if len({a.device for a in arrays}) != 1:
+        return None
+    return torch.cat([a.reshape(-1) for a in arrays])
+
+
+def _dtype(x: Any) -> Any:
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _zeros(x: Any, names: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    zero = torch.zeros((), dtype=_dtype(x), device=x.device)
+    return zero, {k: zero.clone() for k in names}
+
+
+def _blocks(x: Any, dtype: Any, probs: bool, lo: float | None, hi: float | None) -> Any:
+    """The input block by block, transformed (exp, clip) in cache: no full-size temporary."""
+    clipping = lo is not None or hi is not None
+    for i in range(0, x.numel(), BLOCK):
+        c = x[i : i + BLOCK].to(dtype)
+        if probs:
+            c = torch.exp(c)
+        if clipping:
+            c = torch.clamp(c, lo, hi)
+        yield c
+
+
+def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
+    """L1's value and metrics: one fused ``vector_norm(x, 1)``, or Σ exp(x) by blocks."""
+    x = _flat(logprobs)
+    if x is None:
+        return None
     n = x.numel()
     if n == 0:
-        zero = torch.zeros((), dtype=dtype, device=x.device)
-        names = ("l1_raw", "l1_mean") if kind == "l1" else ("l2_raw", "l2_mean", "l2_max")
-        return zero, {k: zero.clone() for k in names}
-    clipping = kind == "l2" and reg.clip is not None
-    top = float(torch.finfo(dtype).max)  # bounds and center clamped as _ops.scalar does
+        return _zeros(x, ("l1_raw", "l1_mean"))
+    dtype = _dtype(x)
+    if reg.target == "probs":  # Σ exp(x) >= 0
+        raw = torch.zeros((), dtype=dtype, device=x.device)
+        for c in _blocks(x, dtype, True, None, None):
+            raw = raw + c.sum()
+    else:
+        raw = torch.linalg.vector_norm(x, 1, dtype=dtype)  # one fused pass, no temporary
+    mean = raw / n
+    return reduced(reg, raw, mean), {"l1_raw": raw, "l1_mean": mean}
+
+
+def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
+    """L2's value and metrics: fused dot and extrema; transformed inputs by blocks."""
+    x = _flat(logprobs)
+    if x is None:
+        return None
+    n = x.numel()
+    if n == 0:
+        return _zeros(x, ("l2_raw", "l2_mean", "l2_max"))
+    dtype = _dtype(x)
+    top = float(torch.finfo(dtype).max)  # bounds and center clamped as ops.scalar does
     lo, hi = (
-        (None if b is None else min(max(b, -top), top) for b in reg.clip)
-        if clipping
+        (None if b is None else clamp(b, top) for b in reg.clip)
+        if reg.clip is not None
         else (None, None)
     )
     probs = reg.target == "probs"
-    center = None if kind == "l1" else reg.center
+    center = reg.center
 
-    if kind == "l1" and not probs:
-        raw = torch.linalg.vector_norm(x, 1, dtype=dtype)  # one fused pass, no temporary
-        mean = raw / n
-        return (raw if reg.reduce == "sum" else mean), {"l1_raw": raw, "l1_mean": mean}
-    if kind == "l2" and not probs and not clipping and center is None:
+    if not probs and reg.clip is None and center is None:
         if x.dtype == dtype:
             raw = torch.dot(x, x)  # one fused pass (BLAS)
         else:
@@ -70,24 +113,9 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
 
     # Anything that transforms the input (exp, clip, shift) runs block by block, so that no
     # full-size temporary exists: each block's transform stays small and in cache.
-    def blocks() -> Any:
-        for i in range(0, n, BLOCK):
-            c = x[i : i + BLOCK].to(dtype)
-            if probs:
-                c = torch.exp(c)
-            if clipping:
-                c = torch.clamp(c, lo, hi)
-            yield c
-
     zero = torch.zeros((), dtype=dtype, device=x.device)
-    if kind == "l1":  # probs: Σ exp(x) >= 0
-        raw = zero
-        for c in blocks():
-            raw = raw + c.sum()
-        mean = raw / n
-        return (raw if reg.reduce == "sum" else mean), {"l1_raw": raw, "l1_mean": mean}
     if center == "mean" and n <= BLOCK:  # one block: the direct form, fewest kernels
-        c = next(blocks())
+        c = next(_blocks(x, dtype, probs, lo, hi))
         m = c.sum() / n
         dev = c - m
         raw = torch.dot(dev, dev)
@@ -99,18 +127,13 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
         count, mean, m2 = 0, zero, zero
         cmin = torch.full((), float("inf"), dtype=dtype, device=x.device)
         cmax = -cmin
-        for c in blocks():
+        for c in _blocks(x, dtype, probs, lo, hi):
             k = c.numel()
             bmean = c.sum() / k
             low, high = torch.aminmax(c)
             cmin, cmax = torch.minimum(cmin, low), torch.maximum(cmax, high)
             dev = c - bmean  # the block is in cache: this pass costs little
-            bm2 = torch.dot(dev, dev)
-            total = count + k
-            delta = bmean - mean
-            mean = mean + delta * (k / total)
-            m2 = m2 + bm2 + delta * delta * (count * k / total)
-            count = total
+            count, mean, m2 = chan_merge(count, mean, m2, k, bmean, torch.dot(dev, dev))
         raw = m2
         peak = torch.maximum((cmax - mean) ** 2, (cmin - mean) ** 2)
         # sum((c - m)²) is NaN as soon as c holds ±inf (inf - inf); the extrema would not say
@@ -118,9 +141,10 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
         raw = torch.where(torch.isfinite(mean), raw, mean - mean)
         return _l2_out(reg, raw, peak, n)
     raw, peak = zero, zero
-    for c in blocks():
-        if center is not None:
-            c = c - min(max(center, -top), top)
+    shift = None if center is None else clamp(center, top)
+    for c in _blocks(x, dtype, probs, lo, hi):
+        if shift is not None:
+            c = c - shift
         raw = raw + torch.linalg.vector_norm(c, 2) ** 2
         low, high = torch.aminmax(c)
         peak = torch.maximum(peak, torch.maximum(low * low, high * high))
@@ -129,4 +153,7 @@ def compute(kind: str, reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | 
 
 def _l2_out(reg: Any, raw: Any, peak: Any, n: int) -> tuple[Any, dict[str, Any]]:
     mean = raw / n
-    return (raw if reg.reduce == "sum" else mean), {"l2_raw": raw, "l2_mean": mean, "l2_max": peak}
+    return reduced(reg, raw, mean), {"l2_raw": raw, "l2_mean": mean, "l2_max": peak}
+
+
+FAST = {"l1_sparsity": l1, "l2_weight_decay": l2}

@@ -17,10 +17,9 @@ from typing import Any
 
 import array_api_compat
 
-Array = Any
-Namespace = Any
+from .typing import Array, Namespace
 
-__all__ = ["abs_", "clip_", "inside_clip", "scalar"]
+__all__ = ["abs_", "clamp", "clip_", "inside_clip", "scalar"]
 
 
 def scalar(xp: Namespace, value: float, like: Array) -> Array:
@@ -29,9 +28,13 @@ def scalar(xp: Namespace, value: float, like: Array) -> Array:
     A finite ``value`` beyond the dtype's range (``clip=(-1e300, 0)`` on float32) becomes the
     dtype's largest finite value of that sign, not an overflowing cast.
     """
-    top = float(xp.finfo(like.dtype).max)
-    value = min(max(value, -top), top)
+    value = clamp(value, float(xp.finfo(like.dtype).max))
     return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like))
+
+
+def clamp(value: float, top: float) -> float:
+    """``value`` limited to ``[-top, top]`` (a bound beyond a dtype's range, as its max)."""
+    return min(max(value, -top), top)
 
 
 def abs_(xp: Namespace, x: Array) -> Array:

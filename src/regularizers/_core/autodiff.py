@@ -1,7 +1,6 @@
 """What the array API standard does not cover: autodiff, and cutting a value out of a graph.
 
-The only module (with the integrations ``tinker`` and ``testing``) that knows backends by
-name. Backends are imported lazily, inside the functions, so ``import regularizers`` imports
+The only module of the shared machinery that knows backends by name. Backends are imported lazily, inside the functions, so ``import regularizers`` imports
 none of them.
 """
 
@@ -12,8 +11,8 @@ from typing import Any
 
 import array_api_compat
 
-Array = Any
-Namespace = Any
+
+from .typing import Array, Namespace
 
 __all__ = ["autodiff_grad", "has_autodiff", "stop_gradient"]
 
@@ -35,7 +34,10 @@ def autodiff_grad(xp: Namespace, fn: Callable[[Any], Array], logprobs: Any) -> A
         leaves = [a.detach().requires_grad_(True) for a in arrays]
         with torch.enable_grad():
             value = fn(leaves if isinstance(logprobs, (list, tuple)) else leaves[0])
-            grads = torch.autograd.grad(value, leaves, allow_unused=True)
+            if not value.requires_grad:  # a constant of the input: its gradient is 0
+                grads = [None] * len(leaves)
+            else:
+                grads = torch.autograd.grad(value, leaves, allow_unused=True)
         out = [
             torch.zeros_like(leaf) if g is None else g
             for leaf, g in zip(leaves, grads, strict=True)

@@ -21,11 +21,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from ._base import Regularizer
-from ._options import Field
-from .l1 import L1
-from .l2 import L2
-from .pipeline import Pipeline
+from .._core.base import Regularizer
+from .._core.options import Field
+from ..penalties.l1 import L1
+from ..penalties.l2 import L2
+from ..pipeline import Pipeline
 
 __all__ = ["custom_loss"]
 

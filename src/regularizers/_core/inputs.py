@@ -1,0 +1,688 @@
+"""Turning what a caller passes into one flat view of the caller's arrays: :class:`Batch`.
+
+This is the single place where inputs are validated and resolved: the namespace of
+``logprobs`` (one array, or a list/tuple of arrays, one per datum), the dtype policy, the
+target (``"logprobs"``, ``"probs"`` or a field of ``data``), the class axis of penalties over
+distributions, the mask, the sequences and the counts that ``reduce`` divides by, other
+fields of ``data`` (``Batch.field``), and the way back from a gradient over the flat target
+to the structure of ``logprobs``.
+
+Only standard array API calls are made on the arrays, through the namespace that
+``array_api_compat.array_namespace`` resolves, so the same code serves every backend and is
+traceable by ``jax.jit`` and ``torch.compile`` (no Python branching on array values).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+import array_api_compat
+from array_api_compat import array_namespace, is_array_api_obj
+
+from .options import ByIdentity, Field
+from .typing import Array, Metrics, Namespace
+
+__all__ = ["Batch", "check_counts", "prepare"]
+
+
+def _library(x: object) -> str:
+    """The top-level library an array comes from, for error messages."""
+    top = type(x).__module__.split(".")[0]
+    return {"jaxlib": "jax"}.get(top, top)
+
+
+def _is_datums(value: object) -> bool:
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, (str, bytes))
+        and len(value) > 0
+        and all(isinstance(getattr(d, "loss_fn_inputs", None), Mapping) for d in value)
+    )
+
+
+def _looks_like_arrays(value: object) -> bool:
+    if is_array_api_obj(value):
+        return True
+    return isinstance(value, (list, tuple)) and len(value) > 0 and is_array_api_obj(value[0])
+
+
+def check_data(data: object, logprobs: object, call: str) -> None:
+    """``data`` is None, a mapping or a sequence of datums; catch swapped arguments."""
+    if isinstance(logprobs, Mapping) or _is_datums(logprobs):
+        raise TypeError(
+            f"logprobs is a {type(logprobs).__name__}, which looks like data: the call is "
+            f"{call}; were the arguments swapped?"
+        )
+    if data is None or isinstance(data, Mapping) or _is_datums(data):
+        return
+    if _looks_like_arrays(data):
+        raise TypeError(
+            f"data is {'an array' if is_array_api_obj(data) else 'a list of arrays'} "
+            f"({_library(data if is_array_api_obj(data) else data[0])}); the call is {call}: "  # type: ignore[index]
+            "were the arguments swapped? data must be None, a mapping or a sequence of datums"
+        )
+    if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+        for i, datum in enumerate(data):
+            if not isinstance(getattr(datum, "loss_fn_inputs", None), Mapping):
+                raise TypeError(
+                    f"data[{i}] must have a loss_fn_inputs mapping (like Tinker's Datum), got "
+                    f"{type(datum).__name__}; data must be None, a mapping of arrays or a "
+                    "sequence of datums"
+                )
+        raise ValueError("data is an empty sequence; pass None or at least one datum")
+    raise TypeError(
+        "data must be None, a mapping of arrays or a sequence of datums with loss_fn_inputs, "
+        f"got {type(data).__name__}"
+    )
+
+
+def as_arrays(logprobs: object, what: str = "logprobs") -> list[Array]:
+    """The arrays of ``logprobs``: one array, or a non-empty list/tuple of arrays."""
+    if isinstance(logprobs, (list, tuple)):
+        if not logprobs:
+            raise ValueError(
+                f"{what} is an empty {type(logprobs).__name__}; at least one array is needed"
+            )
+        for i, a in enumerate(logprobs):
+            if not is_array_api_obj(a):
+                raise TypeError(f"{what}[{i}] must be an array, got {type(a).__name__}")
+        return list(logprobs)
+    if not is_array_api_obj(logprobs):
+        raise TypeError(
+            f"{what} must be an array or a list/tuple of arrays, got {type(logprobs).__name__}"
+        )
+    return [logprobs]
+
+
+def namespace_of(arrays: list[Array], what: str = "logprobs") -> Namespace:
+    try:
+        return array_namespace(*arrays)
+    except TypeError:
+        libraries = sorted({_library(a) for a in arrays})
+        raise TypeError(
+            f"{what} mixes arrays of different libraries ({', '.join(libraries)}); pass arrays "
+            "of one library per call"
+        ) from None
+
+
+def is_low_precision(xp: Namespace, dtype: Any) -> bool:
+    return bool(dtype != xp.float32 and dtype != xp.float64)
+
+
+def _check_float(xp: Namespace, a: Array, what: str) -> None:
+    if not xp.isdtype(a.dtype, "real floating"):
+        raise TypeError(f"{what} must have a real floating dtype, got dtype {a.dtype}")
+
+
+def _to_namespace(value: Any, xp: Namespace, like: Array, what: str) -> Array:
+    """Bring a value (array of any library, list of numbers, TensorData) into ``xp``."""
+    if not is_array_api_obj(value):
+        if array_api_compat.is_torch_namespace(xp) and hasattr(value, "to_torch"):
+            value = value.to_torch()
+        elif hasattr(value, "to_numpy"):
+            value = value.to_numpy()
+    dev = array_api_compat.device(like)
+    try:
+        if is_array_api_obj(value):
+            if array_namespace(value) is xp:
+                return value
+            try:
+                return xp.asarray(value, device=dev)
+            except Exception:
+                return xp.asarray(xp.from_dlpack(value), device=dev)
+        if isinstance(value, (list, tuple)):  # numbers: read in the compute dtype
+            dtype = xp.float32 if is_low_precision(xp, like.dtype) else like.dtype
+            return xp.asarray(value, dtype=dtype, device=dev)
+    except (TypeError, ValueError, RuntimeError, BufferError) as exc:
+        raise TypeError(
+            f"{what} could not be converted to an array of {xp.__name__}: {exc}"
+        ) from exc
+    raise TypeError(
+        f"{what} must be an array, a list of numbers or an object with to_numpy(), "
+        f"got {type(value).__name__}"
+    )
+
+
+def _values_of(value: Any, xp: Namespace, like: Array, what: str) -> list[Array]:
+    """One value or a list of per-datum values (arrays of any library, lists of numbers)."""
+    if isinstance(value, (list, tuple)) and not value:
+        raise ValueError(f"{what} is empty; at least one array is needed")
+    per_datum = isinstance(value, (list, tuple)) and not isinstance(value[0], numbers.Number)
+    values = list(value) if per_datum else [value]
+    return [
+        _to_namespace(v, xp, like, f"{what}[{i}]" if per_datum else what)
+        for i, v in enumerate(values)
+    ]
+
+
+def read_field(data: object, key: str, xp: Namespace, like: Array, role: str) -> list[Array]:
+    """The arrays stored under ``key`` in ``data``, in datum order, in ``xp``."""
+    what = f"{role} Field({key!r})"
+    if data is None:
+        raise ValueError(f"{what} reads data, but data is None; pass the data that holds {key!r}")
+    if isinstance(data, Mapping):
+        if key not in data:
+            raise KeyError(
+                f"{what}: data has no key {key!r}; keys present: {sorted(map(str, data))}"
+            )
+        return _values_of(data[key], xp, like, f"{what} data[{key!r}]")
+    assert isinstance(data, Sequence)  # check_data ran first
+    out = []
+    for i, datum in enumerate(data):
+        inputs = datum.loss_fn_inputs
+        if key not in inputs:
+            raise KeyError(
+                f"{what}: data[{i}].loss_fn_inputs has no key {key!r}; keys "
+                f"present: {sorted(map(str, inputs))}"
+            )
+        out.append(
+            _to_namespace(inputs[key], xp, like, f"{what} data[{i}].loss_fn_inputs[{key!r}]")
+        )
+    return out
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    return math.prod(int(d) for d in shape)
+
+
+def _fmt_shapes(shapes: list[tuple[int, ...]]) -> str:
+    return str(shapes[0]) if len(shapes) == 1 else "[" + ", ".join(map(str, shapes)) + "]"
+
+
+def check_counts(counts: object) -> dict[str, Any] | None:
+    """``None`` or a mapping with ``"tokens"`` and/or ``"sequences"`` (numbers or 0-d arrays)."""
+    if counts is None:
+        return None
+    if not isinstance(counts, Mapping):
+        raise TypeError(
+            "counts must be None or a mapping {'tokens': N, 'sequences': S} (what "
+            f"reg.counts(...) returns, summed over parts), got {type(counts).__name__}"
+        )
+    unknown = sorted(set(map(str, counts)) - {"tokens", "sequences"})
+    if unknown:
+        raise ValueError(f"counts has unknown keys {unknown}; allowed: 'tokens', 'sequences'")
+    out = {}
+    for key, v in counts.items():
+        if isinstance(v, bool) or not (
+            isinstance(v, numbers.Real) or (is_array_api_obj(v) and tuple(v.shape) == ())
+        ):
+            raise TypeError(f"counts[{key!r}] must be a number or a 0-d array, got {v!r}")
+        out[key] = v
+    return out
+
+
+class Batch:
+    r"""The prepared view of one call: what a penalty's ``evaluate`` works on.
+
+    Attributes
+    ----------
+    xp : namespace
+        The caller's array namespace.
+    values : array
+        The selected target in the compute dtype (float32 for half-precision inputs), one
+        row per **token**: shape ``[n]`` for elementwise penalties, ``[n, V]`` for penalties
+        over a class axis (``event_ndim = 1``; the class axis moved last), ``[n, m, k]`` for
+        matrices (``event_ndim = 2``). Tokens whose mask is 0 hold 0, so nothing they held
+        (±inf, NaN) reaches a sum or a gradient.
+    mask : array or None
+        ``[n]`` bool: which tokens count.
+    size : int
+        ``n``, the static number of tokens.
+    dtype, device
+        The compute dtype and the device of the input.
+
+    The aggregation (``reduce``, ``counts``) is done by :meth:`aggregate`; every penalty
+    gets every mode of the table in the concepts page for free.
+    """
+
+    __slots__ = (
+        "_arrays",
+        "_count",
+        "_data",
+        "_is_list",
+        "_local",
+        "_moved",
+        "_per_seq",
+        "_seq_count",
+        "_target_arrays",
+        "_token_shapes",
+        "counts_given",
+        "device",
+        "dtype",
+        "event_ndim",
+        "lengths",
+        "mask",
+        "max_tokens",
+        "reduce",
+        "size",
+        "target",
+        "values",
+        "xp",
+    )
+
+    def __init__(self, **kw: Any) -> None:
+        for k, v in kw.items():
+            object.__setattr__(self, k, v)
+        self._per_seq = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Batch(xp={self.xp.__name__}, values shape={tuple(self.values.shape)}, "
+            f"sequences={len(self.lengths)}, masked={self.mask is not None})"
+        )
+
+    # ---- small helpers --------------------------------------------------------------------
+    def zero(self) -> Array:
+        """A 0-d zero of the compute dtype, on the input's device."""
+        return self.xp.zeros((), dtype=self.dtype, device=self.device)
+
+    def constant(self, value: float) -> Array:
+        """A 0-d array of the compute dtype (values beyond its range clamped to its max)."""
+        top = float(self.xp.finfo(self.dtype).max)
+        value = min(max(value, -top), top)
+        return self.xp.asarray(value, dtype=self.dtype, device=self.device)
+
+    def _expand(self, a: Array) -> Array:
+        """A per-token ``[n]`` array broadcastable against ``values``."""
+        return self.xp.reshape(a, (-1,) + (1,) * self.event_ndim) if self.event_ndim else a
+
+    def where_counted(self, a: Array) -> Array:
+        """``a`` (per token, or shaped like ``values``) with uncounted tokens set to 0."""
+        if self.mask is None:
+            return a
+        m = self.mask if a.ndim <= 1 else self._expand(self.mask)
+        return self.xp.where(m, a, self.xp.zeros((), dtype=a.dtype, device=self.device))
+
+    # ---- other fields of data --------------------------------------------------------------
+    def field(self, ref: Any, *, role: str = "field") -> Array:
+        """Another array of the call, read and flattened exactly as the target.
+
+        ``ref`` is a key of ``data`` (str or :class:`~regularizers.Field`), or an array /
+        list of arrays given directly (e.g. an option's value). The result is aligned with
+        :attr:`values` (same shape, compute dtype, device), with uncounted tokens set to 0.
+        It is a constant for :meth:`~regularizers.Regularizer.value_and_grad`.
+        """
+        xp = self.xp
+        like = self._arrays[0]
+        if isinstance(ref, ByIdentity):
+            ref = ref.value
+        if isinstance(ref, str):
+            ref = Field(ref)
+        if isinstance(ref, Field):
+            arrays = read_field(self._data, ref.key, xp, like, role)
+            what = f"{role} Field({ref.key!r})"
+        else:
+            what = role
+            arrays = _values_of(ref, xp, like, role)
+        want = [tuple(a.shape) for a in self._target_arrays]
+        got = [tuple(a.shape) for a in arrays]
+        if got != want:
+            raise ValueError(
+                f"{what} shape {_fmt_shapes(got)} does not match the target's shape "
+                f"{_fmt_shapes(want)}"
+            )
+        for i, a in enumerate(arrays):
+            _check_float(xp, a, f"{what} array {i}")
+        flat = self._flatten(arrays)
+        if flat.dtype != self.dtype:
+            flat = xp.astype(flat, self.dtype)
+        return self.where_counted(flat)
+
+    def _flatten(self, arrays: list[Array]) -> Array:
+        xp, k = self.xp, self.event_ndim
+        rows = []
+        for a in arrays:
+            if self._moved is not None:
+                a = xp.moveaxis(a, self._moved, -1)
+            rows.append(xp.reshape(a, (-1, *a.shape[a.ndim - k :]) if k else (-1,)))
+        return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
+
+    # ---- counts ------------------------------------------------------------------------
+    def _sequence_counts(self) -> Array:
+        """``N_s`` for each sequence, as a compute-dtype array (cached)."""
+        xp = self.xp
+        if self._per_seq is not None:
+            return self._per_seq
+        lengths = self.lengths
+        if self.mask is None:
+            out = xp.asarray([float(n) for n in lengths], dtype=self.dtype, device=self.device)
+        else:
+            m = xp.astype(self.mask, self.dtype)
+            if len(set(lengths)) == 1:  # rows of one length: one reshape
+                out = xp.sum(xp.reshape(m, (len(lengths), lengths[0])), axis=1)
+            else:
+                out = xp.stack([xp.sum(piece) for piece in self._split(m)])
+        object.__setattr__(self, "_per_seq", out)
+        return out
+
+    def _split(self, a: Array) -> list[Array]:
+        out, start = [], 0
+        for n in self.lengths:
+            out.append(a[start : start + n])
+            start += n
+        return out
+
+    @property
+    def count(self) -> Array | int:
+        """``N``: the number of counted tokens (``counts["tokens"]`` when given)."""
+        return self._count  # type: ignore[no-any-return]
+
+    @property
+    def sequences(self) -> Array | int:
+        """``S``: the number of sequences with a counted token (``counts["sequences"]``)."""
+        if self._seq_count is None:
+            if self.mask is None:
+                value: Array | int = sum(1 for n in self.lengths if n > 0)
+            else:
+                per = self._sequence_counts()
+                value = self.xp.sum(self.xp.astype(per > 0, self.dtype))
+            object.__setattr__(self, "_seq_count", value)
+        return self._seq_count  # type: ignore[no-any-return]
+
+    def local_counts(self) -> dict[str, Array]:
+        """The counts of this call alone, as 0-d integer arrays (``reg.counts``)."""
+        xp = self.xp
+        n = self.size if self.mask is None else xp.sum(xp.astype(self.mask, xp.int64))
+        if self.mask is None:
+            s: Any = sum(1 for n_s in self.lengths if n_s > 0)
+        else:
+            s = xp.sum(xp.astype(self._sequence_counts() > 0, xp.int64))
+
+        def as_int(v: Any) -> Array:
+            if is_array_api_obj(v):
+                return v
+            return xp.asarray(v, dtype=xp.int64, device=self.device)
+
+        return {"tokens": as_int(n), "sequences": as_int(s)}
+
+    def _divide(self, total: Array, by: Array | int) -> Array:
+        """``total / by``, and 0 (not NaN) when ``by`` is 0."""
+        if isinstance(by, (int, float)):
+            return total / max(by, 1)
+        return total / self.xp.maximum(by, self.xp.ones_like(by))
+
+    # ---- reductions over counted tokens ------------------------------------------------------
+    def sum(self, p: Array) -> Array:
+        """Σ of a per-token ``p`` over counted tokens."""
+        return self.xp.sum(self.where_counted(p))
+
+    def mean(self, p: Array) -> Array:
+        """Σ p / N (0 when nothing is counted)."""
+        return self._divide(self.sum(p), self.count)
+
+    def local_mean(self, a: Array) -> Array:
+        """Σ a / (this call's own count), whatever ``counts`` says: a statistic of the part
+        (``center="mean"``), not a share of the whole."""
+        return self._divide(self.sum(a), self._local)
+
+    def per_token(self, total: Array) -> Array:
+        """``total / N`` (0 when nothing is counted): how every ``*_mean`` metric is made."""
+        return self._divide(total, self.count)
+
+    def max(self, p: Array) -> Array:
+        """max of a per-token ``p`` over counted tokens; 0 when none is counted."""
+        xp = self.xp
+        if self.size == 0:
+            return self.zero()
+        if self.mask is None:
+            return xp.max(p)
+        low = xp.asarray(-xp.inf, dtype=p.dtype, device=self.device)
+        top = xp.max(xp.where(self.mask, p, low))
+        return xp.where(top == low, xp.zeros_like(top), top)
+
+    def metrics(self, prefix: str, p: Array, *, total: Array | None = None, peak: bool = True) -> Metrics:
+        """``{prefix}_raw`` = Σ p, ``{prefix}_mean`` = Σ p / N and (``peak``) ``{prefix}_max``."""
+        raw = self.sum(p) if total is None else total
+        out = {f"{prefix}_raw": raw, f"{prefix}_mean": self.per_token(raw)}
+        if peak:
+            out[f"{prefix}_max"] = self.max(p)
+        return out
+
+    # ---- aggregation (reduce) -------------------------------------------------------------------
+    def token_weights(self) -> Array | float:
+        r"""``w`` with ``aggregate(p) = Σ_counted w·p``: a number, or a per-token ``[n]`` array.
+
+        ``sum``: 1; ``mean``: 1/N; ``seq-mean-token-mean``: 1/(S·N_s) for a token of sequence
+        ``s``; ``seq-mean-token-sum``: 1/S; ``seq-mean-token-sum-norm``: 1/(S·max_tokens).
+        """
+        how = self.reduce
+        if how == "sum":
+            return 1.0
+        if how == "mean":
+            return self._divide(self.constant(1.0), self.count)
+        s = self.sequences
+        if how == "seq-mean-token-sum":
+            return self._divide(self.constant(1.0), s)
+        if how == "seq-mean-token-sum-norm":
+            return self._divide(self.constant(1.0 / float(self.max_tokens)), s)
+        # seq-mean-token-mean: 1 / (S · N_s), per token
+        xp = self.xp
+        if self.mask is None and len(set(self.lengths)) == 1:
+            return self._divide(self.constant(1.0 / max(self.lengths[0], 1)), s)
+        per = self._divide(self.constant(1.0), s) / xp.maximum(
+            self._sequence_counts(), xp.ones((), dtype=self.dtype, device=self.device)
+        )
+        if len(set(self.lengths)) == 1:
+            return xp.reshape(
+                xp.broadcast_to(xp.reshape(per, (-1, 1)), (len(self.lengths), self.lengths[0])),
+                (-1,),
+            )
+        ids = _sequence_ids(self.lengths)
+        return xp.take(per, xp.asarray(ids, device=self.device), axis=0)
+
+    def aggregate(self, p: Array, *, total: Array | None = None) -> Array:
+        """The value of a per-token penalty ``p`` under ``reduce`` (honouring ``counts``).
+
+        ``total`` (= ``sum(p)``, if already computed) saves a pass for the modes that need
+        only the sum.
+        """
+        w = self.token_weights()
+        if isinstance(w, float) or w.ndim == 0:
+            t = self.sum(p) if total is None else total
+            return t if isinstance(w, float) and w == 1.0 else t * w
+        return self.xp.sum(self.where_counted(p) * w)
+
+    def aggregate_grad(self, dp: Array) -> Array:
+        """d aggregate(p) / d values, given ``dp`` = d p_i / d values_i (shaped like values)."""
+        w = self.token_weights()
+        if isinstance(w, float):
+            return dp if w == 1.0 else dp * w
+        return dp * (self._expand(w) if getattr(w, "ndim", 0) else w)
+
+    # ---- from d value / d values back to d value / d logprobs ----------------------------
+    def pullback(self, g: Array) -> Array | list[Array]:
+        """The gradient w.r.t. ``logprobs`` (same structure, dtypes and device)."""
+        xp = self.xp
+        if isinstance(self.target, Field):
+            grads = [xp.zeros_like(a) for a in self._arrays]
+            return grads if self._is_list else grads[0]
+        g = self.where_counted(g)
+        if self.target == "probs":
+            g = g * self.values  # d exp(x) / dx = exp(x), with values = exp(x)
+        grads = []
+        start = 0
+        for a, token_shape in zip(self._arrays, self._token_shapes, strict=True):
+            n = _size(token_shape)
+            piece = g if len(self._arrays) == 1 else g[start : start + n]
+            start += n
+            shape = tuple(a.shape)
+            if self._moved is not None:
+                moved = [d for i, d in enumerate(shape) if i != self._moved % a.ndim]
+                piece = xp.moveaxis(xp.reshape(piece, (*moved, shape[self._moved])), -1, self._moved)
+            else:
+                piece = xp.reshape(piece, shape)
+            grads.append(xp.astype(piece, a.dtype))
+        return grads if self._is_list else grads[0]
+
+    def finish(self, value: Array, metrics: Metrics) -> tuple[Array, Metrics]:
+        """``(value, metrics)`` as 0-d arrays of the caller's namespace."""
+        return as_0d(self.xp, value), {k: as_0d(self.xp, v) for k, v in metrics.items()}
+
+
+@lru_cache(maxsize=256)
+def _sequence_ids(lengths: tuple[int, ...]) -> list[int]:
+    out: list[int] = []
+    for s, n in enumerate(lengths):
+        out.extend([s] * n)
+    return out
+
+
+def as_0d(xp: Namespace, value: Any) -> Array:
+    # NumPy reductions return NumPy scalars; the contract is a 0-d array of the namespace.
+    if array_api_compat.is_numpy_namespace(xp):
+        return xp.asarray(value)
+    return value
+
+
+def prepare(
+    data: object,
+    logprobs: object,
+    *,
+    target: Any,
+    mask: Any,
+    reduce: str = "sum",
+    max_tokens: float | None = None,
+    counts: Mapping[str, Any] | None = None,
+    event_ndim: int = 0,
+    axis: int = -1,
+    call: str = "compute(data, logprobs)",
+) -> Batch:
+    """Validate and flatten one call's inputs."""
+    check_data(data, logprobs, call)
+    arrays = as_arrays(logprobs)
+    xp = namespace_of(arrays)
+    is_list = isinstance(logprobs, (list, tuple))
+    for i, a in enumerate(arrays):
+        _check_float(xp, a, f"logprobs[{i}]" if is_list else "logprobs")
+    like = arrays[0]
+
+    if isinstance(target, Field):
+        target_arrays = read_field(data, target.key, xp, like, "target")
+        for i, a in enumerate(target_arrays):
+            _check_float(xp, a, f"target Field({target.key!r}) array {i}")
+    else:
+        target_arrays = arrays
+
+    moved = None
+    if event_ndim:
+        for i, a in enumerate(target_arrays):
+            if a.ndim < event_ndim:
+                raise ValueError(
+                    f"logprobs{f'[{i}]' if is_list else ''} has shape {tuple(a.shape)}; this "
+                    f"penalty needs at least {event_ndim} dimension(s) "
+                    + ("(a class axis)" if event_ndim == 1 else "(a matrix)")
+                )
+        if event_ndim == 1 and axis not in (-1,):
+            ndim = target_arrays[0].ndim
+            if not -ndim <= axis < ndim:
+                raise ValueError(f"axis={axis} is out of range for shape {tuple(like.shape)}")
+            if axis % ndim != ndim - 1:
+                moved = axis % ndim
+        events = {
+            tuple(_moved_shape(a, moved)[a.ndim - event_ndim :]) for a in target_arrays
+        }
+        if len(events) > 1:
+            raise ValueError(
+                f"the arrays of logprobs have different class sizes {sorted(events)}; every "
+                "array needs the same"
+            )
+    token_shapes = [
+        tuple(_moved_shape(a, moved)[: a.ndim - event_ndim]) for a in target_arrays
+    ]
+
+    if is_list:
+        lengths = tuple(_size(s) for s in token_shapes)
+    elif len(token_shapes[0]) >= 2:
+        lengths = (_size(token_shapes[0][1:]),) * int(token_shapes[0][0])
+    else:
+        lengths = (_size(token_shapes[0]),)
+
+    batch = Batch(
+        xp=xp,
+        values=None,
+        mask=None,
+        size=sum(lengths),
+        dtype=None,
+        device=array_api_compat.device(like),
+        target=target,
+        event_ndim=event_ndim,
+        lengths=lengths,
+        reduce=reduce,
+        max_tokens=max_tokens,
+        counts_given=counts is not None,
+        _arrays=arrays,
+        _target_arrays=target_arrays,
+        _token_shapes=token_shapes,
+        _is_list=is_list,
+        _moved=moved,
+        _data=data,
+        _count=None,
+        _local=None,
+        _seq_count=None,
+    )
+    t = batch._flatten(target_arrays)
+    if is_low_precision(xp, t.dtype):
+        t = xp.astype(t, xp.float32)
+    if target == "probs":
+        t = xp.exp(t)
+    object.__setattr__(batch, "dtype", t.dtype)
+
+    if isinstance(mask, ByIdentity):
+        mask = mask.value
+    count: Any = batch.size
+    if mask is not None:
+        if isinstance(mask, Field):
+            mask_arrays = read_field(data, mask.key, xp, like, "mask")
+            what = f"mask Field({mask.key!r})"
+        else:
+            mask_arrays = _values_of(mask, xp, like, "mask")
+            what = "mask"
+        mask_shapes = [tuple(m.shape) for m in mask_arrays]
+        if mask_shapes != token_shapes:
+            per = " (one value per token: the shape without the class axis)" if event_ndim else ""
+            raise ValueError(
+                f"{what} shape {_fmt_shapes(mask_shapes)} does not match the target's shape "
+                f"{_fmt_shapes(token_shapes)}{per}"
+            )
+        for i, m in enumerate(mask_arrays):
+            if not xp.isdtype(m.dtype, ("bool", "integral", "real floating")):
+                raise TypeError(f"{what} array {i} must be bool, integer or real, got dtype {m.dtype}")
+        flat = [xp.reshape(m if xp.isdtype(m.dtype, "bool") else m != 0, (-1,)) for m in mask_arrays]
+        mask_flat = flat[0] if len(flat) == 1 else xp.concat(flat)
+        object.__setattr__(batch, "mask", mask_flat)
+        count = xp.sum(xp.astype(mask_flat, t.dtype))
+        t = batch.where_counted(t)
+    object.__setattr__(batch, "values", t)
+
+    object.__setattr__(batch, "_local", count)
+    if counts is not None:
+        if "tokens" in counts:
+            count = _as_count(xp, counts["tokens"], t.dtype, batch.device)
+        if "sequences" in counts:
+            object.__setattr__(
+                batch, "_seq_count", _as_count(xp, counts["sequences"], t.dtype, batch.device)
+            )
+    object.__setattr__(batch, "_count", count)
+    return batch
+
+
+def _moved_shape(a: Array, moved: int | None) -> tuple[int, ...]:
+    shape = tuple(a.shape)
+    if moved is None:
+        return shape
+    return (*shape[:moved], *shape[moved + 1 :], shape[moved])
+
+
+def _as_count(xp: Namespace, v: Any, dtype: Any, device: Any) -> Array:
+    if is_array_api_obj(v):
+        if array_namespace(v) is not xp:
+            raise TypeError(
+                f"counts hold an array of {_library(v)} but logprobs are arrays of "
+                f"{xp.__name__}; pass numbers or arrays of the same library"
+            )
+        return xp.astype(v, dtype)
+    return xp.asarray(float(v), dtype=dtype, device=device)

@@ -1,0 +1,26 @@
+"""What the native fast paths share: Chan's merge of block statistics and the reduce rule.
+
+Written once over plain arithmetic, so that it serves Python floats (NumPy path) and 0-d
+tensors (torch path) alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["chan_merge", "reduced"]
+
+
+def chan_merge(count: int, mean: Any, m2: Any, k: int, bmean: Any, bm2: Any) -> tuple[int, Any, Any]:
+    """Chan et al.'s parallel update: ``(count, mean, M2)`` of the data so far merged with a
+    block of ``k`` elements whose mean is ``bmean`` and sum of squared deviations ``bm2``."""
+    total = count + k
+    delta = bmean - mean
+    mean = mean + delta * (k / total)
+    m2 = m2 + bm2 + delta * delta * (count * k / total)
+    return total, mean, m2
+
+
+def reduced(reg: Any, raw: Any, mean: Any) -> Any:
+    """The value under the fast paths' two modes: ``raw`` for "sum", ``mean`` for "mean"."""
+    return raw if reg.reduce == "sum" else mean

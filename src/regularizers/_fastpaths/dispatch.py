@@ -1,0 +1,97 @@
+"""The one place that hands ``compute`` to a backend's native fast path.
+
+Fast paths are keyed by class: a native module (``numpy_blocked``, ``torch_fused``) lists the
+built-in classes it has a path for, by their registered name, in its ``FAST`` table, and a
+path is taken only for exactly that registered built-in class (not a subclass, which may
+change the maths). A class without an entry takes the generic path: nothing falls through
+into another penalty's code.
+
+A fast path serves value and metrics only (``compute``), with no mask, no ``counts``,
+``reduce`` "sum" or "mean", and a ``"logprobs"`` or ``"probs"`` target, when the arrays are
+plain NumPy arrays or torch tensors that need no gradient. Everything else, errors included,
+takes the generic array API path. The spec suite (``test_fastpaths.py``) proves each fast
+path equal to the generic path on Hypothesis-drawn inputs, kinks and non-finite values
+included.
+
+``disabled()`` turns fast paths off in the current context (thread- and task-local), which is
+how the tests and benchmarks reach the generic path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any
+
+from .._core import registry
+
+__all__ = ["disabled", "try_compute"]
+
+ENABLED: ContextVar[bool] = ContextVar("regularizers_fastpath", default=True)
+_PACKAGE = __name__.rsplit(".", 2)[0]  # "regularizers", or the vendored copy's name
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    token = ENABLED.set(False)
+    try:
+        yield
+    finally:
+        ENABLED.reset(token)
+
+
+def _torch_compiling() -> bool:
+    torch = sys.modules.get("torch")  # no import: a torch-free program never pays for it
+    return torch is not None and bool(torch.compiler.is_compiling())
+
+
+def try_compute(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
+    """``(value, metrics)`` by a native path, or None where none applies."""
+    if _torch_compiling():  # before anything Dynamo cannot trace (ContextVar.get)
+        return None
+    cls = type(reg)
+    if cls not in _BUILTIN:
+        if cls in _OTHER or not _is_builtin(cls):
+            return None
+    if reg.mask is not None or reg.reduce not in ("sum", "mean") or not ENABLED.get():
+        return None
+    if reg.target != "logprobs" and reg.target != "probs":  # a Field reads data: generic
+        return None
+    first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
+    native = _NATIVE.get(type(first).__module__)
+    if native is None:
+        native = _load(type(first).__module__)
+        if native is None:
+            return None
+    fast = native.get(reg.name)
+    return None if fast is None else fast(reg, logprobs)  # type: ignore[no-any-return]
+
+
+_BUILTIN: set[type] = set()
+_OTHER: set[type] = set()
+
+
+def _is_builtin(cls: type) -> bool:
+    """A class of this package's own penalties, registered under its name (cached)."""
+    ours = cls.__module__.startswith(f"{_PACKAGE}.penalties.") and registry.lookup(
+        getattr(cls, "name", "")
+    ) is cls
+    (_BUILTIN if ours else _OTHER).add(cls)
+    return ours
+
+
+_NATIVE: dict[str, dict[str, Any]] = {}
+
+
+def _load(module: str) -> dict[str, Any] | None:
+    """The fast-path table for arrays of ``module`` (imported once), or None."""
+    if module == "numpy":
+        from .numpy_blocked import FAST
+    elif module == "torch":
+        from .torch_fused import FAST  # type: ignore[no-redef]
+    else:
+        return None
+    _NATIVE[module] = FAST
+    return FAST
