@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import hypothesis.extra.numpy as hnp
@@ -88,3 +90,116 @@ def masks_for(x: Any) -> st.SearchStrategy[Any]:
         hnp.arrays(np.bool_, x.shape),
         hnp.arrays(np.float32, x.shape, elements=st.sampled_from([0.0, 1.0, 0.5])),
     )
+
+
+# ---- cases for the generic properties of every penalty (test_properties.py) -----------------
+REDUCES = ("sum", "mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+@dataclass
+class Case:
+    """One drawn call: a regularizer, its input (one array or a list), its ``data`` and mask.
+
+    ``x`` and the arrays of ``data`` and ``mask`` are NumPy; the harness converts them.
+    Fields a regularizer reads (``reference``, ``behavior``...) are always given through
+    ``data`` here, so that the same regularizer runs on every backend.
+    """
+
+    reg: Any
+    x: Any
+    data: dict[str, Any] | None = None
+    mask: Any = None
+
+    @property
+    def is_list(self) -> bool:
+        return isinstance(self.x, list)
+
+
+CaseFn = Callable[..., st.SearchStrategy[Case]]
+CASES: dict[type, CaseFn] = {}
+
+
+def cases_for(cls: type) -> Callable[[CaseFn], CaseFn]:
+    """Register ``fn(shapes, reduce_options, splittable) -> strategy of Case`` for ``cls``.
+
+    ``shapes`` is the list of per-sequence input shapes (class axis included) that the case
+    must use, ``reduce_options`` the ``reduce`` (and ``max_tokens``) to construct with, and
+    ``splittable`` asks for options under which split invariance is promised (no
+    ``center="mean"``).
+    """
+
+    def register(fn: CaseFn) -> CaseFn:
+        CASES[cls] = fn
+        return fn
+
+    return register
+
+
+def reduce_options(reduce: str) -> dict[str, Any]:
+    if reduce == "seq-mean-token-sum-norm":
+        return {"reduce": reduce, "max_tokens": 8.0}
+    return {"reduce": reduce}
+
+
+@st.composite
+def cases(
+    draw: st.DrawFn,
+    cls: type,
+    *,
+    reduce: str | None = None,
+    splittable: bool = False,
+    layout: str | None = None,
+    min_sequences: int = 1,
+    masked: bool | None = None,
+) -> Case:
+    """A drawn call of ``cls``: the layout (list or stacked ``[B, T, ...]``), the sequences,
+    the reduce mode and a mask, around the class's own case strategy."""
+    k = int(cls.event_ndim)
+    event = tuple(draw(st.integers(1, 4)) for _ in range(k))
+    layout = layout or draw(st.sampled_from(["list", "stacked"]))
+    n_seq = draw(st.integers(min_sequences, 4))
+    if layout == "stacked":
+        length = draw(st.integers(1, 5))
+        lengths = [length] * n_seq
+    else:
+        lengths = draw(st.lists(st.integers(0, 6), min_size=n_seq, max_size=n_seq))
+        if sum(lengths) == 0:
+            lengths[0] = 1
+    reduce = reduce or draw(st.sampled_from(REDUCES))
+    shapes = [(n, *event) for n in lengths]
+    case = draw(CASES[cls](shapes, reduce_options(reduce), splittable))
+    if masked is None:
+        masked = draw(st.booleans())
+    mask = [draw(hnp.arrays(np.bool_, (n,))) for n in lengths] if masked else None
+    if layout == "stacked":
+        stack = lambda arrays: np.stack(arrays)  # noqa: E731
+        case.x = stack(case.x)
+        if case.data:
+            case.data = {k_: stack(v) for k_, v in case.data.items()}
+        if mask is not None:
+            mask = stack(mask)
+    case.mask = mask
+    return case
+
+
+def field_like(draw: st.DrawFn, shapes: list[tuple[int, ...]], lo: float, hi: float) -> list[np.ndarray]:
+    """A list of float64 arrays of ``shapes`` (e.g. reference logprobs), values in [lo, hi]."""
+    return [
+        draw(hnp.arrays(np.float64, s, elements=st.floats(lo, hi, width=32))) for s in shapes
+    ]
+
+
+@cases_for(rg.L1)
+@st.composite
+def l1_cases(draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool) -> Case:
+    x = field_like(draw, shapes, -50.0, 5.0)
+    target = draw(st.sampled_from(["logprobs", "probs"]))
+    return Case(rg.L1(target=target, **reduce), x)
+
+
+@cases_for(rg.L2)
+@st.composite
+def l2_cases(draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool) -> Case:
+    x = field_like(draw, shapes, -50.0, 5.0)
+    center = draw(st.one_of(st.none(), st.floats(-5.0, 1.0, width=32)) if splittable else centers())
+    return Case(rg.L2(clip=draw(clips()), center=center, **reduce), x)

@@ -40,7 +40,7 @@ def _is_datums(value: object) -> bool:
         isinstance(value, Sequence)
         and not isinstance(value, (str, bytes))
         and len(value) > 0
-        and all(isinstance(getattr(d, "loss_fn_inputs", None), Mapping) for d in value)
+        and all([isinstance(getattr(d, "loss_fn_inputs", None), Mapping) for d in value])
     )
 
 
@@ -186,7 +186,7 @@ def read_field(data: object, key: str, xp: Namespace, like: Array, role: str) ->
 
 
 def _size(shape: tuple[int, ...]) -> int:
-    return math.prod(int(d) for d in shape)
+    return math.prod([int(d) for d in shape])
 
 
 def _fmt_shapes(shapes: list[tuple[int, ...]]) -> str:
@@ -376,7 +376,7 @@ class Batch:
         """``S``: the number of sequences with a counted token (``counts["sequences"]``)."""
         if self._seq_count is None:
             if self.mask is None:
-                value: Array | int = sum(1 for n in self.lengths if n > 0)
+                value: Array | int = len([n for n in self.lengths if n > 0])
             else:
                 per = self._sequence_counts()
                 value = self.xp.sum(self.xp.astype(per > 0, self.dtype))
@@ -388,7 +388,7 @@ class Batch:
         xp = self.xp
         n = self.size if self.mask is None else xp.sum(xp.astype(self.mask, xp.int64))
         if self.mask is None:
-            s: Any = sum(1 for n_s in self.lengths if n_s > 0)
+            s: Any = len([n_s for n_s in self.lengths if n_s > 0])
         else:
             s = xp.sum(xp.astype(self._sequence_counts() > 0, xp.int64))
 
@@ -595,7 +595,7 @@ def prepare(
     ]
 
     if is_list:
-        lengths = tuple(_size(s) for s in token_shapes)
+        lengths = tuple([_size(s) for s in token_shapes])
     elif len(token_shapes[0]) >= 2:
         lengths = (_size(token_shapes[0][1:]),) * int(token_shapes[0][0])
     else:
@@ -627,8 +627,6 @@ def prepare(
     t = batch._flatten(target_arrays)
     if is_low_precision(xp, t.dtype):
         t = xp.astype(t, xp.float32)
-    if target == "probs":
-        t = xp.exp(t)
     object.__setattr__(batch, "dtype", t.dtype)
 
     if isinstance(mask, ByIdentity):
@@ -655,7 +653,10 @@ def prepare(
         mask_flat = flat[0] if len(flat) == 1 else xp.concat(flat)
         object.__setattr__(batch, "mask", mask_flat)
         count = xp.sum(xp.astype(mask_flat, t.dtype))
+        # before any transform: exp(NaN) would otherwise reach the gradient as 0 · NaN
         t = batch.where_counted(t)
+    if target == "probs":
+        t = batch.where_counted(xp.exp(t))
     object.__setattr__(batch, "values", t)
 
     object.__setattr__(batch, "_local", count)
