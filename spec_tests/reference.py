@@ -123,7 +123,7 @@ class RefBatch:
 
 
 def _event_ndim(reg: Any) -> int:
-    return int(type(reg).event_ndim)
+    return int(reg.event_ndim)
 
 
 def _rows(arrays: list[np.ndarray], k: int, axis: int) -> tuple[np.ndarray, list[tuple]]:

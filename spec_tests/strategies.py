@@ -123,7 +123,8 @@ def cases_for(cls: type) -> Callable[[CaseFn], CaseFn]:
     """Register ``fn(shapes, reduce_options, splittable) -> strategy of Case`` for ``cls``.
 
     ``shapes`` is the list of per-sequence input shapes (class axis included) that the case
-    must use, ``reduce_options`` the ``reduce`` (and ``max_tokens``) to construct with, and
+    must use (a strategy with an ``event_ndims`` attribute, e.g. ``(0, 1)``, is asked for
+    each; the case's regularizer must then have that ``event_ndim``), ``reduce_options`` the ``reduce`` (and ``max_tokens``) to construct with, and
     ``splittable`` asks for options under which split invariance is promised (no
     ``center="mean"``).
     """
@@ -154,7 +155,8 @@ def cases(
 ) -> Case:
     """A drawn call of ``cls``: the layout (list or stacked ``[B, T, ...]``), the sequences,
     the reduce mode and a mask, around the class's own case strategy."""
-    k = int(cls.event_ndim)
+    # a class whose options decide its event_ndim lists the ones its strategy handles
+    k = draw(st.sampled_from(getattr(CASES[cls], "event_ndims", (int(cls.event_ndim),))))
     event = tuple(draw(st.integers(1, 4)) for _ in range(k))
     layout = layout or draw(st.sampled_from(["list", "stacked"]))
     n_seq = draw(st.integers(min_sequences, 4))

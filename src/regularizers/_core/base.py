@@ -68,8 +68,10 @@ class Regularizer:
     """
 
     name: ClassVar[str] = "regularizer"
-    event_ndim: ClassVar[int] = 0
-    """0: a penalty per element; 1: per row of a class axis (``axis``); 2: per matrix."""
+    event_ndim: int = 0
+    """0: a penalty per element; 1: per row of a class axis (``axis``); 2: per matrix.
+
+    A class attribute, or a property where an option decides it."""
     __slots__ = ("__weakref__", "_opts")
     _opts: dict[str, Any]
     _options: ClassVar[dict[str, Option]] = {}
@@ -234,7 +236,7 @@ class Regularizer:
             reduce=self.reduce,
             max_tokens=self.max_tokens,
             counts=check_counts(counts),
-            event_ndim=type(self).event_ndim,
+            event_ndim=self.event_ndim,
             axis=getattr(self, "axis", -1),
             call=call,
         )
