@@ -138,10 +138,7 @@ def _rows(arrays: list[np.ndarray], k: int, axis: int) -> tuple[np.ndarray, list
 
 
 def _read(data: Any, key: str) -> list[np.ndarray]:
-    if isinstance(data, Mapping):
-        value = data[key]
-    else:
-        value = [d.loss_fn_inputs[key] for d in data]
+    value = data[key] if isinstance(data, Mapping) else [d.loss_fn_inputs[key] for d in data]
     if isinstance(value, (list, tuple)) and value and not np.isscalar(value[0]):
         return _as_list(value)
     return [np.asarray(value, dtype=np.float64)]
@@ -230,10 +227,7 @@ def _deviation(reg: Any, b: RefBatch) -> tuple[np.ndarray, np.ndarray]:
     lo_, hi_ = -np.inf if lo is None else lo, np.inf if hi is None else hi
     c = np.clip(t, lo_, hi_)
     inside = ~((t < lo_) | (t > hi_))
-    if reg.center == "mean":
-        mu = b.local_mean(c)
-    else:
-        mu = reg.center or 0.0
+    mu = b.local_mean(c) if reg.center == "mean" else reg.center or 0.0
     return c - mu, inside
 
 

@@ -124,7 +124,8 @@ def cases_for(cls: type) -> Callable[[CaseFn], CaseFn]:
 
     ``shapes`` is the list of per-sequence input shapes (class axis included) that the case
     must use (a strategy with an ``event_ndims`` attribute, e.g. ``(0, 1)``, is asked for
-    each; the case's regularizer must then have that ``event_ndim``), ``reduce_options`` the ``reduce`` (and ``max_tokens``) to construct with, and
+    each; the case's regularizer must then have that ``event_ndim``), ``reduce_options`` the
+    ``reduce`` (and ``max_tokens``) to construct with, and
     ``splittable`` asks for options under which split invariance is promised (no
     ``center="mean"``).
     """
@@ -184,11 +185,11 @@ def cases(
     return case
 
 
-def field_like(draw: st.DrawFn, shapes: list[tuple[int, ...]], lo: float, hi: float) -> list[np.ndarray]:
+def field_like(
+    draw: st.DrawFn, shapes: list[tuple[int, ...]], lo: float, hi: float
+) -> list[np.ndarray]:
     """A list of float64 arrays of ``shapes`` (e.g. reference logprobs), values in [lo, hi]."""
-    return [
-        draw(hnp.arrays(np.float64, s, elements=st.floats(lo, hi, width=32))) for s in shapes
-    ]
+    return [draw(hnp.arrays(np.float64, s, elements=st.floats(lo, hi, width=32))) for s in shapes]
 
 
 @cases_for(rg.L1)

@@ -95,7 +95,6 @@ def test_arrays_of_two_libraries_name_both(bk: Harness) -> None:
         rg.L1()([np.zeros(3), x])
 
 
-
 def test_empty_list_needs_an_array(bk: Harness) -> None:
     with raises(ValueError, "at least one array"):
         rg.L1()([])

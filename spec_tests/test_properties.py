@@ -17,13 +17,15 @@ configuration:
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import os
 import pickle
 from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import regularizers as rg
@@ -34,7 +36,15 @@ from .reference import reference
 Harness = Any
 CLASSES = sorted(S.CASES, key=lambda c: c.__name__)
 IDS = [c.__name__ for c in CLASSES]
-per_class = pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+
+
+def per_class(test: Any) -> Any:
+    """Parametrize over every registered penalty; a session may cap the examples per test
+    (``REGULARIZERS_PROPERTY_EXAMPLES``: JAX compiles each drawn shape, twice under jit)."""
+    cap = os.environ.get("REGULARIZERS_PROPERTY_EXAMPLES")
+    if cap:
+        test = settings(max_examples=int(cap))(test)
+    return pytest.mark.parametrize("cls", CLASSES, ids=IDS)(test)
 
 
 # ---- running a case on a backend ----------------------------------------------------------
@@ -110,7 +120,7 @@ def _split(case: S.Case, cuts: list[int]) -> list[S.Case]:
     """The case cut into parts by sequences (datums of a list, rows of a stacked array)."""
     bounds = [0, *cuts, len(case.x)]
     parts = []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         data = None if case.data is None else {k: v[a:b] for k, v in case.data.items()}
         mask = None if case.mask is None else case.mask[a:b]
         parts.append(S.Case(case.reg, case.x[a:b], data, mask))
@@ -266,7 +276,9 @@ def test_half_precision_accumulates_in_float32(bk: Harness, cls: type, data: st.
         None
         if case.data is None
         else {
-            k: [np.asarray(a, np.float16) for a in v] if isinstance(v, list) else np.asarray(v, np.float16)
+            k: [np.asarray(a, np.float16) for a in v]
+            if isinstance(v, list)
+            else np.asarray(v, np.float16)
             for k, v in case.data.items()
         },
         case.mask,

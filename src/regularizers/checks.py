@@ -236,4 +236,3 @@ def operand(option: str, value: object) -> Any:
     if isinstance(value, (list, tuple)) and not value:
         raise ValueError(f"{option} is an empty {type(value).__name__}; pass arrays or a Field")
     return by_identity(value)
-

@@ -5,8 +5,9 @@ r"""Weighted regularizers as one differentiable loss, with per-term metrics and 
     \mathcal{L}(x) = b(x) + \sum_i w_i\, R_i(x)
 
 where :math:`b` is an optional base loss, :math:`R_i` the enabled terms and :math:`w_i` their
-(finite) weights; a negative weight is a bonus. The total is one 0-d array of the caller's namespace: autodiff sees through it, to
-every datum's array of a ragged list. With ``track_grad_norms=True`` the metrics also hold
+(finite) weights; a negative weight is a bonus. The total is one 0-d array of the caller's
+namespace: autodiff sees through it, to every datum's array of a ragged list. With
+``track_grad_norms=True`` the metrics also hold
 :math:`\lVert\nabla R_i\rVert_2` over all elements of the term's input (not the model's
 parameters), :math:`w_i\lVert\nabla R_i\rVert`,
 :math:`\lVert\nabla b\rVert` and :math:`\lVert\nabla\mathcal{L}\rVert`.
@@ -91,7 +92,7 @@ class Term:
         *,
         name: str | None = None,
         enabled: bool = True,
-        input: str = "logprobs",  # noqa: A002 (the SPEC's spelling)
+        input: str = "logprobs",
     ) -> None:
         _check_term_object(regularizer, "a term")
         if name is None:
@@ -144,7 +145,7 @@ class Term:
         return f"Term({self.regularizer!r}, {self.weight!r}, name={self.name!r}{extra})"
 
 
-def _term(reg: Any, weight: float, name: str, enabled: bool, input: str) -> Term:  # noqa: A002
+def _term(reg: Any, weight: float, name: str, enabled: bool, input: str) -> Term:
     return Term(reg, weight, name=name, enabled=enabled, input=input)
 
 

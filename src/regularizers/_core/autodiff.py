@@ -1,7 +1,7 @@
 """What the array API standard does not cover: autodiff, and cutting a value out of a graph.
 
-The only module of the shared machinery that knows backends by name. Backends are imported lazily, inside the functions, so ``import regularizers`` imports
-none of them.
+The only module of the shared machinery that knows backends by name. Backends are imported
+lazily, inside the functions, so ``import regularizers`` imports none of them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 import array_api_compat
-
 
 from .typing import Array, Namespace
 
@@ -34,10 +33,11 @@ def autodiff_grad(xp: Namespace, fn: Callable[[Any], Array], logprobs: Any) -> A
         leaves = [a.detach().requires_grad_(True) for a in arrays]
         with torch.enable_grad():
             value = fn(leaves if isinstance(logprobs, (list, tuple)) else leaves[0])
-            if not value.requires_grad:  # a constant of the input: its gradient is 0
-                grads = [None] * len(leaves)
-            else:
-                grads = torch.autograd.grad(value, leaves, allow_unused=True)
+            grads: Any = (
+                [None] * len(leaves)  # a constant of the input: its gradient is 0
+                if not value.requires_grad
+                else torch.autograd.grad(value, leaves, allow_unused=True)
+            )
         out = [
             torch.zeros_like(leaf) if g is None else g
             for leaf, g in zip(leaves, grads, strict=True)

@@ -21,7 +21,7 @@ from .. import checks
 from .._fastpaths.dispatch import try_compute
 from . import registry
 from .autodiff import autodiff_grad, has_autodiff
-from .inputs import Batch, check_counts, prepare
+from .inputs import Batch, check_counts, check_data, prepare
 from .options import Option, encode, option, unwrap
 from .typing import Array, Metrics
 
@@ -90,6 +90,9 @@ class Regularizer:
                 if isinstance(value, Option):
                     found.pop(key, None)
                     found[key] = value
+        for value in vars(cls).values():
+            if isinstance(value, Option):
+                value.declare(cls)
         ordered = {k: v for k, v in found.items() if k not in _TRAILING}
         ordered.update({k: found[k] for k in _TRAILING if k in found})
         positional = [k for k, v in ordered.items() if v.positional]
@@ -185,9 +188,7 @@ class Regularizer:
 
     def __repr__(self) -> str:
         options = type(self)._options
-        shown = [
-            f"{n}={v!r}" for n, v in self._opts.items() if v != options[n].default
-        ]
+        shown = [f"{n}={v!r}" for n, v in self._opts.items() if v != options[n].default]
         return f"{type(self).__name__}({', '.join(shown)})"
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -271,7 +272,7 @@ class Regularizer:
         metrics : dict[str, array]
             0-d arrays; nothing here syncs the host (see :func:`to_floats`).
         """
-        if mask is UNSET and counts is None:
+        if mask is UNSET and counts is None and (data is None or check_data(data, logprobs)):
             fast = try_compute(self, logprobs)
             if fast is not None:
                 return fast
@@ -298,9 +299,7 @@ class Regularizer:
         value, metrics = self.evaluate(batch)
         return batch.finish(value, metrics)
 
-    def counts(
-        self, data: object, logprobs: object, *, mask: object = UNSET
-    ) -> dict[str, Array]:
+    def counts(self, data: object, logprobs: object, *, mask: object = UNSET) -> dict[str, Array]:
         """``{"tokens": N, "sequences": S}`` of this call, as 0-d integer arrays.
 
         Sum them over micro-batches or ranks (``torch.distributed.all_reduce``,
@@ -366,7 +365,9 @@ def _signature(options: dict[str, Option]) -> inspect.Signature:
     params = [
         inspect.Parameter(
             n,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD if o.positional else inspect.Parameter.KEYWORD_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD
+            if o.positional
+            else inspect.Parameter.KEYWORD_ONLY,
             default=o.default,
         )
         for n, o in sorted(options.items(), key=lambda kv: not kv[1].positional)
@@ -421,7 +422,7 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     if lazy:
         import dask
 
-        computed = dask.compute(*lazy.values())
+        computed = dask.compute(*lazy.values())  # type: ignore[attr-defined,no-untyped-call]
         out.update({k: float(c) for k, c in zip(lazy, computed, strict=True)})
         out = {k: out[k] for k in metrics}
     return out

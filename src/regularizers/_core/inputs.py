@@ -40,7 +40,8 @@ def _is_datums(value: object) -> bool:
         isinstance(value, Sequence)
         and not isinstance(value, (str, bytes))
         and len(value) > 0
-        and all([isinstance(getattr(d, "loss_fn_inputs", None), Mapping) for d in value])
+        # a list, not a generator: torch.compile's Dynamo cannot trace generators here
+        and all([isinstance(getattr(d, "loss_fn_inputs", None), Mapping) for d in value])  # noqa: C419
     )
 
 
@@ -50,15 +51,16 @@ def _looks_like_arrays(value: object) -> bool:
     return isinstance(value, (list, tuple)) and len(value) > 0 and is_array_api_obj(value[0])
 
 
-def check_data(data: object, logprobs: object, call: str) -> None:
-    """``data`` is None, a mapping or a sequence of datums; catch swapped arguments."""
+def check_data(data: object, logprobs: object, call: str = "compute(data, logprobs)") -> bool:
+    """``data`` is None, a mapping or a sequence of datums (True), or a TypeError that names
+    what came; swapped arguments get a message that names the call's order."""
     if isinstance(logprobs, Mapping) or _is_datums(logprobs):
         raise TypeError(
             f"logprobs is a {type(logprobs).__name__}, which looks like data: the call is "
             f"{call}; were the arguments swapped?"
         )
     if data is None or isinstance(data, Mapping) or _is_datums(data):
-        return
+        return True
     if _looks_like_arrays(data):
         raise TypeError(
             f"data is {'an array' if is_array_api_obj(data) else 'a list of arrays'} "
@@ -264,6 +266,29 @@ class Batch:
         "xp",
     )
 
+    xp: Namespace
+    values: Array
+    mask: Array | None
+    size: int
+    dtype: Any
+    device: Any
+    target: Any
+    event_ndim: int
+    lengths: tuple[int, ...]
+    reduce: str
+    max_tokens: float | None
+    counts_given: bool
+    _arrays: list[Array]
+    _target_arrays: list[Array]
+    _token_shapes: list[tuple[int, ...]]
+    _is_list: bool
+    _moved: int | None
+    _data: Any
+    _count: Any
+    _local: Any
+    _seq_count: Any
+    _per_seq: Any
+
     def __init__(self, **kw: Any) -> None:
         for k, v in kw.items():
             object.__setattr__(self, k, v)
@@ -369,7 +394,7 @@ class Batch:
     @property
     def count(self) -> Array | int:
         """``N``: the number of counted tokens (``counts["tokens"]`` when given)."""
-        return self._count  # type: ignore[no-any-return]
+        return self._count
 
     @property
     def sequences(self) -> Array | int:
@@ -381,7 +406,7 @@ class Batch:
                 per = self._sequence_counts()
                 value = self.xp.sum(self.xp.astype(per > 0, self.dtype))
             object.__setattr__(self, "_seq_count", value)
-        return self._seq_count  # type: ignore[no-any-return]
+        return self._seq_count
 
     def local_counts(self) -> dict[str, Array]:
         """The counts of this call alone, as 0-d integer arrays (``reg.counts``)."""
@@ -434,7 +459,9 @@ class Batch:
         top = xp.max(xp.where(self.mask, p, low))
         return xp.where(top == low, xp.zeros_like(top), top)
 
-    def metrics(self, prefix: str, p: Array, *, total: Array | None = None, peak: bool = True) -> Metrics:
+    def metrics(
+        self, prefix: str, p: Array, *, total: Array | None = None, peak: bool = True
+    ) -> Metrics:
         """``{prefix}_raw`` = Σ p, ``{prefix}_mean`` = Σ p / N and (``peak``) ``{prefix}_max``."""
         raw = self.sum(p) if total is None else total
         out = {f"{prefix}_raw": raw, f"{prefix}_mean": self.per_token(raw)}
@@ -458,7 +485,8 @@ class Batch:
         if how == "seq-mean-token-sum":
             return self._divide(self.constant(1.0), s)
         if how == "seq-mean-token-sum-norm":
-            return self._divide(self.constant(1.0 / float(self.max_tokens)), s)
+            assert self.max_tokens is not None  # checked at construction
+            return self._divide(self.constant(1.0 / self.max_tokens), s)
         # seq-mean-token-mean: 1 / (S · N_s), per token
         xp = self.xp
         if self.mask is None and len(set(self.lengths)) == 1:
@@ -512,7 +540,9 @@ class Batch:
             shape = tuple(a.shape)
             if self._moved is not None:
                 moved = [d for i, d in enumerate(shape) if i != self._moved % a.ndim]
-                piece = xp.moveaxis(xp.reshape(piece, (*moved, shape[self._moved])), -1, self._moved)
+                piece = xp.moveaxis(
+                    xp.reshape(piece, (*moved, shape[self._moved])), -1, self._moved
+                )
             else:
                 piece = xp.reshape(piece, shape)
             grads.append(xp.astype(piece, a.dtype))
@@ -582,17 +612,13 @@ def prepare(
                 raise ValueError(f"axis={axis} is out of range for shape {tuple(like.shape)}")
             if axis % ndim != ndim - 1:
                 moved = axis % ndim
-        events = {
-            tuple(_moved_shape(a, moved)[a.ndim - event_ndim :]) for a in target_arrays
-        }
+        events = {tuple(_moved_shape(a, moved)[a.ndim - event_ndim :]) for a in target_arrays}
         if len(events) > 1:
             raise ValueError(
                 f"the arrays of logprobs have different class sizes {sorted(events)}; every "
                 "array needs the same"
             )
-    token_shapes = [
-        tuple(_moved_shape(a, moved)[: a.ndim - event_ndim]) for a in target_arrays
-    ]
+    token_shapes = [tuple(_moved_shape(a, moved)[: a.ndim - event_ndim]) for a in target_arrays]
 
     if is_list:
         lengths = tuple([_size(s) for s in token_shapes])
@@ -648,8 +674,12 @@ def prepare(
             )
         for i, m in enumerate(mask_arrays):
             if not xp.isdtype(m.dtype, ("bool", "integral", "real floating")):
-                raise TypeError(f"{what} array {i} must be bool, integer or real, got dtype {m.dtype}")
-        flat = [xp.reshape(m if xp.isdtype(m.dtype, "bool") else m != 0, (-1,)) for m in mask_arrays]
+                raise TypeError(
+                    f"{what} array {i} must be bool, integer or real, got dtype {m.dtype}"
+                )
+        flat = [
+            xp.reshape(m if xp.isdtype(m.dtype, "bool") else m != 0, (-1,)) for m in mask_arrays
+        ]
         mask_flat = flat[0] if len(flat) == 1 else xp.concat(flat)
         object.__setattr__(batch, "mask", mask_flat)
         count = xp.sum(xp.astype(mask_flat, t.dtype))

@@ -13,8 +13,6 @@ or JAX, and the closed form of ``value_and_grad``, give one answer everywhere:
 
 from __future__ import annotations
 
-from typing import Any
-
 import array_api_compat
 
 from .typing import Array, Namespace

@@ -117,12 +117,16 @@ class Option:
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
-        # A declaration with a default its own check rejects is a bug of the class: say so now.
+
+    def declare(self, owner: type) -> None:
+        """Validate the default once, when the class is created (a default that its own
+        check rejects is a bug of the class: say so now, not at the first call)."""
         try:
             self.default = self.validate(self.default)
         except (TypeError, ValueError) as exc:
             raise TypeError(
-                f"{owner.__name__}.{name}: the default {self.default!r} fails its own check: {exc}"
+                f"{owner.__name__}.{self.name}: the default {self.default!r} fails its own "
+                f"check: {exc}"
             ) from exc
 
     def validate(self, value: Any) -> Any:

@@ -11,7 +11,9 @@ from typing import Any
 __all__ = ["chan_merge", "reduced"]
 
 
-def chan_merge(count: int, mean: Any, m2: Any, k: int, bmean: Any, bm2: Any) -> tuple[int, Any, Any]:
+def chan_merge(
+    count: int, mean: Any, m2: Any, k: int, bmean: Any, bm2: Any
+) -> tuple[int, Any, Any]:
     """Chan et al.'s parallel update: ``(count, mean, M2)`` of the data so far merged with a
     block of ``k`` elements whose mean is ``bmean`` and sum of squared deviations ``bm2``."""
     total = count + k

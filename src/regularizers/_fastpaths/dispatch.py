@@ -52,9 +52,8 @@ def try_compute(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     if _torch_compiling():  # before anything Dynamo cannot trace (ContextVar.get)
         return None
     cls = type(reg)
-    if cls not in _BUILTIN:
-        if cls in _OTHER or not _is_builtin(cls):
-            return None
+    if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+        return None
     if reg.mask is not None or reg.reduce not in ("sum", "mean") or not ENABLED.get():
         return None
     if reg.target != "logprobs" and reg.target != "probs":  # a Field reads data: generic
@@ -66,7 +65,7 @@ def try_compute(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
         if native is None:
             return None
     fast = native.get(reg.name)
-    return None if fast is None else fast(reg, logprobs)  # type: ignore[no-any-return]
+    return None if fast is None else fast(reg, logprobs)
 
 
 _BUILTIN: set[type] = set()
@@ -75,9 +74,10 @@ _OTHER: set[type] = set()
 
 def _is_builtin(cls: type) -> bool:
     """A class of this package's own penalties, registered under its name (cached)."""
-    ours = cls.__module__.startswith(f"{_PACKAGE}.penalties.") and registry.lookup(
-        getattr(cls, "name", "")
-    ) is cls
+    ours = (
+        cls.__module__.startswith(f"{_PACKAGE}.penalties.")
+        and registry.lookup(getattr(cls, "name", "")) is cls
+    )
     (_BUILTIN if ours else _OTHER).add(cls)
     return ours
 
@@ -90,7 +90,7 @@ def _load(module: str) -> dict[str, Any] | None:
     if module == "numpy":
         from .numpy_blocked import FAST
     elif module == "torch":
-        from .torch_fused import FAST  # type: ignore[no-redef]
+        from .torch_fused import FAST
     else:
         return None
     _NATIVE[module] = FAST

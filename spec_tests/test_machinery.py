@@ -1,0 +1,304 @@
+"""The shared machinery: the extension API, counts, pipelines (SPEC 10) and validation.
+
+Each test here names the promise it checks; the old machinery failed every one of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from typing import Any
+
+import numpy as np
+import pytest
+
+import regularizers as rg
+
+Harness = Any
+
+
+# ---- the extension API (SPEC 7.3) ---------------------------------------------------------
+class Cubic(rg.Regularizer, name="test_cubic"):
+    """The SPEC's example: Σ scale·|t|³, with a closed form."""
+
+    scale = rg.option(1.0, check=rg.checks.positive)
+
+    def evaluate(self, batch: rg.Batch) -> tuple[Any, dict[str, Any]]:
+        xp = batch.xp
+        p = self.scale * xp.abs(batch.values) ** 3
+        return batch.aggregate(p), batch.metrics("cubic", p)
+
+    def evaluate_with_grad(self, batch: rg.Batch) -> tuple[Any, dict[str, Any], Any]:
+        value, metrics = self.evaluate(batch)
+        t = batch.values
+        return value, metrics, batch.aggregate_grad(3.0 * self.scale * t * batch.xp.abs(t))
+
+
+class GapToReference(rg.Regularizer, name="test_gap_to_reference"):
+    """KL-like: reads a second field of data, aligned with the values."""
+
+    reference = rg.option(rg.Field("ref_logprobs"), check=rg.checks.operand, positional=True)
+
+    def evaluate(self, batch: rg.Batch) -> tuple[Any, dict[str, Any]]:
+        d = batch.values - batch.field(self.reference, role="reference")
+        return batch.aggregate(d * d), batch.metrics("gap", d * d)
+
+
+def test_options_declared_once_drive_identity() -> None:
+    a, b = Cubic(scale=2), Cubic(scale=2.0)
+    assert a == b
+    assert hash(a) == hash(b)
+    assert a != Cubic(scale=3.0)
+    assert repr(a) == "Cubic(scale=2.0)"
+    assert repr(Cubic()) == "Cubic()"
+    assert a.scale == 2.0
+    assert list(a.options()) == ["target", "reduce", "scale", "max_tokens", "mask"]
+    assert rg.from_config(a.to_config()) == a
+    assert rg.from_config({"regularizer": "Cubic", "options": {"scale": 2.0}}) == a
+    assert pickle.loads(pickle.dumps(a)) == a
+    assert copy.copy(a) == a
+    assert copy.deepcopy(a) == a
+    with pytest.raises(AttributeError, match="immutable"):
+        a.scale = 3.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"scale.*> 0.*-1"):
+        Cubic(scale=-1)
+    with pytest.raises(TypeError, match="keyword only"):
+        Cubic(2.0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"no option 'scael'.*scale"):
+        Cubic(scael=2.0)  # type: ignore[call-arg]
+
+
+def test_an_undeclared_init_option_is_a_type_error_at_class_creation() -> None:
+    with pytest.raises(TypeError, match=r"'scale'.*not a declared option"):
+
+        class Sloppy(rg.Regularizer):
+            def __init__(self, *, scale: float = 1.0, **kw: Any) -> None:
+                super().__init__(**kw)
+
+
+def test_a_default_that_fails_its_own_check_is_caught_at_class_creation() -> None:
+    with pytest.raises(TypeError, match=r"default.*fails its own check"):
+
+        class Broken(rg.Regularizer):
+            scale = rg.option(-1.0, check=rg.checks.positive)
+
+
+def test_one_positional_option_and_one_registry() -> None:
+    reg = GapToReference(rg.Field("ref"))
+    assert reg == GapToReference(reference=rg.Field("ref"))
+    assert "test_gap_to_reference" in rg.to_config(reg)["regularizer"]
+    with pytest.raises(ValueError, match="already registered"):
+
+        class Impostor(rg.Regularizer, name="test_cubic"):
+            pass
+
+    with pytest.raises(TypeError, match="at most one option"):
+
+        class TwoPositional(rg.Regularizer):
+            a = rg.option(None, positional=True)
+            b = rg.option(None, positional=True)
+
+
+def test_batch_field_reads_a_second_field_aligned_with_the_values(bk: Harness) -> None:
+    x = [bk.asarray(np.array([-1.0, -2.0])), bk.asarray(np.array([-0.5, 0.0, -3.0]))]
+    ref = [np.array([-1.5, -2.0]), np.array([0.5, 0.0, -1.0])]
+    mask = [np.array([1, 1]), np.array([1, 0, 1])]
+    reg = GapToReference()
+    value, metrics = bk.call(
+        lambda lp: reg.compute({"ref_logprobs": ref}, lp, mask=mask, counts=None), x
+    )
+    want = 0.25 + 0.0 + 1.0 + 4.0  # the masked token does not count
+    assert bk.float(value) == pytest.approx(want)
+    assert bk.float(metrics["gap_mean"]) == pytest.approx(want / 4)
+    # datums of Tinker's shape are read the same way
+    datums = [type("D", (), {"loss_fn_inputs": {"ref_logprobs": r}})() for r in ref]
+    value2, _ = bk.call(lambda lp: reg.compute(datums, lp, mask=mask), x)
+    assert bk.float(value2) == pytest.approx(want)
+    with pytest.raises(
+        ValueError, match=r"reference.*shape \[\(2,\), \(2,\)\].*\[\(2,\), \(3,\)\]"
+    ):
+        reg.compute({"ref_logprobs": [ref[0], ref[0]]}, x)
+
+
+def test_counts_are_integer_arrays_of_the_callers_namespace(bk: Harness) -> None:
+    x = bk.asarray(np.array([[-1.0, -2.0, 0.0], [-0.5, 0.0, -3.0]]))
+    counts = bk.call(lambda lp: rg.L1().counts(None, lp, mask=np.array([[0, 0, 0], [1, 0, 1]])), x)
+    assert bk.float(counts["tokens"]) == 2
+    assert bk.float(counts["sequences"]) == 1
+    for v in counts.values():
+        assert tuple(v.shape) == ()
+        assert "int" in str(v.dtype)
+
+
+def test_max_tokens_goes_with_its_mode() -> None:
+    with pytest.raises(ValueError, match="max_tokens"):
+        rg.L1(reduce="seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="max_tokens"):
+        rg.L1(max_tokens=4)
+    assert rg.L1(reduce="token-mean") == rg.L1(reduce="mean")
+
+
+# ---- validation (SPEC 5) ------------------------------------------------------------------
+def test_data_of_the_wrong_kind_is_a_type_error(bk: Harness) -> None:
+    x = bk.asarray(np.array([-1.0, -2.0]))
+    for bad in (42, "weights", object()):
+        with pytest.raises(TypeError, match=f"data must be None.*got {type(bad).__name__}"):
+            rg.L1().compute(bad, x)
+    with pytest.raises(TypeError, match=r"data\[0\] must have a loss_fn_inputs"):
+        rg.L1().compute([object()], x)
+
+
+def test_swapped_arguments_name_the_order(bk: Harness) -> None:
+    x = bk.asarray(np.array([-1.0, -2.0]))
+    with pytest.raises(TypeError, match=r"compute\(data, logprobs\).*swapped"):
+        rg.L1().compute(x, None)
+    with pytest.raises(TypeError, match=r"compute\(data, logprobs\).*swapped"):
+        rg.L1().compute(x, {"weights": x})
+    with pytest.raises(TypeError, match=r"reg\(logprobs, data=\.\.\.\).*swapped"):
+        rg.L1()({"weights": x})
+    with pytest.raises(TypeError, match=r"pipe\(data, logprobs\).*swapped"):
+        rg.Pipeline([(rg.L1(), 1.0)])(x, {"weights": x})
+
+
+def test_a_direct_mask_accepts_what_a_field_mask_accepts(bk: Harness) -> None:
+    x = bk.asarray(np.array([-1.0, -2.0, -4.0]))
+    reg = rg.L1(reduce="mean")
+    want = bk.float(reg.compute({"w": [0.0, 1.0, 1.0]}, x, mask=rg.Field("w"))[0])
+    assert want == pytest.approx(3.0)
+    for mask in ([0.0, 1.0, 1.0], np.array([0, 1, 1]), [False, True, True]):
+        assert bk.float(bk.call(lambda lp, m=mask: reg.compute(None, lp, mask=m)[0], x)) == want
+    with pytest.raises(ValueError, match=r"mask shape \(2,\).*target's shape \(3,\)"):
+        reg.compute(None, x, mask=[1.0, 0.0])
+
+
+@pytest.mark.backends("jax")
+def test_float_metrics_under_jit_say_to_use_arrays(bk: Harness) -> None:
+    import jax
+
+    pipe = rg.Pipeline([(rg.L1(), 1.0)])  # metrics="float"
+    with pytest.raises(TypeError, match=r"jax.jit.*metrics='array'"):
+        jax.jit(lambda lp: pipe(None, lp))(bk.asarray(np.array([-1.0, -2.0])))
+
+
+# ---- pipelines (SPEC 10) ------------------------------------------------------------------
+def test_an_empty_pipeline_is_zero_in_the_callers_namespace(bk: Harness) -> None:
+    x = bk.asarray(np.array([-1.0, -2.0]))
+    loss, metrics = bk.call(lambda lp: rg.Pipeline([], metrics="array")(None, lp), x)
+    assert bk.float(loss) == 0.0
+    assert type(loss).__module__.split(".")[0] == type(x).__module__.split(".")[0]
+    assert set(metrics) == {"loss_total", "regularizer_total"}
+    loss, _ = rg.Pipeline([], base_loss=rg.L1())(None, x)
+    assert bk.float(loss) == 3.0
+
+
+def test_disabled_terms_and_new_pipelines(bk: Harness) -> None:
+    x = bk.asarray(np.array([-1.0, -2.0]))
+    pipe = rg.Pipeline([rg.Term(rg.L1(), 1.0), rg.Term(rg.L2(), 0.5, enabled=False)])
+    loss, metrics = pipe(None, x)
+    assert bk.float(loss) == 3.0
+    assert not any(k.startswith("l2_weight_decay/") for k in metrics)
+    on = pipe.with_enabled({"l2_weight_decay": True})
+    assert bk.float(on(None, x)[0]) == 3.0 + 0.5 * 5.0
+    heavier = on.with_weights({"l1_sparsity": 2.0})
+    assert bk.float(heavier(None, x)[0]) == 6.0 + 2.5
+    assert pipe.terms[1].enabled is False  # the original is unchanged
+    with pytest.raises(KeyError, match="no term named 'l3'"):
+        pipe.with_weights({"l3": 1.0})
+
+
+def test_call_time_weights_numbers_or_arrays(bk: Harness) -> None:
+    x = bk.asarray(np.array([-1.0, -2.0]))
+    pipe = rg.Pipeline([(rg.L1(), 1.0), (rg.L2(), 0.5)], metrics="array")
+    coef = bk.asarray(np.array(0.25))
+    loss, metrics = bk.call(lambda lp, c: pipe(None, lp, weights={"l2_weight_decay": c}), x, coef)
+    assert bk.float(loss) == pytest.approx(3.0 + 0.25 * 5.0)
+    assert bk.float(metrics["l2_weight_decay/weight"]) == 0.25
+    loss2, _ = pipe(None, x, weights={"l1_sparsity": -1.0})  # a bonus: negative is allowed
+    assert bk.float(loss2) == pytest.approx(-3.0 + 2.5)
+    with pytest.raises(KeyError, match="no term named"):
+        pipe(None, x, weights={"kl": 1.0})
+
+
+@pytest.mark.backends("jax")
+def test_array_weights_do_not_retrace_under_jit(bk: Harness) -> None:
+    import jax
+
+    traces = []
+    pipe = rg.Pipeline([(rg.L1(), 1.0), (rg.L2(), 0.5)], metrics="array")
+
+    @jax.jit
+    def loss(lp: Any, coef: Any) -> Any:
+        traces.append(1)
+        return pipe(None, lp, weights={"l1_sparsity": coef})[0]
+
+    x = bk.asarray(np.array([-1.0, -2.0]))
+    values = [float(loss(x, bk.asarray(np.array(c)))) for c in (0.1, 0.2, 0.3)]
+    assert values == pytest.approx([0.1 * 3 + 2.5, 0.2 * 3 + 2.5, 0.3 * 3 + 2.5])
+    assert len(traces) == 1
+
+
+def test_weights_are_python_floats_and_checked_at_construction() -> None:
+    pipe = rg.Pipeline([(rg.L1(), 1e-3)])
+    _, metrics = pipe(None, np.array([-1.0, -2.0], dtype=np.float32))
+    assert metrics["l1_sparsity/weight"] == 1e-3  # not float32's 0.0010000000474974513
+    assert pipe.to_config()["pipeline"]["terms"][0]["weight"] == 1e-3
+    with pytest.raises(TypeError, match=r"class L1.*not an instance"):
+        rg.Pipeline([(rg.L1, 1.0)])
+    with pytest.raises(ValueError, match="finite"):
+        rg.Pipeline([(rg.L1(), float("nan"))])
+
+
+def test_named_inputs_and_grad_norms_per_input(bk: Harness) -> None:
+    lp = bk.asarray(np.array([-1.0, -2.0]))
+    z = bk.asarray(np.array([[0.5, -0.5], [1.0, 2.0]]))
+    pipe = rg.Pipeline(
+        [rg.Term(rg.L1(), 1.0), rg.Term(rg.L2(), 0.5, input="logits")],
+        track_grad_norms=True,
+        metrics="array",
+    )
+    loss, metrics, grads = bk.call(
+        lambda a, b: pipe.value_and_grad(None, {"logprobs": a, "logits": b}), lp, z
+    )
+    assert bk.float(loss) == pytest.approx(3.0 + 0.5 * 5.5)
+    np.testing.assert_allclose(bk.to_numpy(grads["logprobs"]), [-1.0, -1.0])
+    np.testing.assert_allclose(bk.to_numpy(grads["logits"]), [[0.5, -0.5], [1.0, 2.0]])
+    assert bk.float(metrics["l2_weight_decay/grad_norm"]) == pytest.approx(np.sqrt(22.0))
+    total = np.sqrt(2.0 + 0.25 * 22.0)
+    assert bk.float(metrics["total_grad_norm"]) == pytest.approx(total)
+    with pytest.raises(KeyError, match="'logits'"):
+        pipe(None, lp)
+
+
+def test_a_constant_term_has_grad_norm_zero(bk: Harness) -> None:
+    x = bk.asarray(np.array([-1.0, -2.0]))
+
+    def constant(data: Any, logprobs: Any) -> Any:
+        return bk.xp.asarray(7.0)  # does not depend on its input
+
+    pipe = rg.Pipeline(
+        [rg.Term(constant, 1.0, name="const"), (rg.L1(), 1.0)],
+        track_grad_norms=True,
+        metrics="array",
+    )
+    if bk.backend.has_autodiff:
+        _, metrics = pipe(None, x)
+        assert bk.float(metrics["const/grad_norm"]) == 0.0
+        assert bk.float(metrics["total_grad_norm"]) == pytest.approx(np.sqrt(2.0))
+    else:  # no autodiff and no closed form: a clear error, not a wrong zero
+        with pytest.raises(TypeError, match=r"'const'.*no value_and_grad"):
+            pipe(None, x)
+
+
+def test_pipelines_and_terms_pickle_and_copy() -> None:
+    pipe = rg.Pipeline(
+        [rg.Term(rg.L1(mask=rg.Field("weights")), 1e-3), rg.Term(rg.L2(), 0.5, enabled=False)],
+        base_loss=rg.L1(reduce="mean"),
+        track_grad_norms=True,
+    )
+    for again in (pickle.loads(pickle.dumps(pipe)), copy.copy(pipe), copy.deepcopy(pipe)):
+        assert again == pipe
+        assert hash(again) == hash(pipe)
+    term = pipe.terms[1]
+    assert pickle.loads(pickle.dumps(term)) == term
+    assert copy.deepcopy(term) == term
+    assert rg.from_config(pipe.to_config()) == pipe
