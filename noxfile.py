@@ -29,7 +29,10 @@ BACKENDS: dict[str, list[str]] = {
     "dask": ["dask[array]"],
 }
 TEST_SESSIONS = [f"tests-{name}" for name in BACKENDS]
-nox.options.sessions = [*TEST_SESSIONS, "tests-tinker", "lint"]
+nox.options.sessions = [*TEST_SESSIONS, "tests-tinker", "tests-docs", "lint"]
+# JAX compiles every drawn shape (twice, eager and under jit): the generic per-penalty
+# properties draw fewer examples there, the same properties as everywhere else.
+SESSION_ENV: dict[str, dict[str, str]] = {"jax": {"REGULARIZERS_PROPERTY_EXAMPLES": "8"}}
 
 
 def _tests(backend: str, extra: list[str]) -> None:
@@ -40,7 +43,14 @@ def _tests(backend: str, extra: list[str]) -> None:
             session.install(".", "numpy")
             session.run("python", "spec_tests/check_minimal_install.py")
         session.install(".", *TEST_DEPS, *extra)
-        session.run("pytest", "spec_tests", "--backend", backend, *session.posargs)
+        session.run(
+            "pytest",
+            "spec_tests",
+            "--backend",
+            backend,
+            *session.posargs,
+            env=SESSION_ENV.get(backend, {}),
+        )
 
 
 for _name, _extra in BACKENDS.items():
@@ -54,6 +64,13 @@ def tests_tinker(session: nox.Session) -> None:
     session.run(
         "pytest", "spec_tests/test_tinker.py", "--tinker", "--backend", "torch", *session.posargs
     )
+
+
+@nox.session(name="tests-docs")
+def tests_docs(session: nox.Session) -> None:
+    """Every Python code block of README.md and docs/ runs, page by page."""
+    session.install(".", *TEST_DEPS, TORCH, "jax", "array-api-strict", "dask[array]", "matplotlib")
+    session.run("pytest", "spec_tests/test_docs.py", "--docs", *session.posargs)
 
 
 @nox.session

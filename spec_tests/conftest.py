@@ -86,6 +86,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         + "; 'jax' selects jax and jax_jit",
     )
     parser.addoption(
+        "--docs",
+        action="store_true",
+        help="also run test_docs.py (every code block of README.md and docs/)",
+    )
+    parser.addoption(
         "--tinker",
         action="store_true",
         help="also run test_tinker.py, against the installed tinker SDK",
@@ -93,8 +98,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_ignore_collect(collection_path: Any, config: pytest.Config) -> bool | None:
-    """test_tinker.py runs in the tinker session only (``--tinker``), where the SDK is."""
+    """test_tinker.py runs in the tinker session only (``--tinker``), where the SDK is;
+    test_docs.py in the docs session only (``--docs``), where every backend is."""
     if collection_path.name == "test_tinker.py" and not config.getoption("--tinker"):
+        return True
+    if collection_path.name == "test_docs.py" and not config.getoption("--docs"):
         return True
     return None
 
