@@ -25,6 +25,7 @@ from ._core.base import Regularizer, to_floats
 from ._core.inputs import Batch
 from ._core.options import Field, option
 from .config import from_config, register, to_config
+from .controllers import AdaptiveKLController
 from .penalties.elastic_net import ElasticNet
 from .penalties.huber import Huber
 from .penalties.l1 import L1
@@ -34,6 +35,7 @@ from .pipeline import Pipeline, Term
 __all__ = [
     "L1",
     "L2",
+    "AdaptiveKLController",
     "Batch",
     "ElasticNet",
     "Field",
