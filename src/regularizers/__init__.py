@@ -27,6 +27,8 @@ from ._core.options import Field, option
 from .config import from_config, register, to_config
 from .penalties.l1 import L1
 from .penalties.l2 import L2
+from .penalties.sampled_entropy import SampledEntropy
+from .penalties.sampled_kl import SampledKL
 from .pipeline import Pipeline, Term
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "Field",
     "Pipeline",
     "Regularizer",
+    "SampledEntropy",
+    "SampledKL",
     "Term",
     "checks",
     "from_config",
