@@ -1,8 +1,8 @@
 """SPEC 8.4 ``SampledEntropy``: the identities by exact enumeration, and its own properties.
 
 On the categorical of ``test_sampled_kl`` (π = softmax(θ), one token per outcome, lp_i =
-log π_i): Σ_i π_i ℓ_i = ∓H(π) and Σ_i π_i ∇_θ ℓ_i = ∓∇_θ H(π) = ±π⊙(log π + H), and the same
-with Σ_i μ_i under a behaviour policy μ. Plain −lp (an L1 on logprobs, which are ≤ 0) has the
+log π_i): Σ_i π_i l_i = ∓H(π) and Σ_i π_i ∇_θ l_i = ∓∇_θ H(π) = ±π⊙(log π + H), and the same
+with Σ_i μ_i under a behaviour policy μ. Plain -lp (an L1 on logprobs, which are ≤ 0) has the
 same expected value H(π) but expected gradient 0.
 """
 
@@ -28,7 +28,7 @@ def entropy(pi: np.ndarray) -> float:
 
 
 def grad_entropy(pi: np.ndarray) -> np.ndarray:
-    """∇_θ H(π) = −π⊙(log π + H)."""
+    """∇_θ H(π) = -π⊙(log π + H)."""
     return -pi * (np.log(pi) + entropy(pi))
 
 
@@ -44,25 +44,25 @@ def test_expected_value_and_gradient_are_the_entropys(
     w = mu if behavior else pi  # the distribution the tokens were sampled from
     ell, grads = per_outcome(bk, reg, np.log(pi), data)
     s = SIGN[mode]
-    close(float(w @ ell), -s * entropy(pi), "Σ w_i ℓ_i = ∓H(π)")
+    close(float(w @ ell), -s * entropy(pi), "Σ w_i l_i = ∓H(π)")
     for dl in grads:
-        close(expected_gradient(w, pi, dl), -s * grad_entropy(pi), "Σ w_i ∇ℓ_i = ∓∇H(π)")
+        close(expected_gradient(w, pi, dl), -s * grad_entropy(pi), "Σ w_i ∇l_i = ∓∇H(π)")
 
 
 @given(dist=categoricals())
 def test_plain_minus_logprob_has_zero_expected_gradient(
     bk: Harness, dist: tuple[np.ndarray, ...]
 ) -> None:
-    """L1 on sampled logprobs is Σ −lp: its mean estimates H(π), its gradient does not move it.
+    """L1 on sampled logprobs is Σ -lp: its mean estimates H(π), its gradient does not move it.
 
-    ∂|lp_i|/∂lp_i = −1 for every outcome, and Σ_i π_i (−1)(e_i − π) = −π + π = 0.
+    ∂|lp_i|/∂lp_i = -1 for every outcome, and Σ_i π_i (-1)(e_i - π) = -π + π = 0.
     """
     pi, _, _ = dist
     ell, grads = per_outcome(bk, rg.L1(), np.log(pi), {})
     close(float(pi @ ell), entropy(pi), "Σ π_i |lp_i| = H(π)")
     for dl in grads:
-        close(dl, -np.ones_like(pi), "∂|lp|/∂lp = −1")
-        close(expected_gradient(pi, pi, dl), np.zeros_like(pi), "Σ π_i ∇ℓ_i = 0")
+        close(dl, -np.ones_like(pi), "∂|lp|/∂lp = -1")
+        close(expected_gradient(pi, pi, dl), np.zeros_like(pi), "Σ π_i ∇l_i = 0")
 
 
 logprobs = st.lists(st.floats(-30.0, 0.0, width=32), min_size=1, max_size=8).map(np.array)
@@ -76,14 +76,14 @@ def test_modes_are_opposite_and_entropy_mean_is_positive(bk: Harness, lp: np.nda
         for mode in SIGN
     }
     (v_max, m_max, g_max), (v_min, m_min, g_min) = out["maximize"], out["minimize"]
-    # on-policy: ρ = 1, so p = ±lp and ∂p/∂lp = ±(lp + 1)
+    # on-policy: rho = 1, so p = ±lp and ∂p/∂lp = ±(lp + 1)
     close(bk.float(v_max), lp.sum(), "maximize: Σ lp")
-    close(bk.float(v_min), -lp.sum(), "minimize: −Σ lp")
+    close(bk.float(v_min), -lp.sum(), "minimize: -Σ lp")
     close(bk.to_numpy(g_max), lp + 1.0, "maximize: lp + 1")
-    close(bk.to_numpy(g_min), -(lp + 1.0), "minimize: −(lp + 1)")
+    close(bk.to_numpy(g_min), -(lp + 1.0), "minimize: -(lp + 1)")
     for metrics in (m_max, m_min):
         floats = rg.to_floats(metrics)
-        close(floats["entropy_mean"], -lp.mean(), "entropy_mean = mean(−lp)")
+        close(floats["entropy_mean"], -lp.mean(), "entropy_mean = mean(-lp)")
         assert floats["entropy_mean"] >= 0.0
     close(rg.to_floats(m_min)["sampled_entropy_raw"], -lp.sum(), "raw of the penalty")
 

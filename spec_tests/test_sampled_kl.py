@@ -2,10 +2,10 @@
 
 The identities are checked on a small categorical: π = softmax(θ) over K outcomes, q a
 reference and μ a behaviour distribution. The sampled-token input is one token per outcome,
-lp_i = log π_i (r_i = log q_i, b_i = log μ_i); ℓ_i is outcome i's penalty and, by the chain
-rule d lp_i/dθ = e_i − π, ∇_θ ℓ_i = (∂ℓ_i/∂lp_i)(e_i − π). The expectations Σ_i π_i ℓ_i and
-Σ_i π_i ∇ℓ_i are then exact sums (no Monte Carlo), compared in float64 with closed forms of
-KL(π‖q), ∇KL(π‖q) = π⊙(log π − log q − KL) and ∇KL(q‖π) = π − q. ∂ℓ_i/∂lp_i comes from
+lp_i = log π_i (r_i = log q_i, b_i = log μ_i); l_i is outcome i's penalty and, by the chain
+rule d lp_i/dθ = e_i - π, ∇_θ l_i = (∂l_i/∂lp_i)(e_i - π). The expectations Σ_i π_i l_i and
+Σ_i π_i ∇l_i are then exact sums (no Monte Carlo), compared in float64 with closed forms of
+KL(π‖q), ∇KL(π‖q) = π⊙(log π - log q - KL) and ∇KL(q‖π) = π - q. ∂l_i/∂lp_i comes from
 ``value_and_grad`` on every backend and from the backend's own autodiff (torch autograd,
 ``jax.grad``) through ``compute`` where there is one.
 """
@@ -43,10 +43,10 @@ def categoricals(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def per_outcome(
     bk: Harness, reg: Any, lp: np.ndarray, data: dict[str, np.ndarray]
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(ℓ, [∂ℓ_i/∂lp_i by value_and_grad, and by autodiff where the backend has it]).
+    """(l, [∂l_i/∂lp_i by value_and_grad, and by autodiff where the backend has it]).
 
-    ℓ_i is the value with ``reduce="sum"`` and only token i counted (mask e_i); the
-    derivatives come from one call over all K tokens (each ℓ_i depends on lp_i only).
+    l_i is the value with ``reduce="sum"`` and only token i counted (mask e_i); the
+    derivatives come from one call over all K tokens (each l_i depends on lp_i only).
     """
     k = lp.shape[0]
     x = bk.asarray(lp)
@@ -68,7 +68,7 @@ def per_outcome(
 
 
 def expected_gradient(w: np.ndarray, pi: np.ndarray, dl: np.ndarray) -> np.ndarray:
-    """Σ_i w_i ∇_θ ℓ_i = Σ_i w_i (∂ℓ_i/∂lp_i)(e_i − π)."""
+    """Σ_i w_i ∇_θ l_i = Σ_i w_i (∂l_i/∂lp_i)(e_i - π)."""
     wg = w * dl
     return wg - pi * wg.sum()
 
@@ -108,7 +108,9 @@ ON_POLICY: dict[tuple[str, str], Callable[[np.ndarray, np.ndarray], np.ndarray]]
 }
 
 
-@pytest.mark.parametrize(("estimator", "gradient"), list(ON_POLICY), ids="-".join)
+@pytest.mark.parametrize(
+    ("estimator", "gradient"), list(ON_POLICY), ids=[f"{e}-{g}" for e, g in ON_POLICY]
+)
 @given(dist=categoricals())
 def test_on_policy_expected_gradient(
     bk: Harness, estimator: str, gradient: str, dist: tuple[np.ndarray, ...]
@@ -118,9 +120,9 @@ def test_on_policy_expected_gradient(
     ell, grads = per_outcome(bk, reg, np.log(pi), kl_data(pi, q))
     want = ON_POLICY[estimator, gradient](pi, q)
     for dl in grads:
-        close(expected_gradient(pi, pi, dl), want, f"Σ π_i ∇ℓ_i for {estimator}, {gradient}")
+        close(expected_gradient(pi, pi, dl), want, f"Σ π_i ∇l_i for {estimator}, {gradient}")
     if estimator in ("k1", "k3"):
-        close(float(pi @ ell), kl(pi, q), "Σ π_i ℓ_i = KL(π‖q)")
+        close(float(pi @ ell), kl(pi, q), "Σ π_i l_i = KL(π‖q)")
 
 
 @pytest.mark.parametrize("gradient", ["estimator", "unbiased"])
@@ -132,9 +134,9 @@ def test_off_policy_with_behavior(
     pi, q, mu = dist
     reg = rg.SampledKL(REF, estimator=estimator, gradient=gradient, behavior=BEH)
     ell, grads = per_outcome(bk, reg, np.log(pi), kl_data(pi, q, mu))
-    close(float(mu @ ell), kl(pi, q), "Σ μ_i ℓ_i = KL(π‖q)")
+    close(float(mu @ ell), kl(pi, q), "Σ μ_i l_i = KL(π‖q)")
     for dl in grads:
-        close(expected_gradient(mu, pi, dl), grad_reverse_kl(pi, q), "Σ μ_i ∇ℓ_i = ∇KL(π‖q)")
+        close(expected_gradient(mu, pi, dl), grad_reverse_kl(pi, q), "Σ μ_i ∇l_i = ∇KL(π‖q)")
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
@@ -220,7 +222,7 @@ def test_zero_when_logprobs_equal_the_reference(
     )
     fields = {"ref_logprobs": lp.copy()}
     if behavior:
-        fields["behavior_logprobs"] = lp - 0.5  # ρ = e^{0.5}
+        fields["behavior_logprobs"] = lp - 0.5  # rho = e^{0.5}
     value, metrics, grad = bk.call(
         lambda x, d: reg.value_and_grad(d, x),
         bk.asarray(lp),
@@ -228,7 +230,7 @@ def test_zero_when_logprobs_equal_the_reference(
     )
     assert bk.float(value) == 0.0
     assert all(v == 0.0 for v in rg.to_floats(metrics).values()), metrics
-    # ∂p/∂lp = ρ·k'(0) + (∂ρ/∂lp)·k(0) = ρ·k'(0): k'(0) is 1 for k1 and 0 for the others
+    # ∂p/∂lp = rho·k'(0) + (∂rho/∂lp)·k(0) = rho·k'(0): k'(0) is 1 for k1 and 0 for the others
     rho = np.exp(0.5) if behavior else 1.0
     want = np.full_like(lp, rho if estimator == "k1" else 0.0)
     np.testing.assert_allclose(bk.to_numpy(grad), want, rtol=1e-12)
@@ -265,7 +267,7 @@ def test_abs_has_slope_zero_at_zero(bk: Harness) -> None:
 
 
 def test_k3_is_exact_near_zero(bk: Harness) -> None:
-    """expm1(−d) + d: e^{−d} − 1 + d computed naively loses every digit of d²/2 here."""
+    """expm1(-d) + d: e^{-d} - 1 + d computed naively loses every digit of d²/2 here."""
     d = np.array([1e-8, -1e-8, 3e-6, -2e-5])
     reg = rg.SampledKL(REF, reduce="sum")
     for di in d:

@@ -56,7 +56,7 @@ class SampledEntropy(Regularizer, name="sampled_entropy"):
     behavior = option(None, check=checks.optional(checks.operand), doc="sampling logprobs")
 
     def _terms(self, batch: Batch) -> tuple[Array, Array]:
-        """(ρ, ρ·lp)."""
+        """(rho, rho·lp)."""
         rho = importance_ratio(batch, self.behavior, through_lp=True)
         assert rho is not None
         return rho, rho * batch.values
@@ -75,5 +75,5 @@ class SampledEntropy(Regularizer, name="sampled_entropy"):
     def evaluate_with_grad(self, batch: Batch) -> tuple[Array, Metrics, Array]:
         rho, rho_lp = self._terms(batch)
         value, metrics = self._finish(batch, rho_lp)
-        dp = rho_lp + rho  # ρ·(lp + 1)
+        dp = rho_lp + rho  # rho·(lp + 1)
         return value, metrics, batch.aggregate_grad(dp if self.mode == "maximize" else -dp)

@@ -19,10 +19,10 @@ UNBIASED_OK = ("k1", "k3")
 
 
 def importance_ratio(batch: Batch, behavior: Any, *, through_lp: bool) -> Array | None:
-    """ρ = exp(lp − b) per token, or None where ρ = 1 and is not differentiated.
+    """rho = exp(lp - b) per token, or None where rho = 1 and is not differentiated.
 
-    ``behavior`` given: b is read from it and ρ is differentiated through lp. Without it,
-    ``through_lp`` makes ρ = exp(lp − stop_gradient(lp)): value 1, gradient ρ·∂lp.
+    ``behavior`` given: b is read from it and rho is differentiated through lp. Without it,
+    ``through_lp`` makes rho = exp(lp - stop_gradient(lp)): value 1, gradient rho·∂lp.
     Shared by :class:`SampledKL` and ``SampledEntropy``.
     """
     xp, lp = batch.xp, batch.values
@@ -172,10 +172,10 @@ class SampledKL(Regularizer, name="sampled_kl"):
         dk = _slope(xp, self.estimator, d)
         if inside is not None:
             dk = xp.where(inside, dk, xp.zeros_like(dk))
-        if self.behavior is not None:  # ∂ρ/∂lp = ρ
+        if self.behavior is not None:  # ∂rho/∂lp = rho
             rho = importance_ratio(batch, self.behavior, through_lp=True)
             p, dp = rho * k, rho * (dk + k)
-        elif self.gradient == "unbiased":  # ρ = 1, ∂ρ/∂lp = 1
+        elif self.gradient == "unbiased":  # rho = 1, ∂rho/∂lp = 1
             p, dp = k, dk + k
         else:
             p, dp = k, dk
