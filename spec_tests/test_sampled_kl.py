@@ -43,7 +43,7 @@ def categoricals(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def per_outcome(
     bk: Harness, reg: Any, lp: np.ndarray, data: dict[str, np.ndarray]
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(l, [∂l_i/∂lp_i by value_and_grad, and by autodiff where the backend has it]).
+    """(l, [dl_i/dlp_i by value_and_grad, and by autodiff where the backend has it]).
 
     l_i is the value with ``reduce="sum"`` and only token i counted (mask e_i); the
     derivatives come from one call over all K tokens (each l_i depends on lp_i only).
@@ -51,20 +51,31 @@ def per_outcome(
     k = lp.shape[0]
     x = bk.asarray(lp)
     d = {key: bk.asarray(v) for key, v in data.items()}
-
-    def one(x_: Any, d_: Any, m: Any) -> Any:
-        return reg.compute(d_, x_, mask=m)[0]
-
-    ell = np.array(
-        [bk.float(bk.call(one, x, d, bk.asarray(np.eye(k, dtype=bool)[i]))) for i in range(k)]
-    )
-    value, _, g = bk.call(lambda x_, d_: reg.value_and_grad(d_, x_), x, d)
+    masks = [bk.asarray(row) for row in np.eye(k, dtype=bool)]
+    ells, value, g = bk.call(_runner(reg), x, d, masks)
+    ell = np.array([bk.float(v) for v in ells])
     np.testing.assert_allclose(bk.float(value), ell.sum(), rtol=1e-12, atol=1e-12)
     grads = [np.asarray(bk.to_numpy(g), dtype=np.float64)]
     if bk.backend.has_autodiff:
         auto = bk.autodiff(lambda x_: reg.compute(d, x_)[0], x)
         grads.append(np.asarray(bk.to_numpy(auto), dtype=np.float64))
     return ell, grads
+
+
+_RUNNERS: dict[Any, Callable[..., Any]] = {}
+
+
+def _runner(reg: Any) -> Callable[..., Any]:
+    """One function per regularizer, so that ``jax.jit`` traces it once per K, not per example."""
+    if reg not in _RUNNERS:
+
+        def run(x: Any, d: Any, masks: list[Any]) -> Any:
+            ells = [reg.compute(d, x, mask=m)[0] for m in masks]
+            value, _, g = reg.value_and_grad(d, x)
+            return ells, value, g
+
+        _RUNNERS[reg] = run
+    return _RUNNERS[reg]
 
 
 def expected_gradient(w: np.ndarray, pi: np.ndarray, dl: np.ndarray) -> np.ndarray:
