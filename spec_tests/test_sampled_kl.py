@@ -322,3 +322,20 @@ def test_unmasked_overflow_is_honest_and_masked_is_inert(bk: Harness) -> None:
     )
     np.testing.assert_allclose(bk.float(value), np.expm1(1.0) - 1.0, rtol=1e-12)
     assert bk.to_numpy(grad).tolist()[0] == 0.0
+
+
+@given(lp=logprobs.map(np.array), data=st.data())
+def test_unbiased_k3_has_k2s_gradient_per_token(
+    bk: Harness, lp: np.ndarray, data: st.DataObject
+) -> None:
+    """k3' + k3 = (1 - e^{-d}) + (e^{-d} - 1 + d) = d: verl's "k3+" (k3's value, k2's gradient)."""
+    n = lp.shape[0]
+    ref = data.draw(st.lists(st.floats(-30.0, 0.0, width=32), min_size=n, max_size=n), label="r")
+    x, d = bk.asarray(lp), {"ref_logprobs": bk.asarray(np.array(ref))}
+    k3 = rg.SampledKL(REF, estimator="k3", gradient="unbiased")
+    k2 = rg.SampledKL(REF, estimator="k2")
+    _, _, g3 = bk.call(lambda a, dd: k3.value_and_grad(dd, a), x, d)
+    _, _, g2 = bk.call(lambda a, dd: k2.value_and_grad(dd, a), x, d)
+    scale = np.exp(np.abs(lp - np.array(ref)))  # k3 and k3' are this large before cancelling
+    diff = np.abs(np.asarray(bk.to_numpy(g3)) - np.asarray(bk.to_numpy(g2)))
+    assert np.all(diff <= 4e-16 * scale + 1e-300), (diff, scale)
