@@ -52,7 +52,7 @@ def per_outcome(
     x = bk.asarray(lp)
     d = {key: bk.asarray(v) for key, v in data.items()}
     masks = [bk.asarray(row) for row in np.eye(k, dtype=bool)]
-    ells, value, g = bk.call(_runner(reg), x, d, masks)
+    ells, value, g = bk.call(traced(reg, "outcomes"), x, d, masks)
     ell = np.array([bk.float(v) for v in ells])
     np.testing.assert_allclose(bk.float(value), ell.sum(), rtol=1e-12, atol=1e-12)
     grads = [np.asarray(bk.to_numpy(g), dtype=np.float64)]
@@ -62,20 +62,34 @@ def per_outcome(
     return ell, grads
 
 
-_RUNNERS: dict[Any, Callable[..., Any]] = {}
+_TRACED: dict[tuple[Any, str], Callable[..., Any]] = {}
 
 
-def _runner(reg: Any) -> Callable[..., Any]:
-    """One function per regularizer, so that ``jax.jit`` traces it once per K, not per example."""
-    if reg not in _RUNNERS:
+def traced(reg: Any, what: str) -> Callable[..., Any]:
+    """``reg``'s call as one function object per regularizer (so ``jax.jit`` traces it once
+    per shape, not once per example): ``"vag"`` (x, data) -> value_and_grad, ``"compute"``
+    (x, data) -> (value, metrics), ``"masked"`` (x, data, mask) -> value, and ``"outcomes"``
+    (x, data, masks) -> ([value with each mask], value_and_grad's value, its gradient)."""
+    key = (reg, what)
+    if key not in _TRACED:
 
-        def run(x: Any, d: Any, masks: list[Any]) -> Any:
-            ells = [reg.compute(d, x, mask=m)[0] for m in masks]
+        def vag(x: Any, d: Any) -> Any:
+            return reg.value_and_grad(d, x)
+
+        def compute(x: Any, d: Any) -> Any:
+            return reg.compute(d, x)
+
+        def masked(x: Any, d: Any, m: Any) -> Any:
+            return reg.compute(d, x, mask=m)[0]
+
+        def outcomes(x: Any, d: Any, masks: list[Any]) -> Any:
             value, _, g = reg.value_and_grad(d, x)
-            return ells, value, g
+            return [masked(x, d, m) for m in masks], value, g
 
-        _RUNNERS[reg] = run
-    return _RUNNERS[reg]
+        _TRACED[key] = {"vag": vag, "compute": compute, "masked": masked, "outcomes": outcomes}[
+            what
+        ]
+    return _TRACED[key]
 
 
 def expected_gradient(w: np.ndarray, pi: np.ndarray, dl: np.ndarray) -> np.ndarray:
@@ -207,13 +221,9 @@ def test_k2_k3_and_abs_are_nonnegative(
         )
     reg = rg.SampledKL(REF, estimator=estimator, behavior=BEH if behavior else None)
     x, d = bk.asarray(lp), {k: bk.asarray(v) for k, v in fields.items()}
-
-    def one(x_: Any, d_: Any, m: Any) -> Any:
-        return reg.compute(d_, x_, mask=m)[0]
-
-    for i in range(n):  # every token alone, then all together
-        assert bk.float(bk.call(one, x, d, bk.asarray(np.eye(n, dtype=bool)[i]))) >= 0.0
-    value, metrics = bk.call(lambda x_, d_: reg.compute(d_, x_), x, d)
+    for row in np.eye(n, dtype=bool):  # every token alone, then all together
+        assert bk.float(bk.call(traced(reg, "masked"), x, d, bk.asarray(row))) >= 0.0
+    value, metrics = bk.call(traced(reg, "compute"), x, d)
     assert bk.float(value) >= 0.0
     for key in ("sampled_kl_raw", "sampled_kl_mean", "sampled_kl_max"):
         assert bk.float(metrics[key]) >= 0.0, key
@@ -235,7 +245,7 @@ def test_zero_when_logprobs_equal_the_reference(
     if behavior:
         fields["behavior_logprobs"] = lp - 0.5  # rho = e^{0.5}
     value, metrics, grad = bk.call(
-        lambda x, d: reg.value_and_grad(d, x),
+        traced(reg, "vag"),
         bk.asarray(lp),
         {k: bk.asarray(v) for k, v in fields.items()},
     )
@@ -253,7 +263,7 @@ def test_log_ratio_clip_passes_the_gradient_at_the_bounds_only(bk: Harness, grad
     ref = np.zeros(5)  # d = lp
     reg = rg.SampledKL(REF, estimator="k1", gradient=gradient, log_ratio_clip=(-3.0, -1.0))
     d = {"ref_logprobs": bk.asarray(ref)}
-    value, metrics, grad = bk.call(lambda x, dd: reg.value_and_grad(dd, x), bk.asarray(lp), d)
+    value, metrics, grad = bk.call(traced(reg, "vag"), bk.asarray(lp), d)
     clipped = np.array([-1.0, -2.0, -3.0, -3.0, -1.0])
     assert bk.float(value) == clipped.sum()
     assert bk.float(metrics["log_ratio_mean"]) == clipped.mean()
@@ -270,7 +280,7 @@ def test_abs_has_slope_zero_at_zero(bk: Harness) -> None:
     reg = rg.SampledKL(REF, estimator="abs")
     lp, ref = np.array([-1.0, -2.0, -3.0]), np.array([-1.0, -1.0, -4.0])
     d = {"ref_logprobs": bk.asarray(ref)}
-    _, _, grad = bk.call(lambda x, dd: reg.value_and_grad(dd, x), bk.asarray(lp), d)
+    _, _, grad = bk.call(traced(reg, "vag"), bk.asarray(lp), d)
     np.testing.assert_array_equal(bk.to_numpy(grad), [0.0, -1.0, 1.0])
     if bk.backend.has_autodiff:
         auto = bk.autodiff(lambda x: reg.compute(d, x)[0], bk.asarray(lp))
@@ -283,7 +293,7 @@ def test_k3_is_exact_near_zero(bk: Harness) -> None:
     reg = rg.SampledKL(REF, reduce="sum")
     for di in d:
         value, _ = bk.call(
-            lambda x, dd: reg.compute(dd, x),
+            traced(reg, "compute"),
             bk.asarray(np.array([-1.0 + di])),
             {"ref_logprobs": bk.asarray(np.array([-1.0]))},
         )
@@ -298,7 +308,7 @@ def test_k3_of_float16_does_not_overflow(bk: Harness) -> None:
     ref = np.zeros(3, dtype=np.float16)
     reg = rg.SampledKL(REF, estimator="k3", gradient="unbiased")
     x, d = bk.asarray(lp), {"ref_logprobs": bk.asarray(ref)}
-    value, metrics, grad = bk.call(lambda a, dd: reg.value_and_grad(dd, a), x, d)
+    value, metrics, grad = bk.call(traced(reg, "vag"), x, d)
     assert value.dtype == bk.dtype("float32")
     want = float(np.sum(np.expm1(-lp.astype(np.float64)) + lp))
     np.testing.assert_allclose(bk.float(value), want, rtol=1e-6)
@@ -334,8 +344,8 @@ def test_unbiased_k3_has_k2s_gradient_per_token(
     x, d = bk.asarray(lp), {"ref_logprobs": bk.asarray(np.array(ref))}
     k3 = rg.SampledKL(REF, estimator="k3", gradient="unbiased")
     k2 = rg.SampledKL(REF, estimator="k2")
-    _, _, g3 = bk.call(lambda a, dd: k3.value_and_grad(dd, a), x, d)
-    _, _, g2 = bk.call(lambda a, dd: k2.value_and_grad(dd, a), x, d)
+    _, _, g3 = bk.call(traced(k3, "vag"), x, d)
+    _, _, g2 = bk.call(traced(k2, "vag"), x, d)
     scale = np.exp(np.abs(lp - np.array(ref)))  # k3 and k3' are this large before cancelling
     diff = np.abs(np.asarray(bk.to_numpy(g3)) - np.asarray(bk.to_numpy(g2)))
     assert np.all(diff <= 4e-16 * scale + 1e-300), (diff, scale)
