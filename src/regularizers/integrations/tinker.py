@@ -54,8 +54,8 @@ def _per_datum(reg: Regularizer) -> Callable[[Any, dict[str, Any]], Any]:
             + f" only (the SDK traces plain torch), got {type(reg).__name__}"
         )
     for name in ("mask", "reference", "behavior"):
-        value = getattr(reg, name, None)
-        if value is not None and not isinstance(value, Field):
+        given = getattr(reg, name, None)
+        if given is not None and not isinstance(given, Field):
             raise TypeError(
                 f"custom_loss needs {name} given as Field(key) (a loss_fn_inputs key), not "
                 "arrays: a traced loss reads only logprobs and the inputs it names"
