@@ -270,3 +270,46 @@ def ref_huber(reg: rg.Huber, b: RefBatch) -> tuple[float, dict[str, float], np.n
     p = np.where(np.abs(u) <= d, 0.5 * u * u, d * (np.abs(u) - 0.5 * d))
     g = _center_grad(reg, b, b.aggregate_grad(np.clip(u, -d, d)))
     return b.aggregate(p), b.metrics("huber", p), np.where(inside, g, 0.0)
+
+
+def _log_ratio(reg: Any, b: RefBatch) -> tuple[np.ndarray, np.ndarray]:
+    """(d, inside): lp - reference after ``log_ratio_clip``, and where the clip passes."""
+    d = b.values - b.field(reg.reference)
+    lo, hi = reg.log_ratio_clip if reg.log_ratio_clip is not None else (None, None)
+    lo_, hi_ = -np.inf if lo is None else lo, np.inf if hi is None else hi
+    return np.clip(d, lo_, hi_), ~((d < lo_) | (d > hi_))
+
+
+@reference_for(rg.SampledKL)
+def ref_sampled_kl(reg: rg.SampledKL, b: RefBatch) -> tuple[float, dict[str, float], np.ndarray]:
+    d, inside = _log_ratio(reg, b)
+    k, dk = {
+        "k1": (d, np.ones_like(d)),
+        "abs": (np.abs(d), np.sign(d)),
+        "k2": (0.5 * d * d, d),
+        "k3": (np.exp(-d) - 1.0 + d, 1.0 - np.exp(-d)),
+    }[reg.estimator]
+    dk = np.where(inside, dk, 0.0)
+    if reg.behavior is not None:  # rho = exp(lp - b), d rho / d lp = rho
+        rho = np.exp(b.values - b.field(reg.behavior))
+        p, dp = rho * k, rho * dk + rho * k
+    elif reg.gradient == "unbiased":  # rho = 1, d rho / d lp = 1
+        p, dp = k, dk + k
+    else:
+        p, dp = k, dk
+    metrics = b.metrics("sampled_kl", p)
+    metrics["log_ratio_mean"] = b.mean(d)
+    return b.aggregate(p), metrics, b.aggregate_grad(dp)
+
+
+@reference_for(rg.SampledEntropy)
+def ref_sampled_entropy(
+    reg: rg.SampledEntropy, b: RefBatch
+) -> tuple[float, dict[str, float], np.ndarray]:
+    lp = b.values
+    rho = np.ones_like(lp) if reg.behavior is None else np.exp(lp - b.field(reg.behavior))
+    sign = 1.0 if reg.mode == "maximize" else -1.0
+    p, dp = sign * rho * lp, sign * rho * (lp + 1.0)
+    metrics = b.metrics("sampled_entropy", p, peak=False)
+    metrics["entropy_mean"] = b.mean(-rho * lp)
+    return b.aggregate(p), metrics, b.aggregate_grad(dp)

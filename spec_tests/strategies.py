@@ -278,3 +278,62 @@ def huber_cases(
     if target == "logprobs":
         x = with_kinks(draw, x, kinks_of(center, clip, 0.0, delta, -delta))
     return Case(rg.Huber(delta=delta, center=center, clip=clip, target=target, **reduce), x)
+
+
+def _logprob_fields(
+    draw: st.DrawFn, shapes: list[Any], names: tuple[str, ...]
+) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Logprobs and fields (reference, behaviour) in [-10, 0], so |lp - field| <= 10 and
+    exp(±10) keeps every float64 reference finite; some fields equal lp (d = 0, a kink)."""
+    x = field_like(draw, shapes, -10.0, 0.0)
+    data: dict[str, Any] = {}
+    for name in names:
+        other = field_like(draw, shapes, -10.0, 0.0)
+        same = [draw(hnp.arrays(np.bool_, s)) for s in shapes]
+        data[name] = [np.where(m, a, o) for a, o, m in zip(x, other, same, strict=True)]
+    return x, data
+
+
+@cases_for(rg.SampledKL)
+@st.composite
+def sampled_kl_cases(
+    draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool
+) -> Case:
+    estimator = draw(st.sampled_from(["k1", "abs", "k2", "k3"]))
+    unbiased = estimator in ("k1", "k3") and draw(st.booleans())
+    behavior = draw(st.booleans())
+    bound = st.floats(-4.0, 4.0, width=32)
+    clip = draw(
+        st.one_of(
+            st.none(),
+            st.tuples(bound, bound).map(lambda p: (min(p), max(p))),
+            st.tuples(st.none(), bound),
+            st.tuples(bound, st.none()),
+        )
+    )
+    names = ("ref_logprobs", "behavior_logprobs") if behavior else ("ref_logprobs",)
+    x, data = _logprob_fields(draw, shapes, names)
+    reg = rg.SampledKL(
+        rg.Field("ref_logprobs"),
+        estimator=estimator,
+        gradient="unbiased" if unbiased else "estimator",
+        behavior=rg.Field("behavior_logprobs") if behavior else None,
+        log_ratio_clip=clip,
+        **reduce,
+    )
+    return Case(reg, x, data)
+
+
+@cases_for(rg.SampledEntropy)
+@st.composite
+def sampled_entropy_cases(
+    draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool
+) -> Case:
+    behavior = draw(st.booleans())
+    x, data = _logprob_fields(draw, shapes, ("behavior_logprobs",) if behavior else ())
+    reg = rg.SampledEntropy(
+        mode=draw(st.sampled_from(["maximize", "minimize"])),
+        behavior=rg.Field("behavior_logprobs") if behavior else None,
+        **reduce,
+    )
+    return Case(reg, x, data or None)

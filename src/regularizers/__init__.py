@@ -30,6 +30,8 @@ from .penalties.elastic_net import ElasticNet
 from .penalties.huber import Huber
 from .penalties.l1 import L1
 from .penalties.l2 import L2
+from .penalties.sampled_entropy import SampledEntropy
+from .penalties.sampled_kl import SampledKL
 from .pipeline import Pipeline, Term
 
 __all__ = [
@@ -42,6 +44,8 @@ __all__ = [
     "Huber",
     "Pipeline",
     "Regularizer",
+    "SampledEntropy",
+    "SampledKL",
     "Term",
     "checks",
     "from_config",
