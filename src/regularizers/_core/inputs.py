@@ -263,6 +263,29 @@ class Batch:
         "values",
         "xp",
     )
+    # declared for type checkers (the slots above hold them; __init__ sets them all)
+    xp: Namespace
+    values: Array
+    mask: Array | None
+    size: int
+    dtype: Any
+    device: Any
+    target: Any
+    event_ndim: int
+    lengths: tuple[int, ...]
+    reduce: str
+    max_tokens: Any  # a float where reduce needs it (checked at construction)
+    counts_given: bool
+    _arrays: list[Array]
+    _target_arrays: list[Array]
+    _token_shapes: list[tuple[int, ...]]
+    _is_list: bool
+    _moved: int | None
+    _data: Any
+    _count: Any
+    _local: Any
+    _seq_count: Any
+    _per_seq: Any
 
     def __init__(self, **kw: Any) -> None:
         for k, v in kw.items():
@@ -369,7 +392,7 @@ class Batch:
     @property
     def count(self) -> Array | int:
         """``N``: the number of counted tokens (``counts["tokens"]`` when given)."""
-        return self._count  # type: ignore[no-any-return]
+        return self._count
 
     @property
     def sequences(self) -> Array | int:
@@ -381,7 +404,7 @@ class Batch:
                 per = self._sequence_counts()
                 value = self.xp.sum(self.xp.astype(per > 0, self.dtype))
             object.__setattr__(self, "_seq_count", value)
-        return self._seq_count  # type: ignore[no-any-return]
+        return self._seq_count
 
     def local_counts(self) -> dict[str, Array]:
         """The counts of this call alone, as 0-d integer arrays (``reg.counts``)."""
