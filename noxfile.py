@@ -29,7 +29,7 @@ BACKENDS: dict[str, list[str]] = {
     "dask": ["dask[array]"],
 }
 TEST_SESSIONS = [f"tests-{name}" for name in BACKENDS]
-nox.options.sessions = [*TEST_SESSIONS, "tests-tinker", "lint"]
+nox.options.sessions = [*TEST_SESSIONS, "tests-tinker", "tests-keras", "lint"]
 
 
 def _tests(backend: str, extra: list[str]) -> None:
@@ -53,6 +53,21 @@ def tests_tinker(session: nox.Session) -> None:
     session.install(".", *TEST_DEPS, "tinker", TORCH)
     session.run(
         "pytest", "spec_tests/test_tinker.py", "--tinker", "--backend", "torch", *session.posargs
+    )
+
+
+@nox.session(name="tests-keras")
+def tests_keras(session: nox.Session) -> None:
+    """rg.Orthogonality against Keras 3's own OrthogonalRegularizer (torch backend)."""
+    session.install(".", *TEST_DEPS, "keras", TORCH)
+    session.run(
+        "pytest",
+        "spec_tests/test_keras_agreement.py",
+        "--keras",
+        "--backend",
+        "torch",
+        *session.posargs,
+        env={"KERAS_BACKEND": "torch"},
     )
 
 

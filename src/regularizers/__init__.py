@@ -25,8 +25,10 @@ from ._core.base import Regularizer, to_floats
 from ._core.inputs import Batch
 from ._core.options import Field, option
 from .config import from_config, register, to_config
+from .penalties.gradient_penalty import GradientPenalty
 from .penalties.l1 import L1
 from .penalties.l2 import L2
+from .penalties.orthogonality import Orthogonality
 from .pipeline import Pipeline, Term
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "L2",
     "Batch",
     "Field",
+    "GradientPenalty",
+    "Orthogonality",
     "Pipeline",
     "Regularizer",
     "Term",
