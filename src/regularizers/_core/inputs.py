@@ -530,7 +530,7 @@ class Batch:
         start = 0
         for a, token_shape in zip(self._arrays, self._token_shapes, strict=True):
             n = _size(token_shape)
-            piece = g if len(self._arrays) == 1 else g[start : start + n]
+            piece = g if len(self._arrays) == 1 else g[start : start + n, ...]
             start += n
             shape = tuple(a.shape)
             if self._moved is not None:
