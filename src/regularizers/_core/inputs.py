@@ -495,6 +495,8 @@ class Batch:
                 (-1,),
             )
         ids = _sequence_ids(self.lengths)
+        if len(ids) == 1:  # Dask (2026.8) gives take(per, [0]) the shape of per, not (1,)
+            return per[ids[0] : ids[0] + 1]
         return xp.take(per, xp.asarray(ids, device=self.device), axis=0)
 
     def aggregate(self, p: Array, *, total: Array | None = None) -> Array:
