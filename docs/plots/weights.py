@@ -11,10 +11,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-import regularizers as rg  # noqa: E402
+import regularizers as rg
 
 OUT = Path(__file__).resolve().parents[1] / "img" / "gradient_penalty.png"
 DIRECTION = np.array([0.6, 0.8])  # a unit vector: g = t · DIRECTION has ‖g‖ = t
