@@ -100,6 +100,8 @@ def row_norms(xp: Namespace, g: Array) -> tuple[Array, Array]:
     homogeneous), so autodiff sees ``g / ‖g‖``. A row holding NaN has norm NaN, one holding
     ±inf norm inf and unit NaN (no direction), without a floating-point warning on the way.
     """
+    if g.shape[0] == 0:  # no rows (a static shape): Dask mishandles reducing empty chunks
+        return xp.sum(g, axis=-1), g  # [0] and [0, D], still in autodiff's graph
     a = xp.max(abs_(xp, g), axis=-1)
     nonzero = a != 0  # NaN counts as nonzero, so it propagates
     one = xp.ones_like(a)

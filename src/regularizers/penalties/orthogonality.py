@@ -102,6 +102,8 @@ class Orthogonality(Regularizer, name="orthogonality"):
     def _penalty(self, batch: Batch, *, grad: bool) -> tuple[Array, Array | None]:
         """Per-matrix ``p`` ([N]) and, if asked, d p / d values ([N, m, n])."""
         xp = batch.xp
+        if batch.size == 0:  # no matrices: Dask mishandles reducing empty chunks
+            return xp.sum(batch.values, axis=(-2, -1)), (batch.values if grad else None)
         a = batch.values if self.mode == "rows" else _transpose(xp, batch.values)
         if self.kind == "frobenius":
             p, da = _frobenius(xp, a, grad)
