@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array_api_compat import device
+
 from .. import checks
 from .._core.base import Regularizer
 from .._core.inputs import Batch
@@ -111,4 +113,5 @@ def row_norms(xp: Namespace, g: Array) -> tuple[Array, Array]:
     norm = xp.where(nonzero, a * r, xp.zeros_like(a))
     finite = xp.expand_dims(xp.isfinite(r), axis=-1)
     safe_r = xp.expand_dims(xp.where(xp.isfinite(r), r, one), axis=-1)
-    return norm, xp.where(finite, h / safe_r, xp.asarray(xp.nan, dtype=g.dtype))
+    nan = xp.asarray(xp.nan, dtype=g.dtype, device=device(g))
+    return norm, xp.where(finite, h / safe_r, nan)
