@@ -313,3 +313,53 @@ def ref_sampled_entropy(
     metrics = b.metrics("sampled_entropy", p, peak=False)
     metrics["entropy_mean"] = b.mean(-rho * lp)
     return b.aggregate(p), metrics, b.aggregate_grad(dp)
+
+
+def _mean_abs_cosine(w: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean |cos| over the distinct pairs of rows of ``w``, and its gradient, pair by pair."""
+    norms = np.sqrt((w * w).sum(axis=1))
+    pairs = [(i, j) for i in range(len(w)) for j in range(i + 1, len(w))]
+    total, d = 0.0, np.zeros_like(w)
+    for i, j in pairs:
+        if norms[i] == 0 or norms[j] == 0:  # a zero row: cosine 0, gradient 0
+            continue
+        c = float(w[i] @ w[j]) / (norms[i] * norms[j])
+        total += min(abs(c), 1.0)
+        if abs(c) > 1.0:  # rounding beyond ±1 is clipped: no slope
+            continue
+        # d cos / d w_i = w_j / (‖w_i‖‖w_j‖) - cos · w_i / ‖w_i‖²  (and symmetrically)
+        d[i] += np.sign(c) * (w[j] / (norms[i] * norms[j]) - c * w[i] / norms[i] ** 2)
+        d[j] += np.sign(c) * (w[i] / (norms[i] * norms[j]) - c * w[j] / norms[j] ** 2)
+    if not pairs:  # a single row: no pairs, 0
+        return 0.0, d
+    return total / len(pairs), d / len(pairs)
+
+
+@reference_for(rg.Orthogonality)
+def ref_orthogonality(
+    reg: rg.Orthogonality, b: RefBatch
+) -> tuple[float, dict[str, float], np.ndarray]:
+    p, dp = np.zeros(b.values.shape[0]), np.zeros_like(b.values)
+    for t, matrix in enumerate(b.values):
+        w = matrix if reg.mode == "rows" else matrix.T
+        if reg.kind == "frobenius":
+            e = w @ w.T - np.eye(w.shape[0])
+            p[t], d = float((e * e).sum()), 4.0 * e @ w
+        else:
+            p[t], d = _mean_abs_cosine(w)
+        dp[t] = d if reg.mode == "rows" else d.T
+    return b.aggregate(p), b.metrics("orthogonality", p), b.aggregate_grad(dp)
+
+
+@reference_for(rg.GradientPenalty)
+def ref_gradient_penalty(
+    reg: rg.GradientPenalty, b: RefBatch
+) -> tuple[float, dict[str, float], np.ndarray]:
+    g, c = b.values, reg.target_norm
+    norm = np.sqrt((g * g).sum(axis=-1))
+    p = (norm - c) ** 2
+    unit = np.zeros_like(g)
+    np.divide(g, norm[:, None], out=unit, where=norm[:, None] > 0)  # 0 at g = 0
+    metrics = b.metrics("gradient_penalty", p)
+    metrics["grad_norm_mean"] = b.mean(norm)
+    return b.aggregate(p), metrics, b.aggregate_grad(2.0 * (norm - c)[:, None] * unit)

@@ -337,3 +337,51 @@ def sampled_entropy_cases(
         **reduce,
     )
     return Case(reg, x, data or None)
+
+
+@st.composite
+def _signed(draw: st.DrawFn, lo: float, hi: float) -> float:
+    """A value of magnitude in [lo, hi] (or an exact kink: 0, ±1, ±0.5), either sign.
+
+    Magnitudes stay away from the float32 under/overflow of a sum of squares, so the norms
+    of every backend and of the float64 reference see the same zero rows."""
+    v = draw(st.one_of(st.floats(lo, hi, width=32), st.sampled_from([0.0, 1.0, 0.5])))
+    return -v if draw(st.booleans()) else v
+
+
+def _with_zero_rows(draw: st.DrawFn, x: np.ndarray, axis: int) -> np.ndarray:
+    """``x`` with some vectors along ``axis`` (rows of a matrix, gradient rows) set to 0."""
+    axis %= x.ndim
+    keep = draw(hnp.arrays(np.bool_, x.shape[:axis] + x.shape[axis + 1 :]))
+    return np.where(np.expand_dims(keep | draw(st.booleans()), axis), x, 0.0)
+
+
+@cases_for(rg.Orthogonality)
+@st.composite
+def orthogonality_cases(
+    draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool
+) -> Case:
+    mode = draw(st.sampled_from(["rows", "columns"]))
+    x = [
+        _with_zero_rows(
+            draw,
+            draw(hnp.arrays(np.float64, s, elements=_signed(2.0**-10, 4.0))),
+            -1 if mode == "rows" else -2,
+        )
+        for s in shapes
+    ]
+    kind = draw(st.sampled_from(["cosine", "frobenius"]))
+    return Case(rg.Orthogonality(mode=mode, kind=kind, **reduce), x)
+
+
+@cases_for(rg.GradientPenalty)
+@st.composite
+def gradient_penalty_cases(
+    draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool
+) -> Case:
+    x = [
+        _with_zero_rows(draw, draw(hnp.arrays(np.float64, s, elements=_signed(2.0**-10, 50.0))), -1)
+        for s in shapes
+    ]
+    c = draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 5.0, width=32)))
+    return Case(rg.GradientPenalty(target_norm=c, **reduce), x)

@@ -27,9 +27,11 @@ from ._core.options import Field, option
 from .config import from_config, register, to_config
 from .controllers import AdaptiveKLController
 from .penalties.elastic_net import ElasticNet
+from .penalties.gradient_penalty import GradientPenalty
 from .penalties.huber import Huber
 from .penalties.l1 import L1
 from .penalties.l2 import L2
+from .penalties.orthogonality import Orthogonality
 from .penalties.sampled_entropy import SampledEntropy
 from .penalties.sampled_kl import SampledKL
 from .pipeline import Pipeline, Term
@@ -41,7 +43,9 @@ __all__ = [
     "Batch",
     "ElasticNet",
     "Field",
+    "GradientPenalty",
     "Huber",
+    "Orthogonality",
     "Pipeline",
     "Regularizer",
     "SampledEntropy",

@@ -265,7 +265,7 @@ class Batch:
         "values",
         "xp",
     )
-
+    # declared for type checkers (the slots above hold them; __init__ sets them all)
     xp: Namespace
     values: Array
     mask: Array | None
@@ -276,7 +276,7 @@ class Batch:
     event_ndim: int
     lengths: tuple[int, ...]
     reduce: str
-    max_tokens: float | None
+    max_tokens: Any  # a float where reduce needs it (checked at construction)
     counts_given: bool
     _arrays: list[Array]
     _target_arrays: list[Array]
@@ -500,6 +500,8 @@ class Batch:
                 (-1,),
             )
         ids = _sequence_ids(self.lengths)
+        if len(ids) == 1:  # Dask (2026.8) gives take(per, [0]) the shape of per, not (1,)
+            return per[ids[0] : ids[0] + 1]
         return xp.take(per, xp.asarray(ids, device=self.device), axis=0)
 
     def aggregate(self, p: Array, *, total: Array | None = None) -> Array:
@@ -535,7 +537,7 @@ class Batch:
         start = 0
         for a, token_shape in zip(self._arrays, self._token_shapes, strict=True):
             n = _size(token_shape)
-            piece = g if len(self._arrays) == 1 else g[start : start + n]
+            piece = g if len(self._arrays) == 1 else g[start : start + n, ...]
             start += n
             shape = tuple(a.shape)
             if self._moved is not None:
