@@ -25,18 +25,28 @@ from ._core.base import Regularizer, to_floats
 from ._core.inputs import Batch
 from ._core.options import Field, option
 from .config import from_config, register, to_config
+from .penalties.consistency import Consistency
+from .penalties.entropy import Entropy
+from .penalties.jsd import JSD
+from .penalties.kl import KL
 from .penalties.l1 import L1
 from .penalties.l2 import L2
+from .penalties.z_loss import ZLoss
 from .pipeline import Pipeline, Term
 
 __all__ = [
+    "JSD",
+    "KL",
     "L1",
     "L2",
     "Batch",
+    "Consistency",
+    "Entropy",
     "Field",
     "Pipeline",
     "Regularizer",
     "Term",
+    "ZLoss",
     "checks",
     "from_config",
     "option",
