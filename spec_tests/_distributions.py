@@ -2,7 +2,7 @@
 
 Not a test module: ``test_kl``, ``test_jsd``, ``test_entropy``, ``test_z_loss`` and
 ``test_consistency`` share these few functions (run a call on a backend, a float64 NumPy
-softmax, finite differences, the NaN-free check under −inf).
+softmax, finite differences, the NaN-free check under -inf).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def call(bk: Harness, reg: Any, x: Any, data: Any = None, mask: Any = None) -> A
 
 
 def log_softmax(z: np.ndarray, t: float = 1.0) -> np.ndarray:
-    """float64 log-softmax along the last axis (−inf classes stay −inf)."""
+    """float64 log-softmax along the last axis (-inf classes stay -inf)."""
     z = np.asarray(z, dtype=np.float64) / t
     m = np.max(z, axis=-1, keepdims=True)
     return z - (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True)))
@@ -36,7 +36,7 @@ def log_softmax(z: np.ndarray, t: float = 1.0) -> np.ndarray:
 
 def fd_grad(reg: Any, x: np.ndarray, data: Any = None, h: float = 1e-6) -> np.ndarray:
     """Central finite differences of ``reg``'s value on NumPy, float64, over finite elements
-    (−inf stays −inf: its derivative is the one-sided limit 0, given as 0)."""
+    (-inf stays -inf: its derivative is the one-sided limit 0, given as 0)."""
     out = np.zeros_like(x, dtype=np.float64)
     flat = out.reshape(-1)
     base = np.asarray(x, dtype=np.float64)
@@ -52,7 +52,9 @@ def fd_grad(reg: Any, x: np.ndarray, data: Any = None, h: float = 1e-6) -> np.nd
     return out
 
 
-def rows(lo: float = -8.0, hi: float = 8.0, n: tuple[int, int] = (1, 4), v: tuple[int, int] = (1, 5)) -> Any:
+def rows(
+    lo: float = -8.0, hi: float = 8.0, n: tuple[int, int] = (1, 4), v: tuple[int, int] = (1, 5)
+) -> Any:
     """A strategy of float64 ``[n, V]`` scores (exact in float32), finite."""
     return st.tuples(st.integers(*n), st.integers(*v)).flatmap(
         lambda s: st.lists(
@@ -61,7 +63,9 @@ def rows(lo: float = -8.0, hi: float = 8.0, n: tuple[int, int] = (1, 4), v: tupl
     )
 
 
-def assert_nan_free(bk: Harness, reg: Any, x: np.ndarray, data: dict[str, Any] | None = None) -> Any:
+def assert_nan_free(
+    bk: Harness, reg: Any, x: np.ndarray, data: dict[str, Any] | None = None
+) -> Any:
     """Value and gradients (closed form and autodiff) have no NaN; returns ``call``'s result."""
     value, metrics, grad, auto = call(bk, reg, x, data)
     assert not np.isnan(value), f"{reg}: value is NaN"
@@ -72,7 +76,7 @@ def assert_nan_free(bk: Harness, reg: Any, x: np.ndarray, data: dict[str, Any] |
     return value, metrics, grad, auto
 
 
-# A batch with −inf classes (shared by the two arrays) and a row of all −inf in each.
+# A batch with -inf classes (shared by the two arrays) and a row of all -inf in each.
 MASKED_X = np.array(
     [
         [0.5, NEG, -1.0, 2.0, NEG],
@@ -89,12 +93,12 @@ MASKED_Y = np.array(
         [0.0, 1.0, -3.0, 0.5, NEG],
     ]
 )
-"""The two arrays share their −inf classes, so every divergence between them is finite."""
+"""The two arrays share their -inf classes, so every divergence between them is finite."""
 
 
 def drop_masked(reg: Any, value: float, bk: Harness, x: np.ndarray, data: Any) -> None:
-    """The −inf rule as an identity: the same call without the fully −inf row and without
-    the class that is −inf in every row gives the same value (reduce="mean": N drops too)."""
+    """The -inf rule as an identity: the same call without the fully -inf row and without
+    the class that is -inf in every row gives the same value (reduce="mean": N drops too)."""
     keep_rows = ~np.all(x == NEG, axis=-1)
     for arr in (data or {}).values():
         keep_rows &= ~np.all(arr == NEG, axis=-1)

@@ -275,9 +275,9 @@ def ref_l2(reg: rg.L2, b: RefBatch) -> tuple[float, dict[str, float], np.ndarray
 
 
 # ---- family II: penalties over distributions along the class axis (SPEC 9) ---------------
-# Rows here are never all −inf: such tokens are masked (``valid_tokens_for``) and zeroed.
+# Rows here are never all -inf: such tokens are masked (``valid_tokens_for``) and zeroed.
 def _log_softmax(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(log p, p, lse) by the textbook formula; −inf classes get log p = −inf, p = 0."""
+    """(log p, p, lse) by the textbook formula; -inf classes get log p = -inf, p = 0."""
     m = np.max(z, axis=-1, keepdims=True)
     lse = m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
     logp = z - lse
@@ -285,7 +285,7 @@ def _log_softmax(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _kl(loga: np.ndarray, a: np.ndarray, logb: np.ndarray) -> np.ndarray:
-    """KL(a‖b) per row: Σ over a's support (finite scores) of a(log a − log b); a class
+    """KL(a‖b) per row: Σ over a's support (finite scores) of a(log a - log b); a class
     with a > 0 and b = 0 makes it +inf."""
     return np.sum(np.where(np.isfinite(loga), a * (loga - logb), 0.0), axis=-1)
 
@@ -355,7 +355,7 @@ def ref_entropy(reg: rg.Entropy, b: RefBatch) -> tuple[float, dict[str, float], 
     logp, p, _ = _log_softmax(b.values / t)
     plogp = np.where(np.isfinite(logp), p * logp, 0.0)
     h = -plogp.sum(-1)
-    dh = -(plogp + p * h[:, None]) / t  # -p (log p + H) / T, 0 at −inf classes
+    dh = -(plogp + p * h[:, None]) / t  # -p (log p + H) / T, 0 at -inf classes
     log_v = math.log(size)
     scale = (1 / log_v if size > 1 else 0.0) if reg.normalize else 1.0
     x = h * scale
@@ -395,9 +395,7 @@ def _consistency_ok(
 
 
 @reference_for(rg.Consistency)
-def ref_consistency(
-    reg: rg.Consistency, b: RefBatch
-) -> tuple[float, dict[str, float], np.ndarray]:
+def ref_consistency(reg: rg.Consistency, b: RefBatch) -> tuple[float, dict[str, float], np.ndarray]:
     x, y = b.values, b.field(reg.paired)
     if reg.metric == "kl":
         p, g = _kl_and_grad(x, y, "symmetric", reg.temperature)
@@ -410,7 +408,7 @@ def ref_consistency(
 
 
 def _cosine(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """1 − cos of rows, −inf classes of either left out; 0 for two zero rows, 1 for one."""
+    """1 - cos of rows, -inf classes of either left out; 0 for two zero rows, 1 for one."""
     drop = (x == -np.inf) | (y == -np.inf)
     x, y = np.where(drop, 0.0, x), np.where(drop, 0.0, y)
     nx = np.linalg.norm(x, axis=-1, keepdims=True)
@@ -419,5 +417,5 @@ def _cosine(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     nx1, ny1 = np.where(nx > 0, nx, 1.0), np.where(ny > 0, ny, 1.0)
     cos = np.sum(x * y, axis=-1, keepdims=True) / (nx1 * ny1)
     value = np.where(pos, 1 - cos, np.where((nx == 0) & (ny == 0), 0.0, 1.0))[:, 0]
-    g = -(y / ny1 - cos * x / nx1) / nx1  # d(1 − cos)/dx
+    g = -(y / ny1 - cos * x / nx1) / nx1  # d(1 - cos)/dx
     return value, np.where(pos & ~drop, g, 0.0)

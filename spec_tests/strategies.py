@@ -211,7 +211,7 @@ def l2_cases(draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splitta
 
 # ---- family II: penalties over distributions along the class axis (SPEC 9) ---------------
 def _neg_inf_pattern(draw: st.DrawFn, shape: tuple[int, ...]) -> np.ndarray:
-    """Where scores are −inf: some classes, and (for rows of a class axis) whole rows."""
+    """Where scores are -inf: some classes, and (for rows of a class axis) whole rows."""
     where = draw(hnp.arrays(np.bool_, shape, elements=st.sampled_from([False] * 3 + [True])))
     if len(shape) > 1 and shape[0]:
         rows = draw(hnp.arrays(np.bool_, shape[:1], elements=st.sampled_from([False] * 4 + [True])))
@@ -220,8 +220,10 @@ def _neg_inf_pattern(draw: st.DrawFn, shape: tuple[int, ...]) -> np.ndarray:
 
 
 @st.composite
-def scores(draw: st.DrawFn, shapes: list[Any], lo: float = -20.0, hi: float = 20.0) -> list[np.ndarray]:
-    """Float64 scores (exact in float32) with −inf classes and rows of all −inf."""
+def scores(
+    draw: st.DrawFn, shapes: list[Any], lo: float = -20.0, hi: float = 20.0
+) -> list[np.ndarray]:
+    """Float64 scores (exact in float32) with -inf classes and rows of all -inf."""
     out = []
     for s, x in zip(shapes, field_like(draw, shapes, lo, hi), strict=True):
         out.append(np.where(_neg_inf_pattern(draw, s), -np.inf, x))
@@ -231,7 +233,7 @@ def scores(draw: st.DrawFn, shapes: list[Any], lo: float = -20.0, hi: float = 20
 @st.composite
 def paired_scores(draw: st.DrawFn, x: list[np.ndarray]) -> list[np.ndarray]:
     """A second array of scores for ``x``: equal (up to a shift per row: the same
-    distribution), the same −inf classes (a shared masked vocabulary), or its own."""
+    distribution), the same -inf classes (a shared masked vocabulary), or its own."""
     how = draw(st.sampled_from(["same", "shared", "shared", "own"]))
     out = []
     for a in x:
@@ -269,7 +271,9 @@ def kl_cases(draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splitta
 @st.composite
 def jsd_cases(draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool) -> Case:
     x = draw(scores(shapes))
-    beta = draw(st.one_of(st.sampled_from([0.5, 0.1, 0.9]), st.floats(0.015625, 0.984375, width=32)))
+    beta = draw(
+        st.one_of(st.sampled_from([0.5, 0.1, 0.9]), st.floats(0.015625, 0.984375, width=32))
+    )
     reg = rg.JSD(rg.Field("reference"), beta=beta, temperature=draw(temperatures()), **reduce)
     return Case(reg, x, {"reference": draw(paired_scores(x))})
 

@@ -1,5 +1,5 @@
 """rg.Consistency (SPEC 9): ≥ 0, 0 on equal inputs, symmetric; per element for mse/l1,
-per row for cosine/kl; the cosine's zero rows; the −inf rule."""
+per row for cosine/kl; the cosine's zero rows; the -inf rule."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_closed_forms_and_gradients(bk: Harness, data: st.DataObject) -> None:
 def test_cosine_zero_rows_and_scale(bk: Harness) -> None:
     x = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [1e-30, 2e-30, -1e-30]])
     y = np.array([[0.0, 0.0, 0.0], [1.0, -1.0, 0.5], [0.0, 0.0, 0.0], [2e30, 4e30, -2e30]])
-    value, _, grad, auto = assert_nan_free(bk, cons("cosine", reduce="sum"), x, {"y": y})
+    value, _, grad, _auto = assert_nan_free(bk, cons("cosine", reduce="sum"), x, {"y": y})
     np.testing.assert_allclose(value, 0.0 + 1.0 + 1.0 + 0.0, atol=1e-12)  # scale-free
     np.testing.assert_allclose(grad[:9], 0.0)  # finite (0) at zero rows
     # scale invariance: cos(a x, b y) = cos(x, y) for a, b > 0, and the gradient scales as 1/a
@@ -87,10 +87,16 @@ def test_elementwise_on_tinker_shaped_logprobs_with_a_mask(bk: Harness) -> None:
     x = [np.array([-0.5, -1.0, -2.0]), np.array([-0.25])]
     y = [np.array([-0.75, -1.0, -1.0]), np.array([-1.25])]
     mask = [np.array([1.0, 1.0, 0.0]), np.array([1.0])]
-    value, metrics, grad, _ = call(bk, cons("mse", reduce="mean"), x, {"y": y}, mask)
+    value, _metrics, grad, _ = call(bk, cons("mse", reduce="mean"), x, {"y": y}, mask)
     np.testing.assert_allclose(value, (0.0625 + 0.0 + 1.0) / 3, rtol=1e-12)
     np.testing.assert_allclose(grad, [2 * 0.25 / 3, 0.0, 0.0, 2 * 1.0 / 3], rtol=1e-12)
-    l2 = call(bk, rg.L2(center=None, reduce="mean"), [a - b for a, b in zip(x, y, strict=True)], None, mask)
+    l2 = call(
+        bk,
+        rg.L2(center=None, reduce="mean"),
+        [a - b for a, b in zip(x, y, strict=True)],
+        None,
+        mask,
+    )
     np.testing.assert_allclose(value, l2[0], rtol=1e-12)
 
 
@@ -98,30 +104,36 @@ def test_elementwise_on_tinker_shaped_logprobs_with_a_mask(bk: Harness) -> None:
 def test_neg_inf_is_a_masked_class(bk: Harness, metric: str) -> None:
     reg = cons(metric, reduce="mean")
     value, _, grad, auto = assert_nan_free(bk, reg, MASKED_X, {"y": MASKED_Y})
-    if metric in ("mse", "l1"):  # one-sided −inf elements: +inf, as for L2; never NaN
+    if metric in ("mse", "l1"):  # one-sided -inf elements: +inf, as for L2; never NaN
         ok = ~((MASKED_X == NEG) ^ (MASKED_Y == NEG))
         finite = call(bk, reg, np.where(ok, MASKED_X, 0.0), {"y": np.where(ok, MASKED_Y, 0.0)})
-        assert value == np.inf and np.isfinite(finite[0])
+        assert value == np.inf
+        assert np.isfinite(finite[0])
         return
     assert np.isfinite(value)
-    assert np.isfinite(grad).all() and (auto is None or np.isfinite(auto).all())
+    assert np.isfinite(grad).all()
+    assert auto is None or np.isfinite(auto).all()
     assert np.all(grad.reshape(MASKED_X.shape)[1] == 0)
     assert np.all(grad.reshape(MASKED_X.shape)[MASKED_X == NEG] == 0)
     # the masked row does not count: the same as without it
     ok = [0, 2, 3]
-    np.testing.assert_allclose(value, call(bk, reg, MASKED_X[ok], {"y": MASKED_Y[ok]})[0], rtol=1e-12)
+    np.testing.assert_allclose(
+        value, call(bk, reg, MASKED_X[ok], {"y": MASKED_Y[ok]})[0], rtol=1e-12
+    )
 
 
 def test_both_neg_inf_elements_do_not_count(bk: Harness) -> None:
     x, y = np.array([-1.0, NEG, -2.0]), np.array([-1.5, NEG, -2.0])
-    value, metrics, grad, auto = assert_nan_free(bk, cons("mse", reduce="mean"), x, {"y": y})
+    value, _metrics, grad, _auto = assert_nan_free(bk, cons("mse", reduce="mean"), x, {"y": y})
     np.testing.assert_allclose(value, 0.25 / 2, rtol=1e-12)  # N = 2
     np.testing.assert_allclose(grad, [2 * 0.5 / 2, 0.0, 0.0], rtol=1e-12)
 
 
 def test_event_ndim_and_options() -> None:
-    assert cons("mse").event_ndim == 0 and cons("l1").event_ndim == 0
-    assert cons("cosine").event_ndim == 1 and cons("kl").event_ndim == 1
+    assert cons("mse").event_ndim == 0
+    assert cons("l1").event_ndim == 0
+    assert cons("cosine").event_ndim == 1
+    assert cons("kl").event_ndim == 1
     with pytest.raises(ValueError, match="temperature"):
         cons("mse", temperature=2.0)
     assert cons("kl", temperature=2.0).temperature == 2.0

@@ -1,4 +1,4 @@
-"""rg.Entropy (SPEC 9): bounds, modes, normalize, the hinge, entropy_mean, the −inf rule;
+"""rg.Entropy (SPEC 9): bounds, modes, normalize, the hinge, entropy_mean, the -inf rule;
 and a Pipeline with a term on logits beside terms on logprobs."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def test_entropy_is_between_0_and_log_v(bk: Harness, x: np.ndarray, t: float) ->
 
 def test_one_hot_is_0_and_a_masked_vocabulary_keeps_v(bk: Harness) -> None:
     x = np.array([[NEG, 2.0, NEG, NEG], [0.0, 0.0, NEG, NEG]])
-    value, metrics, grad, _ = assert_nan_free(bk, rg.Entropy(), x)
+    value, _metrics, grad, _ = assert_nan_free(bk, rg.Entropy(), x)
     np.testing.assert_allclose(value, math.log(2), rtol=1e-12)
     np.testing.assert_allclose(grad, 0.0, atol=1e-12)  # both are stationary points
     # maximize: log V - H with V = 4 (the class axis), not the 1 or 2 unmasked classes
@@ -91,7 +91,9 @@ def test_gradient_is_minus_p_times_log_p_plus_h(bk: Harness, x: np.ndarray, t: f
     p, h = np.exp(lp), entropy_of(lp)
     reg = rg.Entropy(temperature=t)
     _, _, grad, _ = call(bk, reg, x)
-    np.testing.assert_allclose(grad, (-p * (lp + h[:, None]) / t).reshape(-1), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        grad, (-p * (lp + h[:, None]) / t).reshape(-1), rtol=1e-9, atol=1e-12
+    )
     np.testing.assert_allclose(grad, fd_grad(reg, x).reshape(-1), rtol=1e-5, atol=1e-7)
     same = call(bk, reg, lp * t - 5.0)  # logprobs (at T) give the logits' result
     np.testing.assert_allclose(same[2], grad, rtol=1e-8, atol=1e-12)
@@ -111,7 +113,8 @@ def test_one_class_is_defined_without_nan(bk: Harness) -> None:
 def test_neg_inf_is_a_masked_class(bk: Harness, mode: str) -> None:
     reg = rg.Entropy(mode=mode, reduce="mean")
     value, metrics, grad, auto = assert_nan_free(bk, reg, MASKED_X)
-    assert np.isfinite(grad).all() and (auto is None or np.isfinite(auto).all())
+    assert np.isfinite(grad).all()
+    assert auto is None or np.isfinite(auto).all()
     assert np.all(grad.reshape(MASKED_X.shape)[1] == 0)
     assert np.all(grad.reshape(MASKED_X.shape)[MASKED_X == NEG] == 0)
     if mode == "minimize":  # (maximize depends on V, which dropping a class changes)

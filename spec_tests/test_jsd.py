@@ -1,4 +1,4 @@
-"""rg.JSD (SPEC 9): bounds, the β ↔ 1 − β symmetry, TRL's convention, the −inf rule."""
+"""rg.JSD (SPEC 9): bounds, the β ↔ 1 - β symmetry, TRL's convention, the -inf rule."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_bounds_and_the_swap_symmetry(bk: Harness, data: st.DataObject) -> None:
     value, metrics, _, _ = call(bk, jsd(beta), x, {"r": y})
     assert -1e-12 <= metrics["jsd_max"] <= bound(beta) + 1e-12
     assert -1e-12 <= value <= x.shape[0] * bound(beta) + 1e-12
-    swapped = call(bk, jsd(1.0 - beta), y, {"r": x})[0]  # JSD_β(p, q) = JSD_{1−β}(q, p)
+    swapped = call(bk, jsd(1.0 - beta), y, {"r": x})[0]  # JSD_β(p, q) = JSD_{1-β}(q, p)
     np.testing.assert_allclose(swapped, value, rtol=1e-9, atol=1e-12)
     assert abs(call(bk, jsd(beta), x, {"r": x + 4.0})[0]) < 1e-12  # p = q: 0
 
@@ -67,7 +67,7 @@ def test_disjoint_supports_reach_the_bound(bk: Harness, beta: float) -> None:
 
 @given(data=st.data())
 def test_trl_convention_and_gradient(bk: Harness, data: st.DataObject) -> None:
-    """β weighs the reference (TRL GKD): m = βq + (1−β)p, β·KL(q‖m) + (1−β)·KL(p‖m)."""
+    """β weighs the reference (TRL GKD): m = βq + (1-β)p, β·KL(q‖m) + (1-β)·KL(p‖m)."""
     x, y = pair(data.draw)
     beta = data.draw(BETAS)
     t = data.draw(st.sampled_from([1.0, 2.0]))
@@ -97,7 +97,7 @@ def test_logits_and_logprobs_and_the_neg_inf_rule(bk: Harness) -> None:
     b = call(bk, reg, log_softmax(MASKED_X[ok]), {"r": log_softmax(MASKED_Y[ok]) - 1.0})
     np.testing.assert_allclose(a[0], b[0], rtol=1e-10)
     np.testing.assert_allclose(a[2], b[2], rtol=1e-8, atol=1e-14)
-    # one-sided −inf: finite (the mixture covers both supports), still no NaN
+    # one-sided -inf: finite (the mixture covers both supports), still no NaN
     y = np.where(MASKED_Y == NEG, 0.0, MASKED_Y)
     v2 = assert_nan_free(bk, reg, MASKED_X, {"r": y})[0]
     assert np.isfinite(v2)

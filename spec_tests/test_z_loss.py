@@ -1,4 +1,4 @@
-"""rg.ZLoss (SPEC 9): (log Z)², its gradient 2·log Z·softmax, log_z_mean, the −inf rule."""
+"""rg.ZLoss (SPEC 9): (log Z)², its gradient 2·log Z·softmax, log_z_mean, the -inf rule."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def test_logprobs_have_no_z_loss_and_a_shift_moves_log_z(bk: Harness) -> None:
     x = MASKED_X[[0, 2, 3]]
     logprobs = x - lse(x)[:, None]
     value, metrics, grad, _ = call(bk, rg.ZLoss(), logprobs)
-    assert abs(value) < 1e-12 and abs(metrics["log_z_mean"]) < 1e-15
+    assert abs(value) < 1e-12
+    assert abs(metrics["log_z_mean"]) < 1e-15
     np.testing.assert_allclose(grad, 0.0, atol=1e-12)
     shifted = call(bk, rg.ZLoss(reduce="mean"), logprobs + 2.0)
     np.testing.assert_allclose(shifted[0], 4.0, rtol=1e-12)
@@ -50,7 +51,8 @@ def test_logprobs_have_no_z_loss_and_a_shift_moves_log_z(bk: Harness) -> None:
 def test_neg_inf_is_a_masked_class(bk: Harness) -> None:
     reg = rg.ZLoss(reduce="mean")
     value, metrics, grad, auto = assert_nan_free(bk, reg, MASKED_X)
-    assert np.isfinite(grad).all() and (auto is None or np.isfinite(auto).all())
+    assert np.isfinite(grad).all()
+    assert auto is None or np.isfinite(auto).all()
     assert np.all(grad.reshape(MASKED_X.shape)[1] == 0)
     assert np.all(grad.reshape(MASKED_X.shape)[MASKED_X == NEG] == 0)
     drop_masked(reg, value, bk, MASKED_X, None)

@@ -369,7 +369,7 @@ class Regularizer:
         Optional. :meth:`prepare` folds it into the mask (:meth:`Batch.restrict`), so the
         tokens it rejects are uncounted everywhere: value, metrics, gradient, ``N`` and
         ``S``, and :meth:`counts` (which keeps split invariance). The penalties over
-        distributions reject rows whose scores are all −inf. ``batch.values`` still holds
+        distributions reject rows whose scores are all -inf. ``batch.values`` still holds
         such tokens as they were: the penalty's maths must stay NaN-free on them.
         """
         return None

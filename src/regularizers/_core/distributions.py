@@ -1,12 +1,12 @@
 r"""What the penalties over distributions along a class axis share (SPEC section 9).
 
 Everything here works on rows ``[c, V]`` (the class axis last, as :class:`Batch` gives it)
-with standard array API calls only, and is **NaN-free under −inf classes** on every backend,
+with standard array API calls only, and is **NaN-free under -inf classes** on every backend,
 for the value and for any autodiff through it:
 
-- :func:`log_softmax` returns ``log p`` as **0** (not −inf) at −inf classes, so that every
+- :func:`log_softmax` returns ``log p`` as **0** (not -inf) at -inf classes, so that every
   ``p · log p`` there is ``0 · 0`` (the convention 0·log 0 = 0), and its ``max`` shift is a
-  constant for autodiff; a row of all −inf gives ``p = 0`` and ``lse = 0``, not NaN (such rows
+  constant for autodiff; a row of all -inf gives ``p = 0`` and ``lse = 0``, not NaN (such rows
   are masked anyway: :func:`valid_rows`).
 - Every ``where`` that drops an infinite or undefined branch has its inputs sanitized first
   (the *double where*): autodiff multiplies the unselected branch's local derivative by 0,
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 BLOCK = 1 << 21
-"""Elements (rows × classes) per block of :func:`blockwise`: 8 MiB of float32."""
+"""Elements (rows x classes) per block of :func:`blockwise`: 8 MiB of float32."""
 
 
 # ---- options -------------------------------------------------------------------------------
@@ -134,9 +134,9 @@ def const(xp: Namespace, value: float, like: Array) -> Array:
 
 
 def valid_rows(batch: Batch, *rows: Array) -> Array:
-    """``[n]`` bool: tokens none of whose ``rows`` (``[n, V]`` arrays) are all −inf.
+    """``[n]`` bool: tokens none of whose ``rows`` (``[n, V]`` arrays) are all -inf.
 
-    One reduction per array (``max != −inf``; NaN counts as valid, so that it propagates).
+    One reduction per array (``max != -inf``; NaN counts as valid, so that it propagates).
     An empty class axis has no distribution: a ValueError.
     """
     xp = batch.xp
@@ -155,25 +155,25 @@ def valid_rows(batch: Batch, *rows: Array) -> Array:
 def log_softmax(xp: Namespace, z: Array) -> tuple[Array, Array, Array, Array]:
     """``(log p, p, lse, keep)`` of rows ``z`` along the last axis, NaN-free.
 
-    ``keep = z != −inf`` (NaN is kept, and propagates); ``log p`` is 0 where not ``keep``;
+    ``keep = z != -inf`` (NaN is kept, and propagates); ``log p`` is 0 where not ``keep``;
     ``p`` is exactly 0 there; ``lse`` is the log-sum-exp, shaped ``[..., 1]`` (0 for a row of
-    all −inf). The shift by the row's max is a constant for autodiff (the value does not
+    all -inf). The shift by the row's max is a constant for autodiff (the value does not
     depend on it), so no gradient flows through ``max``.
     """
     keep = z != -xp.inf
     zero, one = const(xp, 0.0, z), const(xp, 1.0, z)
     m = stop_gradient(xp, xp.max(z, axis=-1, keepdims=True))
-    m = xp.where(m == -xp.inf, zero, m)  # a row of all −inf: no shift (and no −inf − −inf)
-    e = xp.exp(z - m)  # 0 at −inf classes, with a 0 derivative
+    m = xp.where(m == -xp.inf, zero, m)  # a row of all -inf: no shift (and no -inf - -inf)
+    e = xp.exp(z - m)  # 0 at -inf classes, with a 0 derivative
     s = xp.sum(e, axis=-1, keepdims=True)
-    s = xp.where(s == zero, one, s)  # only a row of all −inf sums to 0
+    s = xp.where(s == zero, one, s)  # only a row of all -inf sums to 0
     lse = m + xp.log(s)
     logp = xp.where(keep, z - lse, zero)
     return logp, e / s, lse, keep
 
 
 def _gap(xp: Namespace, here: Array, there: Array) -> Array:
-    """``[c]``: some class is kept in ``here`` but −inf in ``there`` (a support gap)."""
+    """``[c]``: some class is kept in ``here`` but -inf in ``there`` (a support gap)."""
     return xp.any(xp.logical_and(here, xp.logical_not(there)), axis=-1)
 
 
@@ -183,8 +183,8 @@ def kl_rows(
     """Per-row KL between ``p = softmax(z/T)`` (the model) and ``q = softmax(r/T)``.
 
     ``"reverse"``: KL(p‖q); ``"forward"``: KL(q‖p); ``"symmetric"``: their mean. Returns the
-    ``[c]`` values and (``grad``) d value / d ``z``: reverse ``p ⊙ (log p − log q − KL)/T``,
-    forward ``(p − q)/T``. A row with a support gap (the first distribution > 0 where the
+    ``[c]`` values and (``grad``) d value / d ``z``: reverse ``p ⊙ (log p - log q - KL)/T``,
+    forward ``(p - q)/T``. A row with a support gap (the first distribution > 0 where the
     second is 0) is +inf, with gradient 0.
     """
     logp, p, _, kp = log_softmax(xp, z / temperature if temperature != 1.0 else z)

@@ -264,6 +264,30 @@ class Batch:
         "values",
         "xp",
     )
+    # (declared for type checkers: the slots are set by prepare() and restrict())
+    xp: Namespace
+    values: Array
+    mask: Array | None
+    size: int
+    dtype: Any
+    device: Any
+    target: Any
+    event_ndim: int
+    lengths: tuple[int, ...]
+    reduce: str
+    max_tokens: float | None
+    counts_given: bool
+    _arrays: list[Array]
+    _target_arrays: list[Array]
+    _token_shapes: list[tuple[int, ...]]
+    _is_list: bool
+    _moved: int | None
+    _data: Any
+    _count: Any
+    _counts: Mapping[str, Any] | None
+    _local: Any
+    _seq_count: Any
+    _per_seq: Any
 
     def __init__(self, **kw: Any) -> None:
         for k, v in kw.items():
@@ -341,7 +365,7 @@ class Batch:
     def restrict(self, valid: Array) -> Batch:
         """A Batch in which only the tokens that counted **and** are ``valid`` count.
 
-        ``valid`` is ``[n]`` bool (e.g. "this row of scores is not all −inf"). The mask
+        ``valid`` is ``[n]`` bool (e.g. "this row of scores is not all -inf"). The mask
         becomes ``mask & valid``, and everything that follows the mask follows it: every
         sum, aggregate and metric, ``N`` and ``S`` (and so :meth:`local_counts`, i.e.
         ``reg.counts``), :meth:`field` reads and the pullback of the gradient. Counts given
@@ -403,7 +427,7 @@ class Batch:
     @property
     def count(self) -> Array | int:
         """``N``: the number of counted tokens (``counts["tokens"]`` when given)."""
-        return self._count  # type: ignore[no-any-return]
+        return self._count
 
     @property
     def sequences(self) -> Array | int:
@@ -415,7 +439,7 @@ class Batch:
                 per = self._sequence_counts()
                 value = self.xp.sum(self.xp.astype(per > 0, self.dtype))
             object.__setattr__(self, "_seq_count", value)
-        return self._seq_count  # type: ignore[no-any-return]
+        return self._seq_count
 
     def local_counts(self) -> dict[str, Array]:
         """The counts of this call alone, as 0-d integer arrays (``reg.counts``)."""
@@ -492,6 +516,7 @@ class Batch:
         if how == "seq-mean-token-sum":
             return self._divide(self.constant(1.0), s)
         if how == "seq-mean-token-sum-norm":
+            assert self.max_tokens is not None  # (check_options requires it)
             return self._divide(self.constant(1.0 / float(self.max_tokens)), s)
         # seq-mean-token-mean: 1 / (S · N_s), per token
         xp = self.xp

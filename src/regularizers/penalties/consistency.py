@@ -40,10 +40,10 @@ class Consistency(OverClasses, name="consistency"):
       normalized by log-softmax of scores / ``temperature``: ``KL(direction="symmetric")``.
 
     All are >= 0, 0 when ``x = y``, and symmetric in ``x`` and ``y``; the gradient is w.r.t.
-    the input only (``paired`` is a constant). **−inf is a masked class**: for ``"mse"`` and
-    ``"l1"`` an element that is −inf in both arrays is not counted (one −inf alone gives
-    +inf); for ``"cosine"`` a class that is −inf in either row is left out of both; for
-    ``"cosine"`` and ``"kl"`` a token whose row is all −inf in either array is not counted.
+    the input only (``paired`` is a constant). **-inf is a masked class**: for ``"mse"`` and
+    ``"l1"`` an element that is -inf in both arrays is not counted (one -inf alone gives
+    +inf); for ``"cosine"`` a class that is -inf in either row is left out of both; for
+    ``"cosine"`` and ``"kl"`` a token whose row is all -inf in either array is not counted.
     ``temperature`` is used by ``"kl"`` only.
 
     Metrics: ``consistency_raw``, ``consistency_mean``, ``consistency_max``.
@@ -80,7 +80,7 @@ class Consistency(OverClasses, name="consistency"):
     temperature = temperature_option()
     axis = axis_option()
 
-    @property  # type: ignore[override]
+    @property
     def event_ndim(self) -> int:  # type: ignore[override]
         """0 (per element) for ``"mse"``/``"l1"``, 1 (per row) for ``"cosine"``/``"kl"``."""
         return 0 if self.metric in ELEMENTWISE else 1
@@ -123,7 +123,7 @@ class Consistency(OverClasses, name="consistency"):
 def elementwise(
     xp: Namespace, x: Array, y: Array, how: str, grad: bool
 ) -> tuple[Array, Array | None]:
-    """``(x − y)²`` or ``|x − y|`` and the gradient w.r.t. ``x``; 0 where both are −inf."""
+    """``(x - y)²`` or ``|x - y|`` and the gradient w.r.t. ``x``; 0 where both are -inf."""
     both = xp.logical_and(x == -xp.inf, y == -xp.inf)
     d = xp.where(both, const(xp, 0.0, x), x - y)
     if how == "mse":
@@ -132,9 +132,9 @@ def elementwise(
 
 
 def cosine_rows(xp: Namespace, x: Array, y: Array, grad: bool) -> tuple[Array, Array | None]:
-    r"""``1 − cos(x, y)`` per row as ½‖x̂ − ŷ‖², and the gradient w.r.t. ``x``.
+    r"""``1 - cos(x, y)`` per row as ½‖x̂ - ŷ‖², and the gradient w.r.t. ``x``.
 
-    Classes that are −inf in either row are left out; each row is scaled by its largest
+    Classes that are -inf in either row are left out; each row is scaled by its largest
     ``|value|`` first (a constant for autodiff: the cosine does not depend on it), so that no
     square overflows or underflows. A pair of zero rows gives 0, one zero row 1, and the
     gradient at a zero row is 0.
@@ -155,7 +155,7 @@ def cosine_rows(xp: Namespace, x: Array, y: Array, grad: bool) -> tuple[Array, A
     value = xp.reshape(value, (-1,))
     if not grad:
         return value, None
-    # d ½‖x̂ − ŷ‖² / dx = (I − x̂x̂ᵀ)(x̂ − ŷ) / ‖x‖, with ‖x‖ = sx · nx
+    # d ½‖x̂ - ŷ‖² / dx = (I - x̂x̂ᵀ)(x̂ - ŷ) / ‖x‖, with ‖x‖ = sx · nx
     along = xp.sum(xh * diff, axis=-1, keepdims=True)
     g = (diff - xh * along) / (nx_ * sx)
     g = xp.where(xp.logical_and(pos, xp.logical_not(drop)), g, zero)

@@ -43,10 +43,10 @@ class Entropy(OverClasses, name="entropy"):
        only on tokens more confident than τ); its gradient is 0 where the hinge is flat
        (including at the kink).
 
-    ``V`` is the size of the class axis **including −inf classes** (a masked vocabulary does
+    ``V`` is the size of the class axis **including -inf classes** (a masked vocabulary does
     not change it). The gradient w.r.t. the scores is :math:`-p\odot(\log p + H)/T` times
-    the derivative of steps 1-3. **−inf is a masked class**: it contributes 0 (0·log 0 = 0)
-    with finite gradients; a token whose scores are all −inf is not counted.
+    the derivative of steps 1-3. **-inf is a masked class**: it contributes 0 (0·log 0 = 0)
+    with finite gradients; a token whose scores are all -inf is not counted.
 
     Metrics: ``entropy_raw`` and ``entropy_max`` are of the penalty (Σ over tokens and the
     max); ``entropy_mean`` is the mean entropy :math:`H` in nats per counted token, in every
@@ -71,8 +71,8 @@ class Entropy(OverClasses, name="entropy"):
     >>> import regularizers as rg
     >>> z = xp.asarray([[0.0, 0.0, 0.0, -float("inf")], [5.0, 0.0, 0.0, 0.0]])
     >>> value, metrics = rg.Entropy(reduce="mean")(z)
-    >>> round(rg.to_floats(metrics)["entropy_mean"], 4)   # (log 3 + 0.1860) / 2
-    0.6423
+    >>> round(rg.to_floats(metrics)["entropy_mean"], 4)   # (log 3 + 0.1190) / 2
+    0.6088
     >>> value, _ = rg.Entropy(mode="maximize", normalize=True)(z[:1, :])   # V = 4
     >>> round(float(value), 4)                            # 1 - log 3 / log 4
     0.2075
@@ -118,7 +118,7 @@ class Entropy(OverClasses, name="entropy"):
         sign = 1.0 if self.mode == "minimize" else -1.0
         if self.threshold is None and sign > 0:
             return x, scale  # H >= 0 exactly: every log p <= 0
-        # log V − H may round below 0 by an ulp (a uniform row): a hinge at 0 keeps it >= 0
+        # log V - H may round below 0 by an ulp (a uniform row): a hinge at 0 keeps it >= 0
         tau = const(xp, top if self.threshold is None else self.threshold, h)
         excess = x - tau if sign > 0 else tau - x
         zero = const(xp, 0.0, h)

@@ -37,14 +37,14 @@ class JSD(OverClasses, name="jsd"):
 
     This is TRL's ``GKDTrainer.generalized_jsd_loss`` convention: **β weighs the reference**
     (the teacher) in the mixture and in its own KL term. For small β it behaves like
-    β·KL(q‖p) (forward KL: TRL's β = 0), near 1 like (1 − β)·KL(p‖q) (reverse KL: TRL's
-    β = 1); β = ½ is the symmetric JSD. Swapping p and q equals β → 1 − β. Bounds:
+    β·KL(q‖p) (forward KL: TRL's β = 0), near 1 like (1 - β)·KL(p‖q) (reverse KL: TRL's
+    β = 1); β = ½ is the symmetric JSD. Swapping p and q equals β → 1 - β. Bounds:
     :math:`0 \le \mathrm{JSD}_\beta \le -\beta\ln\beta - (1-\beta)\ln(1-\beta)` (ln 2 at
     β = ½), so it is finite even where the supports differ. The gradient w.r.t. the scores
     is :math:`(1-\beta)\, p \odot (\log p - \log m - \mathrm{KL}(p\|m)) / T`.
 
-    **−inf is a masked class** (0·log 0 = 0, finite gradients); a token whose model or
-    reference scores are all −inf is not counted. Metrics: ``jsd_raw``, ``jsd_mean``,
+    **-inf is a masked class** (0·log 0 = 0, finite gradients); a token whose model or
+    reference scores are all -inf is not counted. Metrics: ``jsd_raw``, ``jsd_mean``,
     ``jsd_max``.
 
     Parameters
@@ -99,16 +99,16 @@ class JSD(OverClasses, name="jsd"):
 def jsd_rows(
     xp: Namespace, z: Array, r: Array, beta: float, temperature: float, grad: bool
 ) -> tuple[Array, Array | None]:
-    """Per-row JSD_β and (``grad``) its gradient w.r.t. ``z``; NaN-free under −inf."""
+    """Per-row JSD_β and (``grad``) its gradient w.r.t. ``z``; NaN-free under -inf."""
     t = temperature
     logp, p, _, kp = log_softmax(xp, z / t if t != 1.0 else z)
     logq, q, _, kq = log_softmax(xp, r / t if t != 1.0 else r)
     ninf, zero, one = const(xp, -math.inf, z), const(xp, 0.0, z), const(xp, 1.0, z)
-    a = xp.where(kq, logq + math.log(beta), ninf)  # log(β q), −inf where q = 0
-    b = xp.where(kp, logp + math.log1p(-beta), ninf)  # log((1 − β) p)
+    a = xp.where(kq, logq + math.log(beta), ninf)  # log(β q), -inf where q = 0
+    b = xp.where(kp, logp + math.log1p(-beta), ninf)  # log((1 - β) p)
     either = xp.logical_or(kp, kq)
     top = stop_gradient(xp, xp.maximum(a, b))
-    top = xp.where(either, top, zero)  # a class masked in both: no −inf − −inf
+    top = xp.where(either, top, zero)  # a class masked in both: no -inf - -inf
     u = xp.exp(a - top) + xp.exp(b - top)
     logm = top + xp.log(xp.where(either, u, one))  # log m; 0 where both are masked
     kl_q = xp.sum(q * (logq - logm), axis=-1)  # q = 0 wherever logq is the safe 0

@@ -36,10 +36,10 @@ class KL(OverClasses, name="kl"):
     The gradient w.r.t. the scores is :math:`p\odot(\log p - \log q - \mathrm{KL})/T`
     (reverse) and :math:`(p - q)/T` (forward); the reference is a constant.
 
-    **−inf is a masked class**: a class whose score is −inf has probability 0 and
+    **-inf is a masked class**: a class whose score is -inf has probability 0 and
     contributes 0 (0·log 0 = 0), with finite gradients; a token whose model or reference
-    scores are all −inf is not counted (not in the value, the gradient, ``N`` or ``S``).
-    Where the first distribution is > 0 and the second is 0 (a score finite in one and −inf
+    scores are all -inf is not counted (not in the value, the gradient, ``N`` or ``S``).
+    Where the first distribution is > 0 and the second is 0 (a score finite in one and -inf
     in the other) the token's KL is +inf, as it should be; its gradient is then 0, never NaN.
 
     Metrics: ``kl_raw`` (Σ over tokens), ``kl_mean`` (per counted token), ``kl_max``.

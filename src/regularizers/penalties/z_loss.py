@@ -18,8 +18,8 @@ class ZLoss(OverClasses, name="z_loss"):
 
     on the raw scores (no temperature, no normalization: it keeps the logits' normalizer
     near 0, so it means nothing on logprobs, whose :math:`\log Z` is 0). Its gradient is
-    :math:`2 \log Z \cdot \operatorname{softmax}(z)`. Classes whose score is −inf contribute
-    nothing; a token whose scores are all −inf is not counted. The usual weight is 1e-4.
+    :math:`2 \log Z \cdot \operatorname{softmax}(z)`. Classes whose score is -inf contribute
+    nothing; a token whose scores are all -inf is not counted. The usual weight is 1e-4.
 
     Metrics: ``z_loss_raw``, ``z_loss_mean``, ``z_loss_max``, and ``log_z_mean``: the mean
     :math:`\log Z` per counted token.
