@@ -22,7 +22,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 
 from . import checks
 from ._core.autodiff import autodiff_grad, has_autodiff, stop_gradient
-from ._core.base import Regularizer, to_floats
+from ._core.base import Regularizer, floats_and_values
 from ._core.inputs import as_0d, as_arrays, namespace_of
 from ._core.typing import Array
 
@@ -173,7 +173,8 @@ class Pipeline:
     track_grad_norms : bool, default False
     metrics : {"float", "array"}, default "float"
         ``"float"`` gives ``dict[str, float]`` (what Tinker's ``forward_backward_custom``
-        expects; it syncs the host); ``"array"`` keeps 0-d arrays, for ``jax.jit`` and
+        expects; it syncs the host; on Dask the loss is computed with the metrics, in one
+        graph, and returned computed); ``"array"`` keeps 0-d arrays, for ``jax.jit`` and
         ``torch.compile(fullgraph=True)``.
 
     Examples
@@ -461,7 +462,14 @@ class Pipeline:
             for k, v in metrics.items()
         }
         loss = as_0d(xp, loss)
-        return loss, (to_floats(metrics) if self.metrics == "float" else metrics), grads
+        if self.metrics == "array":
+            return loss, metrics, grads
+        # On Dask the loss is computed in the metrics' graph: computing it afterwards would run
+        # the graph again (and make a dask.distributed scheduler warn, see to_floats).
+        floats, (value,) = floats_and_values(metrics, loss)
+        if value is not loss:
+            loss = xp.asarray(value)
+        return loss, floats, grads
 
     def _grad_norms(
         self,

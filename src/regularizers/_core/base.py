@@ -183,9 +183,7 @@ class Regularizer:
 
     def __repr__(self) -> str:
         options = type(self)._options
-        shown = [
-            f"{n}={v!r}" for n, v in self._opts.items() if v != options[n].default
-        ]
+        shown = [f"{n}={v!r}" for n, v in self._opts.items() if v != options[n].default]
         return f"{type(self).__name__}({', '.join(shown)})"
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -296,9 +294,7 @@ class Regularizer:
         value, metrics = self.evaluate(batch)
         return batch.finish(value, metrics)
 
-    def counts(
-        self, data: object, logprobs: object, *, mask: object = UNSET
-    ) -> dict[str, Array]:
+    def counts(self, data: object, logprobs: object, *, mask: object = UNSET) -> dict[str, Array]:
         """``{"tokens": N, "sequences": S}`` of this call, as 0-d integer arrays.
 
         Sum them over micro-batches or ranks (``torch.distributed.all_reduce``,
@@ -364,7 +360,9 @@ def _signature(options: dict[str, Option]) -> inspect.Signature:
     params = [
         inspect.Parameter(
             n,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD if o.positional else inspect.Parameter.KEYWORD_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD
+            if o.positional
+            else inspect.Parameter.KEYWORD_ONLY,
             default=o.default,
         )
         for n, o in sorted(options.items(), key=lambda kv: not kv[1].positional)
@@ -379,8 +377,13 @@ def _rebuild(cls: type[Regularizer], options: dict[str, Any]) -> Regularizer:
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Metrics as Python floats, for logging. This syncs the host.
 
-    Dask metrics are computed together, in one ``dask.compute``. Under ``jax.jit`` there are
-    no values to read: keep the arrays there (``Pipeline(..., metrics="array")``).
+    Dask metrics are computed together, in one ``dask.compute`` (one graph). On a
+    ``dask.distributed`` cluster, compute whatever else you need from the same call (the
+    value, the gradient) in that one call too: ``rg.to_floats({"value": value, **metrics})``
+    or ``dask.compute(value, metrics, grad)``; graphs computed one after another that share
+    keys make the scheduler warn "Detected different run_spec" (dask/dask#9888). Under
+    ``jax.jit`` there are no values to read: keep the arrays there
+    (``Pipeline(..., metrics="array")``).
 
     Examples
     --------
@@ -390,6 +393,14 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     >>> rg.to_floats(metrics)
     {'l1_raw': 1.5, 'l1_mean': 0.75}
     """
+    return floats_and_values(metrics)[0]
+
+
+def floats_and_values(
+    metrics: Mapping[str, Any], *arrays: Any
+) -> tuple[dict[str, float], tuple[Any, ...]]:
+    """``to_floats(metrics)``, and ``arrays`` with the Dask ones computed in the same graph
+    (as NumPy arrays); the others are returned as they are."""
     if not isinstance(metrics, Mapping):
         raise TypeError(f"to_floats needs a mapping of metrics, got {type(metrics).__name__}")
     out: dict[str, float] = {}
@@ -416,10 +427,14 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
         if hasattr(v, "detach"):
             v = v.detach()
         out[key] = float(v)
-    if lazy:
+    extra = [i for i, a in enumerate(arrays) if array_api_compat.is_dask_array(a)]
+    values = list(arrays)
+    if lazy or extra:
         import dask
 
-        computed = dask.compute(*lazy.values())
-        out.update({k: float(c) for k, c in zip(lazy, computed, strict=True)})
+        computed = dask.compute(*lazy.values(), *(arrays[i] for i in extra))
+        out.update({k: float(c) for k, c in zip(lazy, computed[: len(lazy)], strict=True)})
         out = {k: out[k] for k in metrics}
-    return out
+        for i, c in zip(extra, computed[len(lazy) :], strict=True):
+            values[i] = c
+    return out, tuple(values)
