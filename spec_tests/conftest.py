@@ -90,11 +90,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="also run test_tinker.py, against the installed tinker SDK",
     )
+    parser.addoption(
+        "--distributed",
+        action="store_true",
+        help="also run spec_tests/distributed/ (a Dask LocalCluster, JAX on 8 CPU devices, "
+        "torch.distributed with gloo: processes on 127.0.0.1)",
+    )
 
 
 def pytest_ignore_collect(collection_path: Any, config: pytest.Config) -> bool | None:
-    """test_tinker.py runs in the tinker session only (``--tinker``), where the SDK is."""
+    """test_tinker.py runs in the tinker session only (``--tinker``), where the SDK is;
+    spec_tests/distributed/ in the distributed session only (``--distributed``), as it starts
+    clusters and processes."""
     if collection_path.name == "test_tinker.py" and not config.getoption("--tinker"):
+        return True
+    if (
+        collection_path.name == "distributed"
+        and collection_path.parent.name == "spec_tests"
+        and not config.getoption("--distributed")
+    ):
         return True
     return None
 
