@@ -1,4 +1,4 @@
-"""Sessions: one test session per backend configuration, lint, and the demo.
+"""Sessions: one test session per backend configuration, scaling out, lint, and the demo.
 
 ``nox`` runs every test session and lint (the README's test command); ``nox -s demo`` runs
 the main job; ``nox -R`` reuses the virtualenvs for fast local re-runs.
@@ -29,7 +29,7 @@ BACKENDS: dict[str, list[str]] = {
     "dask": ["dask[array]"],
 }
 TEST_SESSIONS = [f"tests-{name}" for name in BACKENDS]
-nox.options.sessions = [*TEST_SESSIONS, "tests-tinker", "lint"]
+nox.options.sessions = [*TEST_SESSIONS, "tests-tinker", "distributed", "lint"]
 
 
 def _tests(backend: str, extra: list[str]) -> None:
@@ -53,6 +53,22 @@ def tests_tinker(session: nox.Session) -> None:
     session.install(".", *TEST_DEPS, "tinker", TORCH)
     session.run(
         "pytest", "spec_tests/test_tinker.py", "--tinker", "--backend", "torch", *session.posargs
+    )
+
+
+@nox.session
+def distributed(session: nox.Session) -> None:
+    """Scaling out (SPEC 11, spec_tests/distributed): a Dask LocalCluster of worker processes
+    (a 1 GiB dump included), JAX on 8 forced CPU devices, torch.distributed with 2 gloo ranks,
+    all on 127.0.0.1. Each test is bounded in time and fails if it leaves a process running.
+    """
+    session.install(".", *TEST_DEPS, "dask[array,distributed]", "jax", TORCH)
+    session.run(
+        "pytest",
+        "spec_tests/distributed",
+        "--distributed",
+        *("--backend", "dask", "--backend", "jax", "--backend", "torch"),
+        *session.posargs,
     )
 
 
