@@ -119,9 +119,19 @@ def close(got: Any, want: Any, what: str, *, rtol: float = 1e-9, atol: float = 1
     )
 
 
-def additive(metric: str) -> bool:
-    """Whether a metric adds up over the parts of a split batch (SPEC 7.2)."""
-    return metric.endswith(("_raw", "_mean", "/value", "/contribution")) or metric in (
+def combine(metric: str) -> str | None:
+    """How the parts' values of a metric make the whole's, over a batch split by sequences and
+    computed with the whole batch's counts (SPEC 7.2): ``"sum"`` (values, ``*_raw``,
+    ``*_mean``), ``"max"`` (``*_max``), ``"norm"`` (a Pipeline's grad norms: each part's
+    gradient is the whole's on that part's elements, so the whole's norm is the root of the
+    sum of squares), or None (weights, which are not per part)."""
+    if metric.endswith(("_raw", "_mean", "/value", "/contribution")) or metric in (
         "loss_total",
         "regularizer_total",
-    )
+    ):
+        return "sum"
+    if metric.endswith("_max"):
+        return "max"
+    if metric.endswith(("grad_norm", "grad_norm_weighted")):
+        return "norm"
+    return None

@@ -7,8 +7,8 @@ before jax is imported): ``python _jax_sharded.py jit|shard_map``.
   over explicit axes (``make_mesh``'s default), and rows over auto axes.
 - ``shard_map``: each device computes its rows with its local ``counts`` summed by
   ``jax.lax.psum``; the psum of the values and of the ``*_raw``/``*_mean`` metrics, the pmax of
-  ``*_max``, and the gradients reproduce the global batch, for every ``reduce`` mode and for a
-  Pipeline.
+  ``*_max``, the root of the psum of the squared grad norms, and the gradients reproduce the
+  global batch, for every ``reduce`` mode and for a Pipeline.
 
 Prints ``ok <check>`` per check and ``passed <n>`` at the end; any failure raises.
 """
@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 jax.config.update("jax_enable_x64", True)
 
-from _cases import MODES, additive, close, pipeline, regularizers, rows  # noqa: E402
+from _cases import MODES, close, combine, pipeline, regularizers, rows  # noqa: E402
 
 import regularizers as rg  # noqa: E402
 
@@ -146,9 +146,7 @@ def check_shard_map() -> None:
         for key, obj in objs.items():
             value, metrics, grad = obj.value_and_grad(data, x, counts=counts)
             combined = {
-                k: jax.lax.psum(v, "b") if additive(k) else jax.lax.pmax(v, "b")
-                for k, v in metrics.items()
-                if additive(k) or k.endswith("_max")  # not the grad norms of a part
+                k: _whole(v, combine(k)) for k, v in metrics.items() if combine(k) is not None
             }
             out[key] = (jax.lax.psum(value, "b"), combined, grad)
         return out, counts
@@ -186,6 +184,15 @@ def check_shard_map() -> None:
         close(through[key], want_g, f"{what}: jax.grad through shard_map")
         assert through[key].sharding.is_equivalent_to(x.sharding, x.ndim), what
         ok(f"shard_map {key}")
+
+
+def _whole(v: Any, how: str | None) -> Any:
+    """A metric of the whole batch from the parts' (see ``_cases.combine``)."""
+    if how == "max":
+        return jax.lax.pmax(v, "b")
+    if how == "norm":
+        return jax.numpy.sqrt(jax.lax.psum(v * v, "b"))
+    return jax.lax.psum(v, "b")
 
 
 def _value(obj: Any, data: Any, x: Any, counts: Any) -> Any:

@@ -7,7 +7,8 @@ computes the local ``counts``, all-reduces them, and computes its part with them
 - ``regularizers``: for every regularizer and ``reduce`` mode, on a ragged list and on rows,
   by autograd and by ``value_and_grad``: the all-reduced (summed) gradients w.r.t. the
   logprobs equal the single-process gradient, the summed values and ``*_raw``/``*_mean``
-  metrics the single-process ones, the max-reduced ``*_max`` the single-process max;
+  metrics the single-process ones, the max-reduced ``*_max`` the single-process max (and a
+  Pipeline's grad norms, as the root of the summed squares, the single-process norms);
 - ``pipeline``: the same for a Pipeline of all of them, and a small model wrapped in
   ``DistributedDataParallel``, whose gradient all-reduce (an average over ranks, so the loss
   is scaled by the world size) gives every parameter its single-process gradient.
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from _cases import MODES, additive, close, flat, pipeline, ragged, regularizers, rows, split
+from _cases import MODES, close, combine, flat, pipeline, ragged, regularizers, rows, split
 
 import regularizers as rg
 
@@ -92,14 +93,17 @@ def gathered(local: Any, whole: Any) -> np.ndarray:
 
 
 def combined(metrics: dict[str, Any]) -> dict[str, float]:
-    """The parts' metrics made whole: sums for additive ones, max for ``*_max``."""
+    """The parts' metrics made whole (see ``_cases.combine``)."""
     out = {}
     for k, v in metrics.items():
-        if not torch.is_tensor(v) or not (additive(k) or k.endswith("_max")):
+        how = combine(k)
+        if how is None:
             continue
         t = v.detach().clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if additive(k) else dist.ReduceOp.MAX)
-        out[k] = float(t)
+        if how == "norm":
+            t = t * t
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if how == "max" else dist.ReduceOp.SUM)
+        out[k] = float(t.sqrt() if how == "norm" else t)
     return out
 
 
