@@ -1,4 +1,4 @@
-"""Sessions: one test session per backend configuration, lint, and the demo.
+"""Sessions: one test session per backend configuration, scaling out, lint, and the demo.
 
 ``nox`` runs every test session and lint (the README's test command); ``nox -s demo`` runs
 the main job; ``nox -R`` reuses the virtualenvs for fast local re-runs.
@@ -29,7 +29,14 @@ BACKENDS: dict[str, list[str]] = {
     "dask": ["dask[array]"],
 }
 TEST_SESSIONS = [f"tests-{name}" for name in BACKENDS]
-nox.options.sessions = [*TEST_SESSIONS, "tests-tinker", "tests-keras", "tests-docs", "lint"]
+nox.options.sessions = [
+    *TEST_SESSIONS,
+    "tests-tinker",
+    "tests-keras",
+    "tests-docs",
+    "distributed",
+    "lint",
+]
 # JAX compiles every drawn shape (twice, eager and under jit): the generic per-penalty
 # properties draw fewer examples there, the same properties as everywhere else.
 SESSION_ENV: dict[str, dict[str, str]] = {"jax": {"REGULARIZERS_PROPERTY_EXAMPLES": "4"}}
@@ -85,6 +92,22 @@ def tests_keras(session: nox.Session) -> None:
         "torch",
         *session.posargs,
         env={"KERAS_BACKEND": "torch"},
+    )
+
+
+@nox.session
+def distributed(session: nox.Session) -> None:
+    """Scaling out (SPEC 11, spec_tests/distributed): a Dask LocalCluster of worker processes
+    (a 1 GiB dump included), JAX on 8 forced CPU devices, torch.distributed with 2 gloo ranks,
+    all on 127.0.0.1. Each test is bounded in time and fails if it leaves a process running.
+    """
+    session.install(".", *TEST_DEPS, "dask[array,distributed]", "jax", TORCH)
+    session.run(
+        "pytest",
+        "spec_tests/distributed",
+        "--distributed",
+        *("--backend", "dask", "--backend", "jax", "--backend", "torch"),
+        *session.posargs,
     )
 
 

@@ -100,6 +100,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="also run test_keras_agreement.py, against the installed keras",
     )
+    parser.addoption(
+        "--distributed",
+        action="store_true",
+        help="also run spec_tests/distributed/ (a Dask LocalCluster, JAX on 8 CPU devices, "
+        "torch.distributed with gloo: processes on 127.0.0.1)",
+    )
 
 
 # test module -> the flag (and the library) it needs; collected only when the flag is given
@@ -109,9 +115,16 @@ _GATED = {"test_tinker.py": "tinker", "test_keras_agreement.py": "keras", "test_
 def pytest_ignore_collect(collection_path: Any, config: pytest.Config) -> bool | None:
     """test_tinker.py runs in the tinker session only (``--tinker``), where the SDK is, and
     test_keras_agreement.py in the keras session only (``--keras``), and test_docs.py in the
-    docs session only (``--docs``), where every backend is."""
+    docs session only (``--docs``), where every backend is; spec_tests/distributed/ in the
+    distributed session only (``--distributed``), as it starts clusters and processes."""
     flag = _GATED.get(collection_path.name)
     if flag is not None and not config.getoption(f"--{flag}"):
+        return True
+    if (
+        collection_path.name == "distributed"
+        and collection_path.parent.name == "spec_tests"
+        and not config.getoption("--distributed")
+    ):
         return True
     return None
 

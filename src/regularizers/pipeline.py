@@ -15,6 +15,7 @@ parameters), :math:`w_i\lVert\nabla R_i\rVert`,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 
 from . import checks
 from ._core.autodiff import autodiff_grad, has_autodiff, stop_gradient
-from ._core.base import Regularizer, to_floats
+from ._core.base import Regularizer, floats_and_values
 from ._core.inputs import as_0d, as_arrays, namespace_of
 from ._core.typing import Array
 
@@ -174,7 +175,8 @@ class Pipeline:
     track_grad_norms : bool, default False
     metrics : {"float", "array"}, default "float"
         ``"float"`` gives ``dict[str, float]`` (what Tinker's ``forward_backward_custom``
-        expects; it syncs the host); ``"array"`` keeps 0-d arrays, for ``jax.jit`` and
+        expects; it syncs the host; on Dask the loss is computed with the metrics, in one
+        graph, and returned computed); ``"array"`` keeps 0-d arrays, for ``jax.jit`` and
         ``torch.compile(fullgraph=True)``.
 
     Examples
@@ -462,7 +464,14 @@ class Pipeline:
             for k, v in metrics.items()
         }
         loss = as_0d(xp, loss)
-        return loss, (to_floats(metrics) if self.metrics == "float" else metrics), grads
+        if self.metrics == "array":
+            return loss, metrics, grads
+        # On Dask the loss is computed in the metrics' graph: computing it afterwards would run
+        # the graph again (and make a dask.distributed scheduler warn, see to_floats).
+        floats, (value,) = floats_and_values(metrics, loss)
+        if value is not loss:
+            loss = xp.asarray(value)
+        return loss, floats, grads
 
     def _grad_norms(
         self,
@@ -542,27 +551,61 @@ def _gradient(name: str, obj: Any, data: object, logprobs: object, value: Array)
 
 
 def _norm(xp: Any, grads: list[Array], like: Array) -> Array:
-    """The L2 norm over all elements of a list of arrays, in at least float32.
+    """The L2 norm over all elements of a list of arrays, in at least float32, in one pass.
 
-    Scaled by the largest finite |g| (as BLAS nrm2 does), so that a norm that fits the dtype
-    is not lost to an overflowing square (a ``target="probs"`` gradient is ``exp(x)``).
+    Blue's algorithm, as in LAPACK's ``nrm2`` (3.10): squares are summed in three ranges, the
+    large values scaled down and the tiny ones up by powers of two, so that a norm that fits
+    the dtype is lost neither to an overflowing square (a ``target="probs"`` gradient is
+    ``exp(x)``) nor to underflowing ones. One read of the gradient, with no global maximum to
+    find first: Dask need not hold a gradient bigger than memory until its maximum is known.
     Infinities give inf and NaN gives NaN.
     """
+    dev = array_api_compat.device(like)
     flat = []
-    for g in grads:
-        g = xp.reshape(g, (-1,))
+    for g in grads:  # any shape: every sum below is over all elements
         if g.dtype != xp.float64 and g.dtype != xp.float32:
             g = xp.astype(g, xp.float32)
         flat.append(g)
     if not flat:
-        return xp.zeros((), dtype=xp.float32, device=array_api_compat.device(like))
-    g = flat[0] if len(flat) == 1 else xp.concat(flat)
-    zero = xp.zeros((), dtype=g.dtype, device=array_api_compat.device(g))
-    finite = xp.isfinite(g)
-    largest = xp.max(xp.where(finite, xp.abs(g), zero)) if g.shape[0] else zero
-    scale = xp.where(largest > zero, largest, xp.ones_like(largest))
-    scaled = xp.where(finite, g / scale, g)
-    return scale * xp.sqrt(xp.sum(scaled * scaled))
+        return xp.zeros((), dtype=xp.float32, device=dev)
+    dtype = xp.float32
+    for g in flat:  # a loop, not any(genexpr): torch.compile(fullgraph=True) traces it
+        if g.dtype == xp.float64:
+            dtype = xp.float64
+    tsml, tbig, ssml, sbig = _blue_constants(xp.finfo(dtype))
+    zero = xp.zeros((), dtype=dtype, device=dev)
+    one = xp.ones((), dtype=dtype, device=dev)
+    big = medium = small = zero
+    for g in flat:
+        a = xp.abs(g if g.dtype == dtype else xp.astype(g, dtype))
+        is_big, is_small = a > tbig, a < tsml
+        b = xp.where(is_big, a, zero) * sbig
+        s = xp.where(is_small, a, zero) * ssml
+        m = xp.where(is_big | is_small, zero, a)  # NaN is neither big nor small
+        big = big + xp.sum(b * b)
+        medium = medium + xp.sum(m * m)
+        small = small + xp.sum(s * s)
+    with_big = xp.sqrt(big + (medium * sbig) * sbig) / sbig  # the tiny ones are negligible
+    r_medium, r_small = xp.sqrt(medium), xp.sqrt(small) / ssml
+    hi, lo = xp.maximum(r_medium, r_small), xp.minimum(r_medium, r_small)
+    ratio = lo / xp.where(hi > zero, hi, one)
+    both = hi * xp.sqrt(one + ratio * ratio)
+    without_big = xp.where((medium > zero) | xp.isnan(medium), both, r_small)
+    return xp.where(big > zero, with_big, xp.where(small > zero, without_big, r_medium))
+
+
+def _blue_constants(finfo: Any) -> tuple[float, float, float, float]:
+    """Blue's thresholds and scales for a binary floating dtype (LAPACK's ``la_constants``):
+    ``(tsml, tbig, ssml, sbig)``, all powers of two."""
+    digits = round(1 - math.log2(float(finfo.eps)))  # 24 for float32
+    emin = round(math.log2(float(finfo.smallest_normal))) + 1  # -125 (Fortran's MINEXPONENT)
+    emax = math.ceil(math.log2(float(finfo.max)))  # 128
+    return (
+        2.0 ** math.ceil((emin - 1) / 2),
+        2.0 ** math.floor((emax - digits + 1) / 2),
+        2.0 ** -math.floor((emin - digits) / 2),
+        2.0 ** -math.ceil((emax + digits - 1) / 2),
+    )
 
 
 def _named(name: str, exc: Exception) -> Exception:

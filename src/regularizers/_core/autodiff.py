@@ -1,4 +1,5 @@
-"""What the array API standard does not cover: autodiff, and cutting a value out of a graph.
+"""What the array API standard does not cover: autodiff, cutting a value out of a graph, and
+reshaping a JAX array sharded over explicit mesh axes.
 
 The only module of the shared machinery that knows backends by name. Backends are imported
 lazily, inside the functions, so ``import regularizers`` imports none of them.
@@ -6,6 +7,7 @@ lazily, inside the functions, so ``import regularizers`` imports none of them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +15,7 @@ import array_api_compat
 
 from .typing import Array, Namespace
 
-__all__ = ["autodiff_grad", "has_autodiff", "stop_gradient"]
+__all__ = ["autodiff_grad", "has_autodiff", "reshape", "stop_gradient"]
 
 
 def has_autodiff(xp: Namespace) -> bool:
@@ -61,3 +63,52 @@ def stop_gradient(xp: Namespace, a: Array) -> Array:
 
         return jax.lax.stop_gradient(a)
     return a
+
+
+def reshape(xp: Namespace, a: Array, shape: tuple[int, ...], *, like: Array | None = None) -> Array:
+    """``xp.reshape(a, shape)``, also for a JAX array sharded over explicit mesh axes.
+
+    JAX's explicit sharding (``jax.make_mesh``'s default axes) does not guess the sharding of
+    a reshape that is not local to each device (flattening rows sharded along the token axis):
+    it raises. Here the result is sharded over the same mesh axes, merged on the leading
+    dimension (trailing dimensions kept, as ``Batch`` flattens ``[..., V]`` to ``[n, V]``),
+    or, with ``like``, exactly as ``like`` is: the way back to the input's own sharding. Auto
+    axes (and every other backend) reshape as usual.
+    """
+    if not array_api_compat.is_jax_namespace(xp):
+        return xp.reshape(a, shape)
+    import jax
+
+    typeof = getattr(jax, "typeof", None)  # explicit sharding came with it
+    spec = _explicit_spec(typeof, a if like is None else like)
+    if spec is None:
+        return xp.reshape(a, shape)
+    if -1 in shape:
+        known = math.prod(d for d in shape if d != -1)
+        shape = tuple(math.prod(a.shape) // max(known, 1) if d == -1 else d for d in shape)
+    if like is not None:
+        out = typeof(like).sharding  # type: ignore[misc]
+    else:
+        mesh = typeof(a).sharding.mesh  # type: ignore[misc]
+        keep = len(shape) - 1
+        merged = [
+            axis
+            for entry in spec[: len(spec) - keep]
+            for axis in ((entry,) if isinstance(entry, str) else entry or ())
+        ]
+        leading = None if not merged else merged[0] if len(merged) == 1 else tuple(merged)
+        trailing = tuple(spec[len(spec) - keep :]) if keep else ()
+        spec_out = jax.sharding.PartitionSpec(leading, *trailing)  # type: ignore[no-untyped-call]
+        out = jax.sharding.NamedSharding(mesh, spec_out)
+    return jax.lax.reshape(a, shape, out_sharding=out)
+
+
+def _explicit_spec(typeof: Any, a: Array) -> tuple[Any, ...] | None:
+    """The partition spec of a JAX array's type (sharded over explicit axes), else None."""
+    if typeof is None:
+        return None
+    spec = getattr(getattr(typeof(a), "sharding", None), "spec", None)
+    if spec is None:
+        return None
+    entries = tuple(spec) + (None,) * (a.ndim - len(spec))
+    return None if all(e is None for e in entries) else entries

@@ -395,8 +395,13 @@ def _rebuild(cls: type[Regularizer], options: dict[str, Any]) -> Regularizer:
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Metrics as Python floats, for logging. This syncs the host.
 
-    Dask metrics are computed together, in one ``dask.compute``. Under ``jax.jit`` there are
-    no values to read: keep the arrays there (``Pipeline(..., metrics="array")``).
+    Dask metrics are computed together, in one ``dask.compute`` (one graph). On a
+    ``dask.distributed`` cluster, compute whatever else you need from the same call (the
+    value, the gradient) in that one call too: ``rg.to_floats({"value": value, **metrics})``
+    or ``dask.compute(value, metrics, grad)``; graphs computed one after another that share
+    keys make the scheduler warn "Detected different run_spec" (dask/dask#9888). Under
+    ``jax.jit`` there are no values to read: keep the arrays there
+    (``Pipeline(..., metrics="array")``).
 
     Examples
     --------
@@ -406,6 +411,14 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     >>> rg.to_floats(metrics)
     {'l1_raw': 1.5, 'l1_mean': 0.75}
     """
+    return floats_and_values(metrics)[0]
+
+
+def floats_and_values(
+    metrics: Mapping[str, Any], *arrays: Any
+) -> tuple[dict[str, float], tuple[Any, ...]]:
+    """``to_floats(metrics)``, and ``arrays`` with the Dask ones computed in the same graph
+    (as NumPy arrays); the others are returned as they are."""
     if not isinstance(metrics, Mapping):
         raise TypeError(f"to_floats needs a mapping of metrics, got {type(metrics).__name__}")
     out: dict[str, float] = {}
@@ -432,10 +445,16 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
         if hasattr(v, "detach"):
             v = v.detach()
         out[key] = float(v)
-    if lazy:
+    extra = [i for i, a in enumerate(arrays) if array_api_compat.is_dask_array(a)]
+    values = list(arrays)
+    if lazy or extra:
         import dask
 
-        computed = dask.compute(*lazy.values())  # type: ignore[attr-defined,no-untyped-call]
-        out.update({k: float(c) for k, c in zip(lazy, computed, strict=True)})
+        computed = dask.compute(  # type: ignore[attr-defined,no-untyped-call]
+            *lazy.values(), *(arrays[i] for i in extra)
+        )
+        out.update({k: float(c) for k, c in zip(lazy, computed[: len(lazy)], strict=True)})
         out = {k: out[k] for k in metrics}
-    return out
+        for i, c in zip(extra, computed[len(lazy) :], strict=True):
+            values[i] = c
+    return out, tuple(values)

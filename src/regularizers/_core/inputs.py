@@ -23,6 +23,7 @@ from typing import Any
 import array_api_compat
 from array_api_compat import array_namespace, is_array_api_obj
 
+from .autodiff import reshape
 from .options import ByIdentity, Field
 from .typing import Array, Metrics, Namespace
 
@@ -398,7 +399,7 @@ class Batch:
         for a in arrays:
             if self._moved is not None:
                 a = xp.moveaxis(a, self._moved, -1)
-            rows.append(xp.reshape(a, (-1, *a.shape[a.ndim - k :]) if k else (-1,)))
+            rows.append(reshape(xp, a, (-1, *a.shape[a.ndim - k :]) if k else (-1,)))
         return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
 
     # ---- counts ------------------------------------------------------------------------
@@ -581,7 +582,7 @@ class Batch:
                     xp.reshape(piece, (*moved, shape[self._moved])), -1, self._moved
                 )
             else:
-                piece = xp.reshape(piece, shape)
+                piece = reshape(xp, piece, shape, like=a)  # with a's sharding (JAX)
             grads.append(xp.astype(piece, a.dtype, copy=False))  # no copy of a same-dtype [n, V]
         return grads if self._is_list else grads[0]
 
@@ -716,7 +717,7 @@ def prepare(
                     f"{what} array {i} must be bool, integer or real, got dtype {m.dtype}"
                 )
         flat = [
-            xp.reshape(m if xp.isdtype(m.dtype, "bool") else m != 0, (-1,)) for m in mask_arrays
+            reshape(xp, m if xp.isdtype(m.dtype, "bool") else m != 0, (-1,)) for m in mask_arrays
         ]
         mask_flat = flat[0] if len(flat) == 1 else xp.concat(flat)
         object.__setattr__(batch, "mask", mask_flat)
