@@ -78,4 +78,3 @@ def run_page_at(path: Path) -> int:
         return run_page(path)
     finally:
         ROOT = saved
-

@@ -66,7 +66,7 @@ def _per_datum(reg: Regularizer) -> Callable[[Any, dict[str, Any]], Any]:
             return (a if keep is None else torch.where(keep, a, torch.zeros_like(a))).sum()
 
         if isinstance(reg, L1):
-            raw = total(t * torch.sign(t))  # d|x| = sign(x), 0 at 0, as in _ops.abs_
+            raw = total(t * torch.sign(t))  # d|x| = sign(x), 0 at 0, as in _core.ops.abs_
         else:
             c = t
             lo, hi = reg.clip if reg.clip is not None else (None, None)
