@@ -86,6 +86,23 @@ def test_no_doc_or_docstring_points_at_files_users_do_not_have() -> None:
     assert not found, "link to the contract page instead:\n" + "\n".join(found)
 
 
+def test_every_built_in_penalty_has_a_figure() -> None:
+    """Each exported regularizer is drawn, with its gradient, by a script of docs/plots/
+    (run by ``nox -s docs`` before every build)."""
+    import regularizers as rg
+
+    scripts = "\n".join(p.read_text() for p in (ROOT / "docs" / "plots").glob("*.py"))
+    exported = [
+        name
+        for name in rg.__all__
+        if isinstance(obj := getattr(rg, name), type)
+        and issubclass(obj, rg.Regularizer)
+        and obj is not rg.Regularizer
+    ]
+    undrawn = [name for name in exported if not re.search(rf"\brg\.{name}\b", scripts)]
+    assert not undrawn, f"no script of docs/plots/ draws {undrawn}"
+
+
 def run_page_at(path: Path) -> int:
     """run_page for a page outside the repository (the self-test above)."""
     global ROOT

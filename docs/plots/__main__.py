@@ -23,7 +23,7 @@ def main() -> int:
     scripts = sorted(p for p in HERE.glob("*.py") if not p.name.startswith("_"))
     env = {**os.environ, "MPLBACKEND": "Agg"}
     for script in scripts:
-        start, stamp = time.perf_counter(), time.time() - 1
+        start, stamp = time.perf_counter(), time.time()
         done = subprocess.run([sys.executable, str(script)], cwd=HERE, env=env, check=False)
         if done.returncode:
             print(f"docs/plots/{script.name} failed (exit {done.returncode})", file=sys.stderr)

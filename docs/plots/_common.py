@@ -35,11 +35,13 @@ def derivative_at(reg: Any, x: float) -> float:
     return float(np.asarray(reg.value_and_grad(None, np.asarray([x]))[2])[0])
 
 
-def figure(title: str) -> tuple[Any, Any, Any]:
+def figure(
+    title: str, value: str = "penalty of one element", grad: str = "its gradient"
+) -> tuple[Any, Any, Any]:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4), constrained_layout=True)
     fig.suptitle(title, fontsize=11)
-    left.set_title("penalty of one element", fontsize=10)
-    right.set_title("its gradient", fontsize=10)
+    left.set_title(value, fontsize=10)
+    right.set_title(grad, fontsize=10)
     for ax in (left, right):
         ax.axhline(0, color="#e0e0e0", lw=0.8, zorder=0)
         ax.axvline(0, color="#e0e0e0", lw=0.8, zorder=0)
