@@ -249,3 +249,24 @@ def ref_l2(reg: rg.L2, b: RefBatch) -> tuple[float, dict[str, float], np.ndarray
     p = u * u
     g = _center_grad(reg, b, b.aggregate_grad(2.0 * u))
     return b.aggregate(p), b.metrics("l2", p), np.where(inside, g, 0.0)
+
+
+@reference_for(rg.ElasticNet)
+def ref_elastic_net(reg: rg.ElasticNet, b: RefBatch) -> tuple[float, dict[str, float], np.ndarray]:
+    u, inside = _deviation(reg, b)
+    a, l1, l2 = reg.l1_ratio, np.abs(u), u * u
+    # a part whose weight is exactly 0 is left out (no 0 · inf)
+    p = l1 if a == 1.0 else l2 if a == 0.0 else a * l1 + (1.0 - a) * l2
+    dp = np.sign(u) if a == 1.0 else 2.0 * u if a == 0.0 else a * np.sign(u) + 2.0 * (1 - a) * u
+    metrics = {**b.metrics("elastic_net", p, peak=False), "l1_raw": b.sum(l1), "l2_raw": b.sum(l2)}
+    g = _center_grad(reg, b, b.aggregate_grad(dp))
+    return b.aggregate(p), metrics, np.where(inside, g, 0.0)
+
+
+@reference_for(rg.Huber)
+def ref_huber(reg: rg.Huber, b: RefBatch) -> tuple[float, dict[str, float], np.ndarray]:
+    u, inside = _deviation(reg, b)
+    d = reg.delta
+    p = np.where(np.abs(u) <= d, 0.5 * u * u, d * (np.abs(u) - 0.5 * d))
+    g = _center_grad(reg, b, b.aggregate_grad(np.clip(u, -d, d)))
+    return b.aggregate(p), b.metrics("huber", p), np.where(inside, g, 0.0)

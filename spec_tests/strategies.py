@@ -206,3 +206,75 @@ def l2_cases(draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splitta
     x = field_like(draw, shapes, -50.0, 5.0)
     center = draw(st.one_of(st.none(), st.floats(-5.0, 1.0, width=32)) if splittable else centers())
     return Case(rg.L2(clip=draw(clips()), center=center, **reduce), x)
+
+
+def with_kinks(draw: st.DrawFn, arrays: list[np.ndarray], kinks: list[float]) -> list[np.ndarray]:
+    """``arrays`` with some elements set exactly to the given kink values."""
+    out = []
+    for a in arrays:
+        a = np.array(a, dtype=np.float64)
+        flat_view = a.reshape(-1)  # a view: a is a fresh contiguous copy
+        if flat_view.size and kinks:
+            where = st.integers(0, flat_view.size - 1)
+            for i, v in draw(st.lists(st.tuples(where, st.sampled_from(kinks)), max_size=4)):
+                flat_view[i] = v
+        out.append(a)
+    return out
+
+
+def dyadic(lo: float, hi: float) -> st.SearchStrategy[float]:
+    """Multiples of 1/8: their sums are exact, so a mean is the same on every backend."""
+    return st.integers(int(lo * 8), int(hi * 8)).map(lambda k: k / 8)
+
+
+def dyadic_clips() -> st.SearchStrategy[Any]:
+    bound = dyadic(-150.0, 20.0)
+    return st.one_of(
+        st.none(),
+        st.just((-100.0, 0.0)),
+        st.tuples(bound, bound).map(lambda p: (min(p), max(p))),
+        st.tuples(st.none(), bound),
+        st.tuples(bound, st.none()),
+    )
+
+
+def kinks_of(center: Any, clip: Any, *offsets: float) -> list[float]:
+    """Where ``u = clip(t) - center`` hits ``offsets`` (0, ±δ...), and the clip bounds."""
+    c0 = 0.0 if center is None or center == "mean" else center
+    return [c0 + o for o in offsets] + [b for b in clip or () if b is not None]
+
+
+@cases_for(rg.ElasticNet)
+@st.composite
+def elastic_net_cases(
+    draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool
+) -> Case:
+    l1_ratio = draw(st.one_of(st.sampled_from([0.0, 1.0, 0.5]), st.floats(0.0, 1.0)))
+    center = draw(st.one_of(st.none(), st.floats(-5.0, 1.0, width=32)) if splittable else centers())
+    # sign(u) at u = 0 must not hinge on how a backend rounds a mean: keep sums exact there
+    exact = center == "mean"
+    clip = draw(dyadic_clips() if exact else clips())
+    if exact:
+        x = [draw(hnp.arrays(np.float64, s, elements=dyadic(-50.0, 5.0))) for s in shapes]
+    else:
+        x = field_like(draw, shapes, -50.0, 5.0)
+    target = draw(st.sampled_from(["logprobs", "probs"])) if center is None else "logprobs"
+    if target == "logprobs":  # (the kinks of probs are elsewhere; exp(20) is no float16)
+        x = with_kinks(draw, x, kinks_of(center, clip, 0.0))
+    reg = rg.ElasticNet(l1_ratio=l1_ratio, center=center, clip=clip, target=target, **reduce)
+    return Case(reg, x)
+
+
+@cases_for(rg.Huber)
+@st.composite
+def huber_cases(
+    draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool
+) -> Case:
+    delta = draw(st.one_of(st.sampled_from([1.0, 0.5, 2.0]), st.floats(0.015625, 20.0, width=32)))
+    center = draw(st.one_of(st.none(), st.floats(-5.0, 1.0, width=32)) if splittable else centers())
+    clip = draw(clips())
+    x = field_like(draw, shapes, -50.0, 5.0)
+    target = draw(st.sampled_from(["logprobs", "probs"]))
+    if target == "logprobs":
+        x = with_kinks(draw, x, kinks_of(center, clip, 0.0, delta, -delta))
+    return Case(rg.Huber(delta=delta, center=center, clip=clip, target=target, **reduce), x)

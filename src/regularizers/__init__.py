@@ -25,6 +25,9 @@ from ._core.base import Regularizer, to_floats
 from ._core.inputs import Batch
 from ._core.options import Field, option
 from .config import from_config, register, to_config
+from .controllers import AdaptiveKLController
+from .penalties.elastic_net import ElasticNet
+from .penalties.huber import Huber
 from .penalties.l1 import L1
 from .penalties.l2 import L2
 from .pipeline import Pipeline, Term
@@ -32,8 +35,11 @@ from .pipeline import Pipeline, Term
 __all__ = [
     "L1",
     "L2",
+    "AdaptiveKLController",
     "Batch",
+    "ElasticNet",
     "Field",
+    "Huber",
     "Pipeline",
     "Regularizer",
     "Term",
