@@ -32,7 +32,7 @@ TEST_SESSIONS = [f"tests-{name}" for name in BACKENDS]
 nox.options.sessions = [*TEST_SESSIONS, "tests-tinker", "tests-docs", "lint", "docs"]
 # JAX compiles every drawn shape (twice, eager and under jit): the generic per-penalty
 # properties draw fewer examples there, the same properties as everywhere else.
-SESSION_ENV: dict[str, dict[str, str]] = {"jax": {"REGULARIZERS_PROPERTY_EXAMPLES": "8"}}
+SESSION_ENV: dict[str, dict[str, str]] = {"jax": {"REGULARIZERS_PROPERTY_EXAMPLES": "4"}}
 
 
 def _tests(backend: str, extra: list[str]) -> None:
