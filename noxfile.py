@@ -29,7 +29,7 @@ BACKENDS: dict[str, list[str]] = {
     "dask": ["dask[array]"],
 }
 TEST_SESSIONS = [f"tests-{name}" for name in BACKENDS]
-nox.options.sessions = [*TEST_SESSIONS, "tests-tinker", "tests-docs", "lint", "docs"]
+nox.options.sessions = [*TEST_SESSIONS, "tests-tinker", "tests-keras", "tests-docs", "lint", "docs"]
 # JAX compiles every drawn shape (twice, eager and under jit): the generic per-penalty
 # properties draw fewer examples there, the same properties as everywhere else.
 SESSION_ENV: dict[str, dict[str, str]] = {"jax": {"REGULARIZERS_PROPERTY_EXAMPLES": "4"}}
@@ -71,6 +71,21 @@ def tests_docs(session: nox.Session) -> None:
     """Every Python code block of README.md and docs/ runs, page by page."""
     session.install(".", *TEST_DEPS, TORCH, "jax", "array-api-strict", "dask[array]", "matplotlib")
     session.run("pytest", "spec_tests/test_docs.py", "--docs", *session.posargs)
+
+
+@nox.session(name="tests-keras")
+def tests_keras(session: nox.Session) -> None:
+    """rg.Orthogonality against Keras 3's own OrthogonalRegularizer (torch backend)."""
+    session.install(".", *TEST_DEPS, "keras", TORCH)
+    session.run(
+        "pytest",
+        "spec_tests/test_keras_agreement.py",
+        "--keras",
+        "--backend",
+        "torch",
+        *session.posargs,
+        env={"KERAS_BACKEND": "torch"},
+    )
 
 
 @nox.session

@@ -95,14 +95,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="also run test_tinker.py, against the installed tinker SDK",
     )
+    parser.addoption(
+        "--keras",
+        action="store_true",
+        help="also run test_keras_agreement.py, against the installed keras",
+    )
+
+
+# test module -> the flag (and the library) it needs; collected only when the flag is given
+_GATED = {"test_tinker.py": "tinker", "test_keras_agreement.py": "keras", "test_docs.py": "docs"}
 
 
 def pytest_ignore_collect(collection_path: Any, config: pytest.Config) -> bool | None:
-    """test_tinker.py runs in the tinker session only (``--tinker``), where the SDK is;
-    test_docs.py in the docs session only (``--docs``), where every backend is."""
-    if collection_path.name == "test_tinker.py" and not config.getoption("--tinker"):
-        return True
-    if collection_path.name == "test_docs.py" and not config.getoption("--docs"):
+    """test_tinker.py runs in the tinker session only (``--tinker``), where the SDK is, and
+    test_keras_agreement.py in the keras session only (``--keras``), and test_docs.py in the
+    docs session only (``--docs``), where every backend is."""
+    flag = _GATED.get(collection_path.name)
+    if flag is not None and not config.getoption(f"--{flag}"):
         return True
     return None
 
@@ -127,11 +136,14 @@ def selected_backends(config: pytest.Config) -> list[Backend]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "backends(*names): run only on these backends")
-    if config.getoption("--tinker"):
-        try:
-            importlib.import_module("tinker")
-        except ImportError as exc:
-            raise pytest.UsageError(f"--tinker was given but {exc}") from exc
+    if config.getoption("--keras"):  # keras picks its backend at import (tensorflow: not here)
+        os.environ.setdefault("KERAS_BACKEND", "torch")
+    for flag in _GATED.values():
+        if flag != "docs" and config.getoption(f"--{flag}"):
+            try:
+                importlib.import_module(flag)
+            except ImportError as exc:  # asked for means tested: never a silent skip
+                raise pytest.UsageError(f"--{flag} was given but {exc}") from exc
     for b in selected_backends(config):
         try:
             importlib.import_module(b.library)

@@ -157,7 +157,9 @@ def cases(
     """A drawn call of ``cls``: the layout (list or stacked ``[B, T, ...]``), the sequences,
     the reduce mode and a mask, around the class's own case strategy."""
     # a class whose options decide its event_ndim lists the ones its strategy handles
-    k = draw(st.sampled_from(getattr(CASES[cls], "event_ndims", (int(cls.event_ndim),))))
+    # (not a getattr default: a property's class attribute is no int)
+    ks = getattr(CASES[cls], "event_ndims", None)
+    k = draw(st.sampled_from(ks if ks is not None else (int(cls.event_ndim),)))
     event = tuple(draw(st.integers(1, 4)) for _ in range(k))
     layout = layout or draw(st.sampled_from(["list", "stacked"]))
     n_seq = draw(st.integers(min_sequences, 4))
@@ -278,3 +280,220 @@ def huber_cases(
     if target == "logprobs":
         x = with_kinks(draw, x, kinks_of(center, clip, 0.0, delta, -delta))
     return Case(rg.Huber(delta=delta, center=center, clip=clip, target=target, **reduce), x)
+
+
+def _logprob_fields(
+    draw: st.DrawFn, shapes: list[Any], names: tuple[str, ...]
+) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Logprobs and fields (reference, behaviour) in [-10, 0], so |lp - field| <= 10 and
+    exp(±10) keeps every float64 reference finite; some fields equal lp (d = 0, a kink)."""
+    x = field_like(draw, shapes, -10.0, 0.0)
+    data: dict[str, Any] = {}
+    for name in names:
+        other = field_like(draw, shapes, -10.0, 0.0)
+        same = [draw(hnp.arrays(np.bool_, s)) for s in shapes]
+        data[name] = [np.where(m, a, o) for a, o, m in zip(x, other, same, strict=True)]
+    return x, data
+
+
+@cases_for(rg.SampledKL)
+@st.composite
+def sampled_kl_cases(
+    draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool
+) -> Case:
+    estimator = draw(st.sampled_from(["k1", "abs", "k2", "k3"]))
+    unbiased = estimator in ("k1", "k3") and draw(st.booleans())
+    behavior = draw(st.booleans())
+    bound = st.floats(-4.0, 4.0, width=32)
+    clip = draw(
+        st.one_of(
+            st.none(),
+            st.tuples(bound, bound).map(lambda p: (min(p), max(p))),
+            st.tuples(st.none(), bound),
+            st.tuples(bound, st.none()),
+        )
+    )
+    names = ("ref_logprobs", "behavior_logprobs") if behavior else ("ref_logprobs",)
+    x, data = _logprob_fields(draw, shapes, names)
+    reg = rg.SampledKL(
+        rg.Field("ref_logprobs"),
+        estimator=estimator,
+        gradient="unbiased" if unbiased else "estimator",
+        behavior=rg.Field("behavior_logprobs") if behavior else None,
+        log_ratio_clip=clip,
+        **reduce,
+    )
+    return Case(reg, x, data)
+
+
+@cases_for(rg.SampledEntropy)
+@st.composite
+def sampled_entropy_cases(
+    draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool
+) -> Case:
+    behavior = draw(st.booleans())
+    x, data = _logprob_fields(draw, shapes, ("behavior_logprobs",) if behavior else ())
+    reg = rg.SampledEntropy(
+        mode=draw(st.sampled_from(["maximize", "minimize"])),
+        behavior=rg.Field("behavior_logprobs") if behavior else None,
+        **reduce,
+    )
+    return Case(reg, x, data or None)
+
+
+@st.composite
+def _signed(draw: st.DrawFn, lo: float, hi: float) -> float:
+    """A value of magnitude in [lo, hi] (or an exact kink: 0, ±1, ±0.5), either sign.
+
+    Magnitudes stay away from the float32 under/overflow of a sum of squares, so the norms
+    of every backend and of the float64 reference see the same zero rows."""
+    v = draw(st.one_of(st.floats(lo, hi, width=32), st.sampled_from([0.0, 1.0, 0.5])))
+    return -v if draw(st.booleans()) else v
+
+
+def _with_zero_rows(draw: st.DrawFn, x: np.ndarray, axis: int) -> np.ndarray:
+    """``x`` with some vectors along ``axis`` (rows of a matrix, gradient rows) set to 0."""
+    axis %= x.ndim
+    keep = draw(hnp.arrays(np.bool_, x.shape[:axis] + x.shape[axis + 1 :]))
+    return np.where(np.expand_dims(keep | draw(st.booleans()), axis), x, 0.0)
+
+
+@cases_for(rg.Orthogonality)
+@st.composite
+def orthogonality_cases(
+    draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool
+) -> Case:
+    mode = draw(st.sampled_from(["rows", "columns"]))
+    x = [
+        _with_zero_rows(
+            draw,
+            draw(hnp.arrays(np.float64, s, elements=_signed(2.0**-10, 4.0))),
+            -1 if mode == "rows" else -2,
+        )
+        for s in shapes
+    ]
+    kind = draw(st.sampled_from(["cosine", "frobenius"]))
+    return Case(rg.Orthogonality(mode=mode, kind=kind, **reduce), x)
+
+
+@cases_for(rg.GradientPenalty)
+@st.composite
+def gradient_penalty_cases(
+    draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool
+) -> Case:
+    x = [
+        _with_zero_rows(draw, draw(hnp.arrays(np.float64, s, elements=_signed(2.0**-10, 50.0))), -1)
+        for s in shapes
+    ]
+    c = draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 5.0, width=32)))
+    return Case(rg.GradientPenalty(target_norm=c, **reduce), x)
+
+
+# ---- family II: penalties over distributions along the class axis (SPEC 9) ---------------
+def _neg_inf_pattern(draw: st.DrawFn, shape: tuple[int, ...]) -> np.ndarray:
+    """Where scores are -inf: some classes, and (for rows of a class axis) whole rows."""
+    where = draw(hnp.arrays(np.bool_, shape, elements=st.sampled_from([False] * 3 + [True])))
+    if len(shape) > 1 and shape[0]:
+        rows = draw(hnp.arrays(np.bool_, shape[:1], elements=st.sampled_from([False] * 4 + [True])))
+        where = where | rows[:, None]
+    return where
+
+
+@st.composite
+def scores(
+    draw: st.DrawFn, shapes: list[Any], lo: float = -20.0, hi: float = 20.0
+) -> list[np.ndarray]:
+    """Float64 scores (exact in float32) with -inf classes and rows of all -inf."""
+    out = []
+    for s, x in zip(shapes, field_like(draw, shapes, lo, hi), strict=True):
+        out.append(np.where(_neg_inf_pattern(draw, s), -np.inf, x))
+    return out
+
+
+@st.composite
+def paired_scores(draw: st.DrawFn, x: list[np.ndarray]) -> list[np.ndarray]:
+    """A second array of scores for ``x``: equal (up to a shift per row: the same
+    distribution), the same -inf classes (a shared masked vocabulary), or its own."""
+    how = draw(st.sampled_from(["same", "shared", "shared", "own"]))
+    out = []
+    for a in x:
+        shape = a.shape
+        if how == "same":
+            shift = draw(st.sampled_from([0.0, 3.5, -7.25]))
+            out.append(a + shift)
+            continue
+        other = field_like(draw, [shape], -20.0, 20.0)[0]
+        if how == "shared":
+            out.append(np.where(a == -np.inf, -np.inf, other))
+        else:
+            out.append(np.where(_neg_inf_pattern(draw, shape), -np.inf, other))
+    return out
+
+
+def temperatures() -> st.SearchStrategy[float]:
+    return st.one_of(st.just(1.0), st.sampled_from([0.5, 2.0]), st.floats(0.25, 3.0, width=32))
+
+
+@cases_for(rg.KL)
+@st.composite
+def kl_cases(draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool) -> Case:
+    x = draw(scores(shapes))
+    reg = rg.KL(
+        rg.Field("reference"),
+        direction=draw(st.sampled_from(["reverse", "forward", "symmetric"])),
+        temperature=draw(temperatures()),
+        **reduce,
+    )
+    return Case(reg, x, {"reference": draw(paired_scores(x))})
+
+
+@cases_for(rg.JSD)
+@st.composite
+def jsd_cases(draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool) -> Case:
+    x = draw(scores(shapes))
+    beta = draw(
+        st.one_of(st.sampled_from([0.5, 0.1, 0.9]), st.floats(0.015625, 0.984375, width=32))
+    )
+    reg = rg.JSD(rg.Field("reference"), beta=beta, temperature=draw(temperatures()), **reduce)
+    return Case(reg, x, {"reference": draw(paired_scores(x))})
+
+
+@cases_for(rg.Entropy)
+@st.composite
+def entropy_cases(
+    draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool
+) -> Case:
+    reg = rg.Entropy(
+        mode=draw(st.sampled_from(["minimize", "maximize"])),
+        normalize=draw(st.booleans()),
+        threshold=draw(st.one_of(st.none(), st.floats(0.0, 1.5, width=32))),
+        temperature=draw(temperatures()),
+        **reduce,
+    )
+    return Case(reg, draw(scores(shapes)))
+
+
+@cases_for(rg.ZLoss)
+@st.composite
+def z_loss_cases(
+    draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool
+) -> Case:
+    return Case(rg.ZLoss(**reduce), draw(scores(shapes)))
+
+
+@cases_for(rg.Consistency)
+@st.composite
+def consistency_cases(
+    draw: st.DrawFn, shapes: list[Any], reduce: dict[str, Any], splittable: bool
+) -> Case:
+    elementwise = len(shapes[0]) == 1  # event_ndim 0: per element; 1: rows of a class axis
+    metric = draw(st.sampled_from(["mse", "l1"] if elementwise else ["cosine", "kl"]))
+    x = draw(scores(shapes))
+    if metric == "cosine":  # zero rows: the cosine's special cases
+        x = [np.where(draw(hnp.arrays(np.bool_, a.shape[:1]))[:, None], 0.0, a) for a in x]
+    temperature = draw(temperatures()) if metric == "kl" else 1.0
+    reg = rg.Consistency(rg.Field("paired"), metric=metric, temperature=temperature, **reduce)
+    return Case(reg, x, {"paired": draw(paired_scores(x))})
+
+
+consistency_cases.event_ndims = (0, 1)  # type: ignore[attr-defined]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from tinker import types
-from tinker.lib.public_interfaces.custom_loss import run_loss_handle, trace_loss
+from tinker.lib.public_interfaces.custom_loss import encode_graph, run_loss_handle, trace_loss
 from tinker.lib.public_interfaces.training_client import TrainingClient
 
 import regularizers as rg
@@ -33,12 +33,18 @@ def batch(seed: int = 0) -> tuple[list[Any], Any, list[np.ndarray]]:
         lp[0] = -150.0  # beyond the ADR's clip
         lp[-1] = 0.0  # a kink
         weights = (np.arange(n) >= n // 3).astype(np.float32)  # 0 on the "prompt"
+        # the reference and sampling policies' logprobs of the same tokens (SampledKL/Entropy)
+        ref = np.minimum(lp + rng.normal(0.0, 0.5, size=n), 0.0).astype(np.float32)
+        behavior = np.minimum(lp + rng.normal(0.0, 0.2, size=n), 0.0).astype(np.float32)
         data.append(
             types.Datum(
                 model_input=types.ModelInput.from_ints(list(range(1, n + 1))),
                 loss_fn_inputs={
                     "target_tokens": list(range(2, n + 2)),
                     "weights": weights.tolist(),
+                    # keys the SDK does not know take arrays (a list needs a known dtype)
+                    "ref_logprobs": ref,
+                    "behavior_logprobs": behavior,
                 },
             )
         )
@@ -64,8 +70,41 @@ MEAN_PIPE = rg.Pipeline(
     ]
 )
 
+# SPEC 8.3-8.4 on Tinker's shape: the reference (and behaviour) logprobs ride in each datum's
+# loss_fn_inputs, the policy's sampled-token logprobs come from the forward pass.
+KL_PIPE = rg.Pipeline(
+    [
+        (rg.SampledKL(reference=rg.Field("ref_logprobs")), 0.05),
+        (rg.SampledEntropy(), 0.01),
+        (rg.L1(), 0.1),
+    ]
+)
+OFF_POLICY_PIPE = rg.Pipeline(
+    [
+        (
+            rg.SampledKL(
+                rg.Field("ref_logprobs"),
+                estimator="k1",
+                gradient="unbiased",
+                behavior=rg.Field("behavior_logprobs"),
+                log_ratio_clip=(-0.5, 0.5),
+                mask=rg.Field("weights"),
+            ),
+            0.05,
+        ),
+        rg.Term(rg.SampledKL(rg.Field("ref_logprobs"), estimator="abs"), 0.02, name="kl_abs"),
+        (
+            rg.SampledEntropy(
+                mode="minimize", behavior=rg.Field("behavior_logprobs"), mask=rg.Field("weights")
+            ),
+            0.01,
+        ),
+    ]
+)
+PIPES = {"sum": SUM_PIPE, "mean": MEAN_PIPE, "kl": KL_PIPE, "off_policy": OFF_POLICY_PIPE}
 
-@pytest.mark.parametrize("pipe", [SUM_PIPE, MEAN_PIPE], ids=["sum", "mean"])
+
+@pytest.mark.parametrize("pipe", list(PIPES.values()), ids=list(PIPES))
 def test_compute_custom_loss_sends_minus_the_gradient(bk: Any, pipe: rg.Pipeline) -> None:
     data, fwd, logprobs = batch()
     result = TrainingClient._compute_custom_loss(data, pipe, fwd)
@@ -104,15 +143,38 @@ def test_custom_loss_is_accepted_by_the_sdks_tracing(bk: Any) -> None:
     assert set(metrics_mean) == {"custom/l1_sparsity:mean", "custom/l2_weight_decay:sum"}
 
 
-def test_run_loss_handle_matches_forward_backward_custom_for_sums(bk: Any) -> None:
+def test_sampled_penalties_are_accepted_by_the_sdks_tracing(bk: Any) -> None:
+    fn, ranks = custom_loss(KL_PIPE)
+    assert ranks == {"logprobs": 1, "ref_logprobs": 1}
+    handle = trace_loss(fn, ranks, session_id="test-session")
+    assert handle.input_names == ("ref_logprobs",)
+    # what create_custom_loss uploads: k3 as expm1, the on-policy ratio through detach
+    targets = {node.target for node in encode_graph(handle).nodes}
+    assert {"torch.expm1", "detach"} <= targets, targets
+    fn, ranks = custom_loss(OFF_POLICY_PIPE)
+    handle = trace_loss(fn, ranks, session_id="test-session")
+    assert handle.input_names == ("weights", "ref_logprobs", "behavior_logprobs")
+    _, _, logprobs = batch()
+    lp = torch.tensor(logprobs[0])
+    _, metrics = handle.graph(lp, torch.ones_like(lp), lp - 0.1, lp)
+    assert set(metrics) == {
+        "custom/sampled_kl:sum",
+        "custom/kl_abs:sum",
+        "custom/sampled_entropy:sum",
+    }
+
+
+@pytest.mark.parametrize("name", ["sum", "kl", "off_policy"])
+def test_run_loss_handle_matches_forward_backward_custom_for_sums(bk: Any, name: str) -> None:
+    pipe = PIPES[name]
     data, fwd, logprobs = batch(seed=3)
-    fn, ranks = custom_loss(SUM_PIPE)
+    fn, ranks = custom_loss(pipe)
     handle = trace_loss(fn, ranks, session_id="test-session")
     leaves = [torch.tensor(lp, requires_grad=True) for lp in logprobs]
     loss, metrics = run_loss_handle(handle, data, leaves)
-    a = TrainingClient._compute_custom_loss(data, SUM_PIPE, fwd)
+    a = TrainingClient._compute_custom_loss(data, pipe, fwd)
     assert loss.item() == pytest.approx(a.loss_sum, rel=1e-6)
-    for t in SUM_PIPE.terms:
+    for t in pipe.terms:
         assert metrics[f"custom/{t.name}:sum"] == pytest.approx(
             a.metrics[f"{t.name}/value"], rel=1e-5
         )
@@ -135,6 +197,8 @@ def test_custom_loss_rejects_what_it_cannot_trace(bk: Any) -> None:
         custom_loss(rg.Pipeline([rg.Term(lambda d, lp: lp.sum(), 1.0, name="mine")]))
     with pytest.raises(ValueError, match="logprobs_rank"):
         custom_loss(SUM_PIPE, logprobs_rank=3)
+    with pytest.raises(TypeError, match="reference given as Field"):
+        custom_loss(rg.Pipeline([(rg.SampledKL([torch.zeros(3)]), 1.0)]))
 
 
 def test_import_regularizers_does_not_import_tinker() -> None:

@@ -26,23 +26,41 @@ from ._core.inputs import Batch
 from ._core.options import Field, option
 from .config import from_config, register, to_config
 from .controllers import AdaptiveKLController
+from .penalties.consistency import Consistency
 from .penalties.elastic_net import ElasticNet
+from .penalties.entropy import Entropy
+from .penalties.gradient_penalty import GradientPenalty
 from .penalties.huber import Huber
+from .penalties.jsd import JSD
+from .penalties.kl import KL
 from .penalties.l1 import L1
 from .penalties.l2 import L2
+from .penalties.orthogonality import Orthogonality
+from .penalties.sampled_entropy import SampledEntropy
+from .penalties.sampled_kl import SampledKL
+from .penalties.z_loss import ZLoss
 from .pipeline import Pipeline, Term
 
 __all__ = [
+    "JSD",
+    "KL",
     "L1",
     "L2",
     "AdaptiveKLController",
     "Batch",
+    "Consistency",
     "ElasticNet",
+    "Entropy",
     "Field",
+    "GradientPenalty",
     "Huber",
+    "Orthogonality",
     "Pipeline",
     "Regularizer",
+    "SampledEntropy",
+    "SampledKL",
     "Term",
+    "ZLoss",
     "checks",
     "from_config",
     "option",

@@ -31,6 +31,7 @@ from ._core.options import by_identity, field_of
 
 __all__ = [
     "Check",
+    "axis",
     "boolean",
     "center",
     "interval",
@@ -119,6 +120,14 @@ def positive_int(option: str, value: object) -> int:
         raise TypeError(f"{option} must be an integer >= 1, got {_describe(value)}")
     if int(value) < 1:
         raise ValueError(f"{option} must be an integer >= 1, got {int(value)!r}")
+    return int(value)
+
+
+def axis(option: str, value: object) -> int:
+    """An integer axis (not bool), negative counting from the end; its range is checked
+    against each call's input."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{option} must be an integer axis, got {_describe(value)}")
     return int(value)
 
 

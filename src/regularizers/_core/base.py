@@ -229,7 +229,7 @@ class Regularizer:
     ) -> Batch:
         """The :class:`~regularizers.Batch` of one call (validated, flattened, masked)."""
         m = self._opts["mask"] if mask is UNSET else checks.mask("mask", mask)
-        return prepare(
+        batch = prepare(
             data,
             logprobs,
             target=self.target,
@@ -241,6 +241,8 @@ class Regularizer:
             axis=getattr(self, "axis", -1),
             call=call,
         )
+        valid = self.valid_tokens(batch)
+        return batch if valid is None else batch.restrict(valid)
 
     def compute(
         self,
@@ -359,6 +361,17 @@ class Regularizer:
     def evaluate_with_grad(self, batch: Batch) -> tuple[Array, Metrics, Array]:
         """``(value, metrics, g)`` with ``g`` = d value / d ``batch.values`` (optional)."""
         raise NotImplementedError
+
+    def valid_tokens(self, batch: Batch) -> Array | None:
+        """Which tokens this penalty can score at all (``[n]`` bool), or None: every one.
+
+        Optional. :meth:`prepare` folds it into the mask (:meth:`Batch.restrict`), so the
+        tokens it rejects are uncounted everywhere: value, metrics, gradient, ``N`` and
+        ``S``, and :meth:`counts` (which keeps split invariance). The penalties over
+        distributions reject rows whose scores are all -inf. ``batch.values`` still holds
+        such tokens as they were: the penalty's maths must stay NaN-free on them.
+        """
+        return None
 
 
 def _signature(options: dict[str, Option]) -> inspect.Signature:

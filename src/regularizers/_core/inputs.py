@@ -244,6 +244,7 @@ class Batch:
     __slots__ = (
         "_arrays",
         "_count",
+        "_counts",
         "_data",
         "_is_list",
         "_local",
@@ -265,7 +266,7 @@ class Batch:
         "values",
         "xp",
     )
-
+    # (declared for type checkers: the slots are set by prepare() and restrict())
     xp: Namespace
     values: Array
     mask: Array | None
@@ -285,6 +286,7 @@ class Batch:
     _moved: int | None
     _data: Any
     _count: Any
+    _counts: Mapping[str, Any] | None
     _local: Any
     _seq_count: Any
     _per_seq: Any
@@ -323,13 +325,17 @@ class Batch:
         return self.xp.where(m, a, self.xp.zeros((), dtype=a.dtype, device=self.device))
 
     # ---- other fields of data --------------------------------------------------------------
-    def field(self, ref: Any, *, role: str = "field") -> Array:
+    def field(self, ref: Any, *, role: str = "field", counted: bool = True) -> Array:
         """Another array of the call, read and flattened exactly as the target.
 
         ``ref`` is a key of ``data`` (str or :class:`~regularizers.Field`), or an array /
         list of arrays given directly (e.g. an option's value). The result is aligned with
         :attr:`values` (same shape, compute dtype, device), with uncounted tokens set to 0.
         It is a constant for :meth:`~regularizers.Regularizer.value_and_grad`.
+
+        ``counted=False`` skips the zeroing of uncounted tokens (a ``where`` that copies the
+        whole array): for a penalty that zeroes them itself, block by block, to keep the
+        memory of a large ``[n, V]`` field to one copy at most (often none: a flat view).
         """
         xp = self.xp
         like = self._arrays[0]
@@ -355,7 +361,36 @@ class Batch:
         flat = self._flatten(arrays)
         if flat.dtype != self.dtype:
             flat = xp.astype(flat, self.dtype)
-        return self.where_counted(flat)
+        return self.where_counted(flat) if counted else flat
+
+    # ---- restricting the tokens that count ------------------------------------------------
+    def restrict(self, valid: Array) -> Batch:
+        """A Batch in which only the tokens that counted **and** are ``valid`` count.
+
+        ``valid`` is ``[n]`` bool (e.g. "this row of scores is not all -inf"). The mask
+        becomes ``mask & valid``, and everything that follows the mask follows it: every
+        sum, aggregate and metric, ``N`` and ``S`` (and so :meth:`local_counts`, i.e.
+        ``reg.counts``), :meth:`field` reads and the pullback of the gradient. Counts given
+        by the caller (``counts=``) still win, as everywhere.
+
+        ``values`` is **not** copied: a token that ``valid`` newly excludes keeps what it
+        held (zeroing would copy a whole ``[n, V]`` array). A penalty that restricts tokens
+        must therefore compute NaN-free, finite-gradient results on them (it knows what
+        they hold: that is why it excludes them); their per-token results are dropped by
+        ``where``, never multiplied by 0.
+        """
+        xp = self.xp
+        mask = valid if self.mask is None else xp.logical_and(self.mask, valid)
+        kept = {k: getattr(self, k) for k in self.__slots__}
+        out = Batch(**kept)
+        local = xp.sum(xp.astype(mask, self.dtype))
+        given = self._counts or {}
+        object.__setattr__(out, "mask", mask)
+        object.__setattr__(out, "_local", local)
+        object.__setattr__(out, "_count", self._count if "tokens" in given else local)
+        object.__setattr__(out, "_seq_count", self._seq_count if "sequences" in given else None)
+        object.__setattr__(out, "_per_seq", None)
+        return out
 
     def _flatten(self, arrays: list[Array]) -> Array:
         xp, k = self.xp, self.event_ndim
@@ -485,8 +520,8 @@ class Batch:
         if how == "seq-mean-token-sum":
             return self._divide(self.constant(1.0), s)
         if how == "seq-mean-token-sum-norm":
-            assert self.max_tokens is not None  # checked at construction
-            return self._divide(self.constant(1.0 / self.max_tokens), s)
+            assert self.max_tokens is not None  # (check_options requires it)
+            return self._divide(self.constant(1.0 / float(self.max_tokens)), s)
         # seq-mean-token-mean: 1 / (S · N_s), per token
         xp = self.xp
         if self.mask is None and len(set(self.lengths)) == 1:
@@ -500,6 +535,8 @@ class Batch:
                 (-1,),
             )
         ids = _sequence_ids(self.lengths)
+        if len(ids) == 1:  # Dask (2026.8) gives take(per, [0]) the shape of per, not (1,)
+            return per[ids[0] : ids[0] + 1]
         return xp.take(per, xp.asarray(ids, device=self.device), axis=0)
 
     def aggregate(self, p: Array, *, total: Array | None = None) -> Array:
@@ -535,7 +572,7 @@ class Batch:
         start = 0
         for a, token_shape in zip(self._arrays, self._token_shapes, strict=True):
             n = _size(token_shape)
-            piece = g if len(self._arrays) == 1 else g[start : start + n]
+            piece = g if len(self._arrays) == 1 else g[start : start + n, ...]
             start += n
             shape = tuple(a.shape)
             if self._moved is not None:
@@ -545,7 +582,7 @@ class Batch:
                 )
             else:
                 piece = xp.reshape(piece, shape)
-            grads.append(xp.astype(piece, a.dtype))
+            grads.append(xp.astype(piece, a.dtype, copy=False))  # no copy of a same-dtype [n, V]
         return grads if self._is_list else grads[0]
 
     def finish(self, value: Array, metrics: Metrics) -> tuple[Array, Metrics]:
@@ -647,6 +684,7 @@ def prepare(
         _moved=moved,
         _data=data,
         _count=None,
+        _counts=counts,
         _local=None,
         _seq_count=None,
     )

@@ -25,6 +25,8 @@ from .._core.base import Regularizer
 from .._core.options import Field
 from ..penalties.l1 import L1
 from ..penalties.l2 import L2
+from ..penalties.sampled_entropy import SampledEntropy
+from ..penalties.sampled_kl import SampledKL
 from ..pipeline import Pipeline
 
 __all__ = ["custom_loss"]
@@ -32,56 +34,118 @@ __all__ = ["custom_loss"]
 _METRIC_NAME = re.compile(r"[a-z0-9_./-]{1,64}")
 
 
+SUPPORTED = (L1, L2, SampledKL, SampledEntropy)
+_FIELDS = ("target", "mask", "reference", "behavior")  # options that may read a datum's input
+
+
 def _inputs_of(reg: Regularizer) -> list[str]:
-    return [f.key for f in (reg.target, reg.mask) if isinstance(f, Field)]
+    fields = [getattr(reg, name, None) for name in _FIELDS]
+    return [f.key for f in fields if isinstance(f, Field)]
 
 
 def _per_datum(reg: Regularizer) -> Callable[[Any, dict[str, Any]], Any]:
     """``(logprobs, inputs) -> value`` for one datum, in torch ops only (fx-traceable)."""
     import torch
 
-    if not isinstance(reg, (L1, L2)) or type(reg) not in (L1, L2):
+    if type(reg) not in SUPPORTED:
         raise TypeError(
-            f"custom_loss supports the built-in L1 and L2 only (the SDK traces plain torch), "
-            f"got {type(reg).__name__}"
+            "custom_loss supports the built-in "
+            + ", ".join(c.__name__ for c in SUPPORTED)
+            + f" only (the SDK traces plain torch), got {type(reg).__name__}"
         )
+    for name in ("mask", "reference", "behavior"):
+        given = getattr(reg, name, None)
+        if given is not None and not isinstance(given, Field):
+            raise TypeError(
+                f"custom_loss needs {name} given as Field(key) (a loss_fn_inputs key), not "
+                "arrays: a traced loss reads only logprobs and the inputs it names"
+            )
+    body = {L1: _l1, L2: _l2, SampledKL: _sampled_kl, SampledEntropy: _sampled_entropy}[type(reg)]
 
     def value(lp: Any, inputs: dict[str, Any]) -> Any:
         target = reg.target
         t = inputs[target.key] if isinstance(target, Field) else lp
-        if target == "probs":
-            t = torch.exp(t)
         mask = reg.mask
         if isinstance(mask, Field):
             keep = inputs[mask.key] != 0
             count = torch.clamp(keep.sum(), min=1)
-            t = torch.where(keep, t, torch.zeros_like(t))
-        elif mask is None:
+        else:
             keep = None
             count = torch.clamp(torch.ones_like(t).sum(), min=1)
-        else:
-            raise TypeError("custom_loss needs masks given as Field(key), not arrays")
+
+        def counted(a: Any) -> Any:  # uncounted tokens hold 0, as in Batch
+            return a if keep is None else torch.where(keep, a, torch.zeros_like(a))
 
         def total(a: Any) -> Any:
-            return (a if keep is None else torch.where(keep, a, torch.zeros_like(a))).sum()
+            return counted(a).sum()
 
-        if isinstance(reg, L1):
-            raw = total(t * torch.sign(t))  # d|x| = sign(x), 0 at 0, as in _core.ops.abs_
-        else:
-            c = t
-            lo, hi = reg.clip if reg.clip is not None else (None, None)
-            if hi is not None:  # where-clipping: gradient 1 on [lo, hi], 0 strictly outside
-                c = torch.where(c > hi, torch.full_like(c, hi), c)
-            if lo is not None:
-                c = torch.where(c < lo, torch.full_like(c, lo), c)
-            if reg.center == "mean":
-                c = c - total(c) / count
-            elif reg.center is not None:
-                c = c - reg.center
-            raw = total(c * c)
+        def read(field: Any) -> Any:
+            return counted(inputs[field.key])
+
+        t = counted(t)
+        if target == "probs":
+            t = counted(torch.exp(t))
+        raw = body(reg, t, read, total, count)
         return raw if reg.reduce == "sum" else raw / count
 
     return value
+
+
+def _l1(reg: Any, t: Any, read: Any, total: Any, count: Any) -> Any:
+    import torch
+
+    return total(t * torch.sign(t))  # d|x| = sign(x), 0 at 0, as in ops.abs_
+
+
+def _l2(reg: Any, t: Any, read: Any, total: Any, count: Any) -> Any:
+    c = _clip(t, reg.clip)
+    if reg.center == "mean":
+        c = c - total(c) / count
+    elif reg.center is not None:
+        c = c - reg.center
+    return total(c * c)
+
+
+def _clip(t: Any, bounds: Any) -> Any:
+    """where-clipping: gradient 1 on [lo, hi] (bounds included), 0 strictly outside."""
+    import torch
+
+    lo, hi = bounds if bounds is not None else (None, None)
+    if hi is not None:
+        t = torch.where(t > hi, torch.full_like(t, hi), t)
+    if lo is not None:
+        t = torch.where(t < lo, torch.full_like(t, lo), t)
+    return t
+
+
+def _ratio(t: Any, read: Any, behavior: Any, through_lp: bool) -> Any:
+    """rho = exp(lp - b) (b = behavior), exp(lp - detach(lp)) (value 1), or None (1)."""
+    import torch
+
+    if behavior is not None:
+        return torch.exp(t - read(behavior))
+    if through_lp:
+        return torch.exp(t - t.detach())
+    return None
+
+
+def _sampled_kl(reg: Any, t: Any, read: Any, total: Any, count: Any) -> Any:
+    import torch
+
+    d = _clip(t - read(reg.reference), reg.log_ratio_clip)
+    k = {
+        "k1": lambda: d,
+        "abs": lambda: d * torch.sign(d),
+        "k2": lambda: 0.5 * (d * d),
+        "k3": lambda: torch.expm1(-d) + d,
+    }[reg.estimator]()
+    rho = _ratio(t, read, reg.behavior, reg.gradient == "unbiased")
+    return total(k if rho is None else rho * k)
+
+
+def _sampled_entropy(reg: Any, t: Any, read: Any, total: Any, count: Any) -> Any:
+    rho_lp = _ratio(t, read, reg.behavior, True) * t
+    return total(rho_lp if reg.mode == "maximize" else -rho_lp)
 
 
 def custom_loss(
@@ -99,7 +163,8 @@ def custom_loss(
     Parameters
     ----------
     pipe : Pipeline
-        Terms must be built-in ``L1``/``L2`` (masks and targets as ``Field``); no base_loss.
+        Terms must be built-in ``L1``, ``L2``, ``SampledKL`` or ``SampledEntropy`` (masks,
+        targets, references and behaviour logprobs as ``Field``); no base_loss.
     logprobs_rank : {1, 2}
         The rank of each datum's logprobs (and of the inputs read): 1 for ``[T]``.
     """
@@ -123,7 +188,7 @@ def custom_loss(
         if not isinstance(t.regularizer, Regularizer):
             raise TypeError(
                 f"term {t.name!r} is a {type(t.regularizer).__name__}; custom_loss "
-                "supports the built-in L1 and L2 only"
+                "supports the built-in " + ", ".join(c.__name__ for c in SUPPORTED) + " only"
             )
         terms.append((t.name, t.weight, t.regularizer.reduce, _per_datum(t.regularizer)))
         for key in _inputs_of(t.regularizer):

@@ -1,0 +1,204 @@
+"""Forward + backward of the penalties over distributions against the naive torch idiom.
+
+Run: ``python benchmarks/family_distributions.py [--device cpu|cuda] [--repeats 3]``.
+
+Cases (float32 logits ``[T, V]``; the reference, where there is one, has the same shape):
+
+- ``entropy`` at [4096, 32000]: ``rg.Entropy()``;
+- ``kl`` at [4096, 32000]: ``rg.KL(reference)`` (reverse KL(p||q));
+- ``jsd`` at [2048, 32000]: ``rg.JSD(reference, beta=0.5)``.
+
+Implementations, each in a **fresh subprocess** (so that one's memory cannot hide in
+another's peak):
+
+- ``naive``: what people write, with autograd: ``p = softmax(z); -(p * log_softmax(z)).sum()``
+  for the entropy, ``(p * (log_softmax(z) - log_softmax(r))).sum()`` for the KL, TRL's stacked
+  ``logsumexp`` mixture for the JSD; then ``.backward()``;
+- ``ours_vag``: ``reg.value_and_grad(None, z)``: value, metrics and the closed-form gradient,
+  computed block by block over tokens (the library's generic array API path);
+- ``ours_autograd``: ``reg(z)`` on a tensor that requires grad, then ``.backward()``: torch
+  autograd records the generic path (until a fused autograd Function serves it).
+
+Measured: the median wall time of ``--repeats`` runs after one warm run, and the peak memory
+beyond the inputs, reported in units of one ``[T, V]`` float32 array (the gradient itself is
+one). On CPU that is the growth of the process's peak resident set (``ru_maxrss``: torch's CPU
+allocator keeps no statistics); on CUDA, ``torch.cuda.max_memory_allocated``. The last table
+gives ours/naive ratios, all measured in this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+CASES = {"entropy": (4096, 32000), "kl": (4096, 32000), "jsd": (2048, 32000)}
+IMPLS = ("naive", "ours_vag", "ours_autograd")
+BETA = 0.5
+
+
+def make_inputs(case: str, device: str) -> tuple[Any, Any]:
+    import torch
+
+    t, v = CASES[case]
+    gen = torch.Generator(device=device).manual_seed(0)
+    z = torch.randn((t, v), generator=gen, device=device).mul_(3.0)  # in place: no transient
+    r = None if case == "entropy" else torch.randn((t, v), generator=gen, device=device).mul_(3.0)
+    return z, r
+
+
+def regularizer(case: str, r: Any) -> Any:
+    import regularizers as rg
+
+    if case == "entropy":
+        return rg.Entropy()
+    if case == "kl":
+        return rg.KL(r)
+    return rg.JSD(r, beta=BETA)
+
+
+def naive(case: str, z: Any, r: Any) -> Any:
+    """The idiom with autograd: several [T, V] temporaries, all kept for the backward."""
+    import torch
+    import torch.nn.functional as F
+
+    z = z.detach().requires_grad_(True)
+    lp = F.log_softmax(z, dim=-1)
+    if case == "entropy":
+        p = F.softmax(z, dim=-1)
+        loss = -(p * lp).sum()
+    elif case == "kl":
+        lq = F.log_softmax(r, dim=-1)
+        loss = (lp.exp() * (lp - lq)).sum()
+    else:  # TRL GKD's generalized_jsd_loss, the same maths
+        lq = F.log_softmax(r, dim=-1)
+        stacked = torch.stack([lq + math.log(BETA), lp + math.log(1 - BETA)])
+        lm = torch.logsumexp(stacked, dim=0)
+        kl_q = (lq.exp() * (lq - lm)).sum()
+        kl_p = (lp.exp() * (lp - lm)).sum()
+        loss = BETA * kl_q + (1 - BETA) * kl_p
+    loss.backward()
+    return loss.detach(), z.grad
+
+
+def ours_vag(case: str, z: Any, r: Any) -> Any:
+    value, _, grad = regularizer(case, r).value_and_grad(None, z)
+    return value, grad
+
+
+def ours_autograd(case: str, z: Any, r: Any) -> Any:
+    z = z.detach().requires_grad_(True)
+    value, _ = regularizer(case, r)(z)
+    value.backward()
+    return value.detach(), z.grad
+
+
+IMPL = {"naive": naive, "ours_vag": ours_vag, "ours_autograd": ours_autograd}
+
+
+def child(case: str, impl: str, device: str, repeats: int) -> dict[str, Any]:
+    """One implementation of one case, in this (fresh) process."""
+    import torch
+
+    fn = IMPL[impl]
+    z, r = make_inputs(case, device)
+    small = (z[:8], None if r is None else r[:8])
+    fn(case, *small)  # load kernels, warm the allocator
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    value, grad = fn(case, z, r)
+    sync()
+    first = time.perf_counter() - start
+    if device == "cuda":
+        extra = torch.cuda.max_memory_allocated() - before
+    else:
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    out_value = float(value)
+    del value, grad
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        value, grad = fn(case, z, r)
+        sync()
+        times.append(time.perf_counter() - start)
+        del value, grad
+    t, v = CASES[case]
+    return {
+        "case": case,
+        "impl": impl,
+        "device": device,
+        "value": out_value,
+        "first_s": first,
+        "median_s": statistics.median(times),
+        "peak_extra_bytes": extra,
+        "peak_extra_arrays": extra / (t * v * 4),
+    }
+
+
+def run_child(case: str, impl: str, device: str, repeats: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", case, impl, "--device", device]
+    cmd += ["--repeats", str(repeats)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{case}/{impl} failed:\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child, args.device, args.repeats)))
+        return 0
+    import torch
+
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads")
+    results = []
+    for case in args.cases.split(","):
+        for impl in IMPLS:
+            res = run_child(case, impl, args.device, args.repeats)
+            results.append(res)
+            print(
+                f"{case:8s} {CASES[case]!s:14s} {impl:14s} median {res['median_s'] * 1e3:9.1f} ms"
+                f"  peak extra {res['peak_extra_bytes'] / 2**20:8.0f} MiB"
+                f" = {res['peak_extra_arrays']:5.2f} x [T, V]   value {res['value']:.6g}",
+                flush=True,
+            )
+    print("\nours / naive (same run, same device):")
+    by = {(r["case"], r["impl"]): r for r in results}
+    for case in args.cases.split(","):
+        base = by[(case, "naive")]
+        for impl in IMPLS[1:]:
+            ours = by[(case, impl)]
+            rel = abs(ours["value"] - base["value"]) / max(abs(base["value"]), 1e-30)
+            print(
+                f"{case:8s} {impl:14s} time x{ours['median_s'] / base['median_s']:5.2f}"
+                f"  peak memory x{ours['peak_extra_bytes'] / max(base['peak_extra_bytes'], 1):5.2f}"
+                f"  (value rel. diff {rel:.1e})"
+            )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

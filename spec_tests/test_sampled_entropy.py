@@ -1,0 +1,107 @@
+"""SPEC 8.4 ``SampledEntropy``: the identities by exact enumeration, and its own properties.
+
+On the categorical of ``test_sampled_kl`` (π = softmax(θ), one token per outcome, lp_i =
+log π_i): Σ_i π_i l_i = ∓H(π) and Σ_i π_i ∇_θ l_i = ∓∇_θ H(π) = ±π⊙(log π + H), and the same
+with Σ_i μ_i under a behaviour policy μ. Plain -lp (an L1 on logprobs, which are ≤ 0) has the
+same expected value H(π) but expected gradient 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import regularizers as rg
+
+from .test_sampled_kl import BEH, categoricals, close, expected_gradient, per_outcome, traced
+
+Harness = Any
+SIGN = {"maximize": 1.0, "minimize": -1.0}
+
+
+def entropy(pi: np.ndarray) -> float:
+    return float(-np.sum(pi * np.log(pi)))
+
+
+def grad_entropy(pi: np.ndarray) -> np.ndarray:
+    """∇_θ H(π) = -π⊙(log π + H)."""
+    return -pi * (np.log(pi) + entropy(pi))
+
+
+@pytest.mark.parametrize("behavior", [False, True], ids=["on-policy", "behavior"])
+@pytest.mark.parametrize("mode", ["maximize", "minimize"])
+@given(dist=categoricals())
+def test_expected_value_and_gradient_are_the_entropys(
+    bk: Harness, mode: str, behavior: bool, dist: tuple[np.ndarray, ...]
+) -> None:
+    pi, _, mu = dist
+    reg = rg.SampledEntropy(mode=mode, behavior=BEH if behavior else None)
+    data = {"behavior_logprobs": np.log(mu)} if behavior else {}
+    w = mu if behavior else pi  # the distribution the tokens were sampled from
+    ell, grads = per_outcome(bk, reg, np.log(pi), data)
+    s = SIGN[mode]
+    close(float(w @ ell), -s * entropy(pi), "Σ w_i l_i = ∓H(π)")
+    for dl in grads:
+        close(expected_gradient(w, pi, dl), -s * grad_entropy(pi), "Σ w_i ∇l_i = ∓∇H(π)")
+
+
+@given(dist=categoricals())
+def test_plain_minus_logprob_has_zero_expected_gradient(
+    bk: Harness, dist: tuple[np.ndarray, ...]
+) -> None:
+    """L1 on sampled logprobs is Σ -lp: its mean estimates H(π), its gradient does not move it.
+
+    ∂|lp_i|/∂lp_i = -1 for every outcome, and Σ_i π_i (-1)(e_i - π) = -π + π = 0.
+    """
+    pi, _, _ = dist
+    ell, grads = per_outcome(bk, rg.L1(), np.log(pi), {})
+    close(float(pi @ ell), entropy(pi), "Σ π_i |lp_i| = H(π)")
+    for dl in grads:
+        close(dl, -np.ones_like(pi), "∂|lp|/∂lp = -1")
+        close(expected_gradient(pi, pi, dl), np.zeros_like(pi), "Σ π_i ∇l_i = 0")
+
+
+logprobs = st.lists(st.floats(-30.0, 0.0, width=32), min_size=1, max_size=8).map(np.array)
+
+
+@given(lp=logprobs)
+def test_modes_are_opposite_and_entropy_mean_is_positive(bk: Harness, lp: np.ndarray) -> None:
+    x = bk.asarray(lp)
+    out = {mode: bk.call(traced(rg.SampledEntropy(mode=mode), "vag"), x, None) for mode in SIGN}
+    (v_max, m_max, g_max), (v_min, m_min, g_min) = out["maximize"], out["minimize"]
+    # on-policy: rho = 1, so p = ±lp and ∂p/∂lp = ±(lp + 1)
+    close(bk.float(v_max), lp.sum(), "maximize: Σ lp")
+    close(bk.float(v_min), -lp.sum(), "minimize: -Σ lp")
+    close(bk.to_numpy(g_max), lp + 1.0, "maximize: lp + 1")
+    close(bk.to_numpy(g_min), -(lp + 1.0), "minimize: -(lp + 1)")
+    for metrics in (m_max, m_min):
+        floats = rg.to_floats(metrics)
+        close(floats["entropy_mean"], -lp.mean(), "entropy_mean = mean(-lp)")
+        assert floats["entropy_mean"] >= 0.0
+    close(rg.to_floats(m_min)["sampled_entropy_raw"], -lp.sum(), "raw of the penalty")
+
+
+@given(lp=logprobs)
+def test_behavior_equal_to_the_policy_is_on_policy(bk: Harness, lp: np.ndarray) -> None:
+    on = rg.SampledEntropy()
+    off = rg.SampledEntropy(behavior=BEH)
+    x, data = bk.asarray(lp), {"behavior_logprobs": bk.asarray(lp.copy())}
+    v1, _, g1 = bk.call(traced(on, "vag"), x, None)
+    v2, _, g2 = bk.call(traced(off, "vag"), x, data)
+    close(bk.float(v2), bk.float(v1), "value")
+    close(bk.to_numpy(g2), bk.to_numpy(g1), "gradient")
+    if bk.backend.has_autodiff:
+        auto = bk.autodiff(lambda a: off.compute(data, a)[0], x)
+        close(bk.to_numpy(auto), bk.to_numpy(g1), "autodiff")
+
+
+def test_options() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        rg.SampledEntropy(mode="max")
+    with pytest.raises(TypeError, match="behavior"):
+        rg.SampledEntropy(behavior=1.0)
+    assert repr(rg.SampledEntropy(mode="minimize")) == "SampledEntropy(mode='minimize')"
