@@ -1,7 +1,8 @@
 """Sessions: one test session per backend configuration, lint, the docs, and the examples.
 
 ``nox`` runs every test session, lint and the docs build (the README's test command, and
-CI); ``nox -s demo`` runs the main job; ``nox -R`` reuses the virtualenvs for fast local re-runs.
+CI); ``nox -s demo`` runs the main job; ``nox -s example`` trains the example models;
+``nox -R`` reuses the virtualenvs for fast local re-runs.
 """
 
 from __future__ import annotations
@@ -125,6 +126,14 @@ def docs(session: nox.Session) -> None:
     session.run(
         "mkdocs", "build", "--strict", "--site-dir", "site", env={"NO_MKDOCS_2_WARNING": "1"}
     )
+
+
+@nox.session
+def example(session: nox.Session) -> None:
+    """The training example: a character-level model trained in PyTorch and JAX, then
+    fine-tuned RL-style from a frozen reference; writes its curves to examples/output/."""
+    session.install(".[numpy,torch,jax]", "tqdm", "matplotlib")
+    session.run("python", "examples/train_charlm.py", *session.posargs, env={"MPLBACKEND": "Agg"})
 
 
 @nox.session
