@@ -1,7 +1,9 @@
-"""Sessions: one test session per backend configuration, scaling out, lint, and the demo.
+"""Sessions: one test session per backend configuration, scaling out, lint, the docs,
+and the examples.
 
-``nox`` runs every test session and lint (the README's test command); ``nox -s demo`` runs
-the main job; ``nox -R`` reuses the virtualenvs for fast local re-runs.
+``nox`` runs every test session, lint and the docs build (the README's test command, and
+CI); ``nox -s demo`` runs the main job; ``nox -s example`` trains the example models;
+``nox -R`` reuses the virtualenvs for fast local re-runs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ nox.options.sessions = [
     "tests-docs",
     "distributed",
     "lint",
+    "docs",
 ]
 # JAX compiles every drawn shape (twice, eager and under jit): the generic per-penalty
 # properties draw fewer examples there, the same properties as everywhere else.
@@ -119,8 +122,43 @@ def lint(session: nox.Session) -> None:
     """
     session.install(".", *LINT_DEPS, TORCH, "jax")
     session.run("ruff", "check", ".")
-    session.run("ruff", "format", "--check", "src", "spec_tests", "benchmarks", "examples")
+    session.run(
+        "ruff",
+        "format",
+        "--check",
+        "src",
+        "spec_tests",
+        "benchmarks",
+        "examples",
+        "docs/plots",
+        "docs/_tooling",
+    )
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The docs site, built with ``--strict``: every figure drawn, every page and API entry.
+
+    ``docs/plots`` runs each plot script (PNGs into ``docs/img/``, not committed); then
+    mkdocs builds into ``site/`` (``nox -s docs -- serve`` serves it locally instead).
+    """
+    session.install(".", "numpy", "matplotlib", "mkdocs-material", "mkdocstrings[python]", "ruff")
+    session.run("python", "docs/plots", env={"MPLBACKEND": "Agg"})
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", *session.posargs[1:], env={"NO_MKDOCS_2_WARNING": "1"})
+        return
+    session.run(
+        "mkdocs", "build", "--strict", "--site-dir", "site", env={"NO_MKDOCS_2_WARNING": "1"}
+    )
+
+
+@nox.session
+def example(session: nox.Session) -> None:
+    """The training example: a character-level model trained in PyTorch and JAX, then
+    fine-tuned RL-style from a frozen reference; writes its curves to examples/output/."""
+    session.install(".[numpy,torch,jax]", "tqdm", "matplotlib")
+    session.run("python", "examples/train_charlm.py", *session.posargs, env={"MPLBACKEND": "Agg"})
 
 
 @nox.session

@@ -70,6 +70,39 @@ def test_fragments_are_few() -> None:
     assert marked <= max(3, total // 8), f"{marked} of {total} blocks are fragments"
 
 
+# What a user of the package or a reader of the site does not have: the contract's source
+# file and its section numbers (the docs' contract page says it in its own words instead).
+NOT_THEIRS = re.compile(r"\bSPEC\b|SPEC\.md|shared/SPEC|seeds/ADR")
+
+
+def test_no_doc_or_docstring_points_at_files_users_do_not_have() -> None:
+    sources = [*PAGES, *sorted((ROOT / "src").rglob("*.py"))]
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in sources
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if NOT_THEIRS.search(line)
+    ]
+    assert not found, "link to the contract page instead:\n" + "\n".join(found)
+
+
+def test_every_built_in_penalty_has_a_figure() -> None:
+    """Each exported regularizer is drawn, with its gradient, by a script of docs/plots/
+    (run by ``nox -s docs`` before every build)."""
+    import regularizers as rg
+
+    scripts = "\n".join(p.read_text() for p in (ROOT / "docs" / "plots").glob("*.py"))
+    exported = [
+        name
+        for name in rg.__all__
+        if isinstance(obj := getattr(rg, name), type)
+        and issubclass(obj, rg.Regularizer)
+        and obj is not rg.Regularizer
+    ]
+    undrawn = [name for name in exported if not re.search(rf"\brg\.{name}\b", scripts)]
+    assert not undrawn, f"no script of docs/plots/ draws {undrawn}"
+
+
 def run_page_at(path: Path) -> int:
     """run_page for a page outside the repository (the self-test above)."""
     global ROOT

@@ -1,4 +1,4 @@
-r"""What the penalties over distributions along a class axis share (SPEC section 9).
+r"""What the penalties over distributions along a class axis share.
 
 Everything here works on rows ``[c, V]`` (the class axis last, as :class:`Batch` gives it)
 with standard array API calls only, and is **NaN-free under -inf classes** on every backend,

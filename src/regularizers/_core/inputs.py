@@ -221,6 +221,9 @@ def check_counts(counts: object) -> dict[str, Any] | None:
 class Batch:
     r"""The prepared view of one call: what a penalty's ``evaluate`` works on.
 
+    The aggregation (``reduce``, ``counts``) is done by :meth:`aggregate`; every penalty
+    gets every mode of the table in the concepts page for free.
+
     Attributes
     ----------
     xp : namespace
@@ -237,9 +240,6 @@ class Batch:
         ``n``, the static number of tokens.
     dtype, device
         The compute dtype and the device of the input.
-
-    The aggregation (``reduce``, ``counts``) is done by :meth:`aggregate`; every penalty
-    gets every mode of the table in the concepts page for free.
     """
 
     __slots__ = (

@@ -1,4 +1,4 @@
-"""Elementwise operations with the gradient conventions of SPEC section 3.
+"""Elementwise operations with the library's gradient conventions (the docs' contract page).
 
 Backends disagree on derivatives at kinks (JAX's ``abs`` has slope 1 at 0; ``clip`` has slope
 1 at the bounds in torch and 0.5 in JAX). These helpers are built from standard operations

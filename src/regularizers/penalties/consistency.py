@@ -1,4 +1,4 @@
-"""Consistency between the input and a paired array: mse, l1, cosine or symmetric KL (SPEC 9)."""
+"""Consistency between the input and a paired array: mse, l1, cosine or symmetric KL."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exact entropy along the class axis: a penalty, a bonus, or a confidence hinge (SPEC 9)."""
+"""Exact entropy along the class axis: a penalty, a bonus, or a confidence hinge."""
 
 from __future__ import annotations
 

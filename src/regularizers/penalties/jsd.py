@@ -1,4 +1,4 @@
-"""Generalized Jensen-Shannon divergence along the class axis (SPEC 9; TRL GKD's β)."""
+"""Generalized Jensen-Shannon divergence along the class axis (TRL GKD's β)."""
 
 from __future__ import annotations
 

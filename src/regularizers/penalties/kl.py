@@ -1,4 +1,4 @@
-"""Exact KL divergence along the class axis, between the model and a reference (SPEC 9)."""
+"""Exact KL divergence along the class axis, between the model and a reference."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The z-loss of t5x and PaLM: the squared log-partition function per token (SPEC 9)."""
+"""The z-loss of t5x and PaLM: the squared log-partition function per token."""
 
 from __future__ import annotations
 
