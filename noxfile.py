@@ -118,9 +118,10 @@ def distributed(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff (lint and format) on everything; mypy --strict on the package.
 
-    The backend modules import torch and jax lazily: mypy checks them against the real ones.
+    The backend modules import torch, jax and dask lazily: mypy checks them against the real
+    ones (without dask, ``to_floats``'s ``import dask`` fails mypy).
     """
-    session.install(".", *LINT_DEPS, TORCH, "jax")
+    session.install(".", *LINT_DEPS, TORCH, "jax", "dask[array]")
     session.run("ruff", "check", ".")
     session.run(
         "ruff",
