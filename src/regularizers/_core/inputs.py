@@ -587,7 +587,14 @@ class Batch:
         return grads if self._is_list else grads[0]
 
     def finish(self, value: Array, metrics: Metrics) -> tuple[Array, Metrics]:
-        """``(value, metrics)`` as 0-d arrays of the caller's namespace."""
+        """``(value, metrics)`` as 0-d arrays of the caller's namespace.
+
+        With no token at all, a penalty's value may be a constant 0 cut off from the input;
+        adding the (exactly 0) sum of the empty values keeps it in the caller's autodiff
+        graph, so that ``loss.backward()`` on an empty micro-batch works like on any other.
+        """
+        if self.size == 0:
+            value = value + self.xp.astype(self.xp.sum(self.values), value.dtype)
         return as_0d(self.xp, value), {k: as_0d(self.xp, v) for k, v in metrics.items()}
 
 
