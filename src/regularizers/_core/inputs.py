@@ -447,16 +447,18 @@ class Batch:
     def local_counts(self) -> dict[str, Array]:
         """The counts of this call alone, as 0-d integer arrays (``reg.counts``)."""
         xp = self.xp
-        n = self.size if self.mask is None else xp.sum(xp.astype(self.mask, xp.int64))
+        # the namespace's default integer (int32 for JAX without x64, which warns on int64)
+        dt = xp.asarray(0).dtype
+        n = self.size if self.mask is None else xp.sum(xp.astype(self.mask, dt))
         if self.mask is None:
             s: Any = len([n_s for n_s in self.lengths if n_s > 0])
         else:
-            s = xp.sum(xp.astype(self._sequence_counts() > 0, xp.int64))
+            s = xp.sum(xp.astype(self._sequence_counts() > 0, dt))
 
         def as_int(v: Any) -> Array:
             if is_array_api_obj(v):
                 return v
-            return xp.asarray(v, dtype=xp.int64, device=self.device)
+            return xp.asarray(v, dtype=dt, device=self.device)
 
         return {"tokens": as_int(n), "sequences": as_int(s)}
 
