@@ -561,22 +561,22 @@ def _norm(xp: Any, grads: list[Array], like: Array) -> Array:
     Infinities give inf and NaN gives NaN.
     """
     dev = array_api_compat.device(like)
-    flat = []
+    arrays = []
     for g in grads:  # any shape: every sum below is over all elements
         if g.dtype != xp.float64 and g.dtype != xp.float32:
             g = xp.astype(g, xp.float32)
-        flat.append(g)
-    if not flat:
+        arrays.append(g)
+    if not arrays:
         return xp.zeros((), dtype=xp.float32, device=dev)
     dtype = xp.float32
-    for g in flat:  # a loop, not any(genexpr): torch.compile(fullgraph=True) traces it
+    for g in arrays:  # a loop, not any(genexpr): torch.compile(fullgraph=True) traces it
         if g.dtype == xp.float64:
             dtype = xp.float64
     tsml, tbig, ssml, sbig = _blue_constants(xp.finfo(dtype))
     zero = xp.zeros((), dtype=dtype, device=dev)
     one = xp.ones((), dtype=dtype, device=dev)
     big = medium = small = zero
-    for g in flat:
+    for g in arrays:
         a = xp.abs(g if g.dtype == dtype else xp.astype(g, dtype))
         is_big, is_small = a > tbig, a < tsml
         b = xp.where(is_big, a, zero) * sbig
