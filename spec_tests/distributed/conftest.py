@@ -107,22 +107,23 @@ class Cluster:
         return int(self.client.run_on_scheduler(_graph_count))
 
     def warnings(self) -> list[str]:
-        """Warnings logged so far in this process (the scheduler, the client, the nannies,
-        which restart a worker that outgrows its memory) and by the workers, but for a
-        worker pausing at its memory limit until its memory is freed (how a worker keeps to
-        the limit: back pressure, not a fault)."""
+        """Warnings logged so far in this process (the scheduler, the client, and the
+        nannies, which restart a worker that outgrows its memory limit) and by the workers,
+        but for the reports of a worker's memory manager (``distributed.worker.memory``:
+        pausing at the limit until memory is freed, memory the allocator has not returned to
+        the OS), which is how a worker keeps to a tight limit, not a fault."""
         out = list(self._handler.messages)
         for worker, records in self.client.get_worker_logs().items():
             out += [
                 f"worker {worker}: {msg}"
                 for level, msg in records
-                if level in _BAD and not _PAUSE.search(msg)
+                if level in _BAD and not _MEMORY_MANAGER.search(msg)
             ]
         return out
 
 
 _BAD = ("WARNING", "ERROR", "CRITICAL")
-_PAUSE = re.compile(r"Worker is at \d+% memory usage\. (Pausing|Resuming) worker")
+_MEMORY_MANAGER = re.compile(r"\bdistributed\.worker\.memory\b")
 _PLUGIN = "regularizers-graph-counter"
 
 
