@@ -167,6 +167,9 @@ def bench(session: nox.Session) -> None:
     """The benchmark suite (not in the default run: CI time is for tests)."""
     session.install(".", "numpy", TORCH, "jax", "keras", "matplotlib")
     session.run("python", "benchmarks/run.py", *session.posargs)
+    # the family's cases, each measured against the hand-written idiom in the same run
+    session.run("python", "benchmarks/family_sampled.py")
+    session.run("python", "benchmarks/family_distributions.py")
 
 
 @nox.session
