@@ -32,7 +32,10 @@ def test_nonnegative_zero_on_equal_and_symmetric(bk: Harness, data: st.DataObjec
     swapped = call(bk, cons(metric), y, {"y": x})[0]
     np.testing.assert_allclose(swapped, value, rtol=1e-12, atol=1e-15)
     same, _, grad, _ = call(bk, cons(metric), x, {"y": x})
-    assert same == 0.0
+    if metric in ("mse", "l1"):
+        assert same == 0.0  # x - x is exactly 0
+    else:  # 1 - cos and the symmetric KL are 0 up to rounding (XLA reassociates under jit)
+        assert abs(same) <= 1e-12
     np.testing.assert_allclose(grad, 0.0, atol=1e-12)
 
 
