@@ -18,11 +18,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import regularizers as rg
-from regularizers._fastpaths import dispatch as _fastpath
-from regularizers._fastpaths import numpy_blocked as _native_numpy
+from regularizers._fastpath import dispatch as _fastpath
+from regularizers._fastpath import numpy_blocked as _native_numpy
 
 try:
-    from regularizers._fastpaths import torch_fused as _native_torch
+    from regularizers._fastpath import torch_fused as _native_torch
 except ImportError:  # the numpy session has no torch; only the numpy fast path runs there
     _native_torch = None  # type: ignore[assignment]
 

@@ -141,7 +141,7 @@ def test_the_completeness_check_notices_a_missing_piece() -> None:
 
 def test_the_layout_shows_the_architecture() -> None:
     folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}
-    assert {"penalties", "_core", "_fastpaths", "integrations"} <= folders
+    assert {"penalties", "_core", "_fastpath", "integrations"} <= folders
     for cls in exported_regularizers():
         assert cls.__module__.startswith(f"{PACKAGE.name}.penalties."), cls
     # one typing module: no other module defines Array

@@ -9,7 +9,7 @@ The package's layout:
 - ``penalties/``: one short module per penalty;
 - ``_core/``: the shared machinery (options, inputs and ``Batch``, aggregation, the
   ``Regularizer`` base class, the registry, gradient conventions, autodiff);
-- ``_fastpaths/``: backend-specific native code (blocked NumPy, fused torch);
+- ``_fastpath/``: backend-specific native code (blocked NumPy, fused torch);
 - ``integrations/``: other libraries' APIs (Tinker);
 - ``pipeline``, ``config``, ``checks`` and ``testing``: the public tools around them.
 

@@ -23,7 +23,7 @@ import array_api_compat
 from array_api_compat import array_namespace, is_array_api_obj
 
 from . import checks
-from ._core.autodiff import autodiff_grad, has_autodiff, stop_gradient
+from ._core.backends import autodiff_grad, has_autodiff, stop_gradient
 from ._core.base import Regularizer, floats_and_values
 from ._core.inputs import as_0d, as_arrays, namespace_of
 from ._core.typing import Array

@@ -40,7 +40,7 @@ import array_api_compat
 from array_api_compat import array_namespace
 
 from ._core import registry
-from ._core.autodiff import autodiff_grad, has_autodiff
+from ._core.backends import autodiff_grad, has_autodiff
 from ._core.options import ByIdentity
 from .config import from_config
 

@@ -18,9 +18,9 @@ from typing import Any, ClassVar
 import array_api_compat
 
 from .. import checks
-from .._fastpaths.dispatch import try_compute
+from .._fastpath.dispatch import try_compute
 from . import registry
-from .autodiff import autodiff_grad, has_autodiff
+from .backends import autodiff_grad, compute_lazy, has_autodiff
 from .inputs import Batch, check_counts, check_data, prepare
 from .options import Option, encode, option, unwrap
 from .typing import Array, Metrics
@@ -448,11 +448,7 @@ def floats_and_values(
     extra = [i for i, a in enumerate(arrays) if array_api_compat.is_dask_array(a)]
     values = list(arrays)
     if lazy or extra:
-        import dask
-
-        computed = dask.compute(  # type: ignore[attr-defined,no-untyped-call]
-            *lazy.values(), *(arrays[i] for i in extra)
-        )
+        computed = compute_lazy(*lazy.values(), *(arrays[i] for i in extra))
         out.update({k: float(c) for k, c in zip(lazy, computed[: len(lazy)], strict=True)})
         out = {k: out[k] for k in metrics}
         for i, c in zip(extra, computed[len(lazy) :], strict=True):

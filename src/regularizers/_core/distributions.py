@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import checks
-from .autodiff import stop_gradient
+from .backends import stop_gradient
 from .base import Regularizer
 from .inputs import Batch
 from .options import option

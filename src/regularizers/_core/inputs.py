@@ -23,7 +23,7 @@ from typing import Any
 import array_api_compat
 from array_api_compat import array_namespace, is_array_api_obj
 
-from .autodiff import reshape
+from .backends import reshape
 from .options import ByIdentity, Field
 from .typing import Array, Metrics, Namespace
 

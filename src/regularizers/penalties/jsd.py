@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from .. import checks
-from .._core.autodiff import stop_gradient
+from .._core.backends import stop_gradient
 from .._core.distributions import (
     OverClasses,
     axis_option,

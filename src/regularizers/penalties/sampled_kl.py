@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import checks
-from .._core.autodiff import stop_gradient
+from .._core.backends import stop_gradient
 from .._core.base import Regularizer
 from .._core.inputs import Batch
 from .._core.ops import abs_, clip_, inside_clip

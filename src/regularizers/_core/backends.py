@@ -15,7 +15,7 @@ import array_api_compat
 
 from .typing import Array, Namespace
 
-__all__ = ["autodiff_grad", "has_autodiff", "reshape", "stop_gradient"]
+__all__ = ["autodiff_grad", "compute_lazy", "has_autodiff", "reshape", "stop_gradient"]
 
 
 def has_autodiff(xp: Namespace) -> bool:
@@ -52,6 +52,13 @@ def autodiff_grad(xp: Namespace, fn: Callable[[Any], Array], logprobs: Any) -> A
             logprobs = list(logprobs)
         return jax.grad(fn)(logprobs)
     raise TypeError(f"{xp.__name__} has no autodiff")
+
+
+def compute_lazy(*arrays: Any) -> tuple[Any, ...]:
+    """Dask arrays computed together, in one ``dask.compute`` (one pass over shared inputs)."""
+    import dask
+
+    return tuple(dask.compute(*arrays))  # type: ignore[attr-defined,no-untyped-call]
 
 
 def stop_gradient(xp: Namespace, a: Array) -> Array:
