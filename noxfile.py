@@ -42,7 +42,9 @@ nox.options.sessions = [
 ]
 # JAX compiles every drawn shape (twice, eager and under jit): the generic per-penalty
 # properties draw fewer examples there, the same properties as everywhere else.
-SESSION_ENV: dict[str, dict[str, str]] = {"jax": {"REGULARIZERS_PROPERTY_EXAMPLES": "4"}}
+SESSION_ENV: dict[str, dict[str, str]] = {
+    "jax": {"REGULARIZERS_MAX_EXAMPLES": "5", "REGULARIZERS_PROPERTY_EXAMPLES": "4"}
+}
 
 
 def _tests(backend: str, extra: list[str]) -> None:

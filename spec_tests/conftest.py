@@ -42,6 +42,15 @@ settings.register_profile(
 )
 settings.register_profile("thorough", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+# A session may cap the examples of every property (JAX compiles each drawn shape, eagerly
+# and again under jit, so its sessions draw fewer examples of the same properties).
+if _cap := os.environ.get("REGULARIZERS_MAX_EXAMPLES"):
+    settings.register_profile(
+        "capped",
+        parent=settings.get_profile(settings.get_current_profile_name()),
+        max_examples=min(int(_cap), settings().max_examples),
+    )
+    settings.load_profile("capped")
 
 
 class Backend(enum.Enum):
@@ -283,15 +292,23 @@ class Harness:
         with self.flags():
             return fn(*arrays)
 
-    def autodiff(self, fn: Callable[[Any], Any], x: Any) -> Any:
-        """The gradient of the scalar ``fn(x)`` by the backend's own autodiff."""
+    def autodiff(self, fn: Callable[[Any], Any], x: Any, *, generic: bool = True) -> Any:
+        """The gradient of the scalar ``fn(x)`` by the backend's own autodiff.
+
+        On torch, ``generic`` records the generic path (autograd independent of the closed
+        forms); ``generic=False`` lets a built-in route autograd through its closed form, as
+        users get it.
+        """
         if self.library == "torch":
             import torch
+
+            from regularizers._fastpath.dispatch import disabled
 
             leaves = [
                 t.detach().clone().requires_grad_(True) for t in (x if isinstance(x, list) else [x])
             ]
-            value = fn(leaves if isinstance(x, list) else leaves[0])
+            with disabled() if generic else contextlib.nullcontext():
+                value = fn(leaves if isinstance(x, list) else leaves[0])
             grads = torch.autograd.grad(value, leaves, allow_unused=True)
             grads = [
                 torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads, strict=True)

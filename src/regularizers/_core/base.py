@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import array_api_compat
 
 from .. import checks
-from .._fastpath.dispatch import try_compute
+from .._fastpath.dispatch import try_autograd, try_compute
 from . import registry
 from .backends import autodiff_grad, compute_lazy, has_autodiff
 from .inputs import Batch, check_counts, check_data, prepare
@@ -279,8 +279,7 @@ class Regularizer:
             if fast is not None:
                 return fast
         batch = self.prepare(data, logprobs, mask=mask, counts=counts)
-        value, metrics = self.evaluate(batch)
-        return batch.finish(value, metrics)
+        return batch.finish(*self._evaluate_recorded(batch))
 
     def __call__(
         self,
@@ -298,8 +297,7 @@ class Regularizer:
         batch = self.prepare(
             data, logprobs, mask=mask, counts=counts, call="reg(logprobs, data=...)"
         )
-        value, metrics = self.evaluate(batch)
-        return batch.finish(value, metrics)
+        return batch.finish(*self._evaluate_recorded(batch))
 
     def counts(self, data: object, logprobs: object, *, mask: object = UNSET) -> dict[str, Array]:
         """``{"tokens": N, "sequences": S}`` of this call, as 0-d integer arrays.
@@ -329,9 +327,15 @@ class Regularizer:
         batch = self.prepare(
             data, logprobs, mask=mask, counts=counts, call="value_and_grad(data, logprobs)"
         )
-        value, metrics, g = self.evaluate_with_grad(batch)
+        value, metrics, g = try_autograd(self, batch) or self.evaluate_with_grad(batch)
         value, metrics = batch.finish(value, metrics)
         return value, metrics, batch.pullback(g)
+
+    def _evaluate_recorded(self, batch: Batch) -> tuple[Array, Metrics]:
+        """``evaluate``, or on torch tensors that require grad a built-in's closed form
+        recorded as one autograd node (``_fastpath/torch_autograd.py``)."""
+        routed = try_autograd(self, batch)
+        return self.evaluate(batch) if routed is None else routed[:2]
 
     @property
     def has_closed_form_grad(self) -> bool:

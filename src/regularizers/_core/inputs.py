@@ -254,6 +254,7 @@ class Batch:
         "_seq_count",
         "_target_arrays",
         "_token_shapes",
+        "_watch",
         "counts_given",
         "device",
         "dtype",
@@ -291,11 +292,23 @@ class Batch:
     _local: Any
     _seq_count: Any
     _per_seq: Any
+    _watch: list[str] | None
 
     def __init__(self, **kw: Any) -> None:
         for k, v in kw.items():
             object.__setattr__(self, k, v)
         self._per_seq = None
+        if "_watch" not in kw:
+            self._watch = None
+
+    def constant_values(self, values: Array, watch: list[str]) -> Batch:
+        """This Batch with ``values`` replaced (e.g. by a copy cut out of an autodiff graph);
+        :meth:`field` then appends to ``watch`` the name of every array it reads that is
+        itself differentiable (a torch tensor that requires grad)."""
+        out = Batch(**{k: getattr(self, k) for k in self.__slots__})
+        object.__setattr__(out, "values", values)
+        object.__setattr__(out, "_watch", watch)
+        return out
 
     def __repr__(self) -> str:
         return (
@@ -359,6 +372,8 @@ class Batch:
             )
         for i, a in enumerate(arrays):
             _check_float(xp, a, f"{what} array {i}")
+        if self._watch is not None and any(getattr(a, "requires_grad", False) for a in arrays):
+            self._watch.append(what)
         flat = self._flatten(arrays)
         if flat.dtype != self.dtype:
             flat = xp.astype(flat, self.dtype)

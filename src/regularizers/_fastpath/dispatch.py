@@ -13,6 +13,10 @@ takes the generic array API path. The spec suite (``test_fastpaths.py``) proves 
 path equal to the generic path on Hypothesis-drawn inputs, kinks and non-finite values
 included.
 
+:func:`try_autograd` is the training path's counterpart: on torch tensors that require grad,
+a built-in with a closed form is recorded by autograd as one node whose backward is that closed
+form (``torch_autograd``).
+
 ``disabled()`` turns fast paths off in the current context (thread- and task-local), which is
 how the tests and benchmarks reach the generic path.
 """
@@ -27,7 +31,7 @@ from typing import Any
 
 from .._core import registry
 
-__all__ = ["disabled", "try_compute"]
+__all__ = ["disabled", "try_autograd", "try_compute"]
 
 ENABLED: ContextVar[bool] = ContextVar("regularizers_fastpath", default=True)
 _PACKAGE = __name__.rsplit(".", 2)[0]  # "regularizers", or the vendored copy's name
@@ -66,6 +70,21 @@ def try_compute(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
             return None
     fast = native.get(reg.name)
     return None if fast is None else fast(reg, logprobs)
+
+
+def try_autograd(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
+    """``(value, metrics, g)`` with autograd through ``reg``'s closed form (``g`` its
+    gradient w.r.t. ``batch.values``), or None: record the generic path."""
+    if type(batch.values).__module__ != "torch" or _torch_compiling():
+        return None
+    cls = type(reg)
+    if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+        return None
+    if not reg.has_closed_form_grad or not ENABLED.get():
+        return None
+    from .torch_autograd import value_metrics_and_grad
+
+    return value_metrics_and_grad(reg, batch)
 
 
 _BUILTIN: set[type] = set()
