@@ -150,7 +150,7 @@ def child(case: str, impl: str, device: str, repeats: int) -> dict[str, Any]:
 
 def run_child(case: str, impl: str, device: str, repeats: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", case, impl, "--device", device]
-    cmd += ["--repeats", str(repeats)]
+    cmd += ["--repeats", str(repeats), "--tokens", str(CASES[case][0])]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{case}/{impl} failed:\n{done.stderr[-3000:]}")
@@ -163,8 +163,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--tokens", type=int, default=None, help="override T (quick runs)")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tokens:
+        for case, (_, v) in list(CASES.items()):
+            CASES[case] = (args.tokens, v)
     if args.child:
         print(json.dumps(child(*args.child, args.device, args.repeats)))
         return 0

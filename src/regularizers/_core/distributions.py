@@ -31,6 +31,8 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import array_api_compat
+
 from .. import checks
 from .backends import stop_gradient
 from .base import Regularizer
@@ -46,6 +48,7 @@ __all__ = [
     "check_scores_target",
     "const",
     "kl_rows",
+    "log_normalize",
     "log_softmax",
     "operand_option",
     "require",
@@ -53,8 +56,8 @@ __all__ = [
     "valid_rows",
 ]
 
-BLOCK = 1 << 21
-"""Elements (rows x classes) per block of :func:`blockwise`: 8 MiB of float32."""
+BLOCK = 1 << 20
+"""Elements (rows x classes) per block of :func:`blockwise`: 4 MiB of float32."""
 
 
 # ---- options -------------------------------------------------------------------------------
@@ -128,8 +131,6 @@ class OverClasses(Regularizer):
 # ---- arrays ---------------------------------------------------------------------------------
 def const(xp: Namespace, value: float, like: Array) -> Array:
     """A 0-d array of ``like``'s dtype and device (``inf`` allowed)."""
-    import array_api_compat
-
     return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like))
 
 
@@ -152,24 +153,36 @@ def valid_rows(batch: Batch, *rows: Array) -> Array:
     return ok
 
 
-def log_softmax(xp: Namespace, z: Array) -> tuple[Array, Array, Array, Array]:
-    """``(log p, p, lse, keep)`` of rows ``z`` along the last axis, NaN-free.
+def log_normalize(xp: Namespace, z: Array) -> tuple[Array, Array]:
+    """``(z - lse, lse)`` of rows ``z`` along the last axis: the raw log-softmax (-inf at
+    -inf classes) and the log-sum-exp, shaped ``[..., 1]`` (0 for a row of all -inf), NaN-free.
 
-    ``keep = z != -inf`` (NaN is kept, and propagates); ``log p`` is 0 where not ``keep``;
-    ``p`` is exactly 0 there; ``lse`` is the log-sum-exp, shaped ``[..., 1]`` (0 for a row of
-    all -inf). The shift by the row's max is a constant for autodiff (the value does not
-    depend on it), so no gradient flows through ``max``.
+    The shift by the row's max is a constant for autodiff (the value does not depend on it),
+    so no gradient flows through ``max``.
     """
-    keep = z != -xp.inf
     zero, one = const(xp, 0.0, z), const(xp, 1.0, z)
     m = stop_gradient(xp, xp.max(z, axis=-1, keepdims=True))
     m = xp.where(m == -xp.inf, zero, m)  # a row of all -inf: no shift (and no -inf - -inf)
-    e = xp.exp(z - m)  # 0 at -inf classes, with a 0 derivative
-    s = xp.sum(e, axis=-1, keepdims=True)
+    s = xp.sum(xp.exp(z - m), axis=-1, keepdims=True)  # exp(-inf) = 0, derivative 0
     s = xp.where(s == zero, one, s)  # only a row of all -inf sums to 0
     lse = m + xp.log(s)
-    logp = xp.where(keep, z - lse, zero)
-    return logp, e / s, lse, keep
+    return z - lse, lse
+
+
+def log_softmax(
+    xp: Namespace, z: Array, *, probs: bool = True
+) -> tuple[Array, Array | None, Array, Array]:
+    """``(log p, p, lse, keep)`` of rows ``z`` along the last axis, NaN-free.
+
+    ``keep = z != -inf`` (NaN is kept, and propagates); ``log p`` is **0** where not
+    ``keep``, so that ``p · log p`` is 0 · 0 there; ``p`` (None unless ``probs``) is
+    ``exp(log p)``, exactly 0 at -inf classes (so autodiff keeps ``p`` once, not
+    ``exp(z - max)`` besides); ``lse`` as :func:`log_normalize`.
+    """
+    raw, lse = log_normalize(xp, z)
+    keep = z != -xp.inf
+    logp = xp.where(keep, raw, const(xp, 0.0, z))
+    return logp, (xp.exp(raw) if probs else None), lse, keep
 
 
 def _gap(xp: Namespace, here: Array, there: Array) -> Array:
@@ -188,7 +201,9 @@ def kl_rows(
     second is 0) is +inf, with gradient 0.
     """
     logp, p, _, kp = log_softmax(xp, z / temperature if temperature != 1.0 else z)
-    logq, q, _, kq = log_softmax(xp, r / temperature if temperature != 1.0 else r)
+    rt = r / temperature if temperature != 1.0 else r
+    logq, q, _, kq = log_softmax(xp, rt, probs=direction != "reverse")  # (q: forward only)
+    assert p is not None
     inf, zero = const(xp, math.inf, z), const(xp, 0.0, z)
     values: list[Array] = []
     grads: list[Array] = []
@@ -201,6 +216,7 @@ def kl_rows(
             g = p * (diff - xp.reshape(finite, (-1, 1)))
             grads.append(xp.where(xp.reshape(gap, (-1, 1)), zero, g))
     if direction in ("forward", "symmetric"):
+        assert q is not None
         finite = xp.sum(q * (logq - logp), axis=-1)
         gap = _gap(xp, kq, kp)
         values.append(xp.where(gap, inf, finite))
@@ -221,18 +237,28 @@ RowFn = Callable[..., tuple[Sequence[Array], Array | None]]
 
 
 def blockwise(
-    batch: Batch, fn: RowFn, operands: Sequence[Array] = (), *, grad: bool = False
+    batch: Batch,
+    fn: RowFn,
+    operands: Sequence[Array] = (),
+    *,
+    grad: bool = False,
+    zero_values: bool = False,
 ) -> tuple[list[Array], Array | None]:
     """Run ``fn(values_block, *operand_blocks)`` over blocks of tokens and join the results.
 
     ``fn`` returns ``(outs, dp)``: per-token ``[c]`` arrays (the first is the penalty ``p``)
-    and, when ``grad``, ``dp`` = d p_i / d values_i (shaped like the block). The values and the
-    operands (other ``[n, ...]`` arrays, read with ``batch.field(..., counted=False)``) get
-    their uncounted tokens zeroed here, block by block (tokens excluded by
-    :meth:`Batch.restrict` still hold their own values in ``batch.values``), so ``fn`` sees
-    0 there in every array. Returns the joined ``outs`` and, when ``grad``, the
-    gradient of ``batch.aggregate(p)`` w.r.t. ``batch.values`` (``reduce`` and ``counts``
-    honoured; uncounted tokens are zeroed by the pullback).
+    and, when ``grad``, ``dp`` = d p_i / d values_i (shaped like the block). The operands
+    (other ``[n, ...]`` arrays, read with ``batch.field(..., counted=False)``) get their
+    uncounted tokens zeroed here, block by block. ``batch.values`` is 0 at the tokens the
+    caller's mask drops, and holds what it held at those :meth:`Batch.restrict` drops (rows
+    of all -inf, which the maths here handles); ``zero_values=True`` zeroes those too (one
+    more pass, for maths that cannot take them).
+
+    Returns the joined ``outs`` and, when ``grad``, the gradient of ``batch.aggregate(p)``
+    w.r.t. ``batch.values`` (``reduce`` and ``counts`` honoured; uncounted tokens are zeroed
+    by the pullback). Where the namespace's arrays are writable (all but JAX's) the gradient
+    is written block by block into one array; otherwise its blocks are concatenated, which
+    holds them twice for a moment.
     """
     xp, values = batch.xp, batch.values
     n = batch.size
@@ -244,22 +270,33 @@ def blockwise(
         got, _ = fn(zero_row, *[zero_row for _ in operands])
         return [o[0:0] for o in got], (xp.zeros_like(values) if grad else None)
     blocks = [None] if n <= step else [slice(i, min(i + step, n)) for i in range(0, n, step)]
+    out = None
+    if grad and len(blocks) > 1:
+        out = xp.empty(values.shape, dtype=values.dtype, device=batch.device)
+        out = out if array_api_compat.is_writeable_array(out) else None
     outs: list[list[Array]] = []
     grads: list[Array] = []
     for sl in blocks:
-        z = _counted(batch, values if sl is None else values[sl, ...], sl)
+        z = values if sl is None else values[sl, ...]
+        z = _counted(batch, z, sl) if zero_values else z
         ops = [_counted(batch, o if sl is None else o[sl, ...], sl) for o in operands]
         got, dp = fn(z, *ops)
         outs.append(list(got))
         if grad:
             assert dp is not None
-            grads.append(_weighted(batch, dp, w, sl))
+            piece = _weighted(batch, dp, w, sl)
+            if out is not None:
+                out[sl, ...] = piece
+            else:
+                grads.append(piece)
     joined = [
         outs[0][k] if len(outs) == 1 else xp.concat([o[k] for o in outs], axis=0)
         for k in range(len(outs[0]))
     ]
     if not grad:
         return joined, None
+    if out is not None:
+        return joined, out
     return joined, grads[0] if len(grads) == 1 else xp.concat(grads, axis=0)
 
 

@@ -115,7 +115,9 @@ class Consistency(OverClasses, name="consistency"):
                 value, g = elementwise(xp, x, y, how, grad)
             return [value], g
 
-        (p,), g = blockwise(batch, rows, [self._paired(batch)], grad=grad)
+        # an element -inf in both arrays is dropped by restrict: zero it, as its pair is
+        zero = how in ELEMENTWISE
+        (p,), g = blockwise(batch, rows, [self._paired(batch)], grad=grad, zero_values=zero)
         raw = batch.sum(p)
         return batch.aggregate(p, total=raw), batch.metrics("consistency", p, total=raw), g
 

@@ -95,13 +95,14 @@ class Entropy(OverClasses, name="entropy"):
 
         def rows(z: Array) -> tuple[list[Array], Array | None]:
             logp, p, _, _ = log_softmax(xp, z / t if t != 1.0 else z)
+            assert p is not None
             h = -xp.sum(p * logp, axis=-1)
             penalty, slope = self._penalty(xp, h, size)
             if not grad:
                 return [penalty, h], None
-            dh = -p * (logp + xp.reshape(h, (-1, 1)))  # dH / d(z/T)
-            slope = slope / t if isinstance(slope, float) else xp.reshape(slope, (-1, 1)) / t
-            return [penalty, h], dh * slope
+            # dH / d(z/T) = -p (log p + H); times d penalty / dH and 1/T, in three passes
+            minus = -slope / t if isinstance(slope, float) else xp.reshape(slope, (-1, 1)) / -t
+            return [penalty, h], (logp + xp.reshape(h, (-1, 1))) * p * minus
 
         (p, h), g = blockwise(batch, rows, grad=grad)
         raw = batch.sum(p)

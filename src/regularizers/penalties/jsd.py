@@ -103,6 +103,8 @@ def jsd_rows(
     t = temperature
     logp, p, _, kp = log_softmax(xp, z / t if t != 1.0 else z)
     logq, q, _, kq = log_softmax(xp, r / t if t != 1.0 else r)
+    assert p is not None
+    assert q is not None
     ninf, zero, one = const(xp, -math.inf, z), const(xp, 0.0, z), const(xp, 1.0, z)
     a = xp.where(kq, logq + math.log(beta), ninf)  # log(β q), -inf where q = 0
     b = xp.where(kp, logp + math.log1p(-beta), ninf)  # log((1 - β) p)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._core.distributions import OverClasses, axis_option, blockwise, log_softmax, valid_rows
+from .._core.distributions import OverClasses, axis_option, blockwise, log_normalize, valid_rows
 from .._core.inputs import Batch
 from .._core.typing import Array, Metrics
 
@@ -51,9 +51,9 @@ class ZLoss(OverClasses, name="z_loss"):
         xp = batch.xp
 
         def rows(z: Array) -> tuple[list[Array], Array | None]:
-            _, p, lse, _ = log_softmax(xp, z)
+            raw, lse = log_normalize(xp, z)
             log_z = xp.reshape(lse, (-1,))
-            return [log_z * log_z, log_z], (2.0 * lse * p if grad else None)
+            return [log_z * log_z, log_z], ((2.0 * lse) * xp.exp(raw) if grad else None)
 
         (p, log_z), g = blockwise(batch, rows, grad=grad)
         raw = batch.sum(p)
