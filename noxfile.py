@@ -42,9 +42,11 @@ nox.options.sessions = [
 ]
 # JAX compiles every drawn shape, op by op when eager and again under jit: its session draws
 # 3 examples per property (2 for each generic per-penalty property) where the others draw 40,
-# the same properties as everywhere else. (Uncapped, it alone ran past an hour in CI.)
+# the same properties as everywhere else. (Uncapped, it alone ran past an hour in CI.) Dask
+# builds and runs a graph per call: 10 examples.
 SESSION_ENV: dict[str, dict[str, str]] = {
-    "jax": {"REGULARIZERS_MAX_EXAMPLES": "3", "REGULARIZERS_PROPERTY_EXAMPLES": "2"}
+    "jax": {"REGULARIZERS_MAX_EXAMPLES": "3", "REGULARIZERS_PROPERTY_EXAMPLES": "2"},
+    "dask": {"REGULARIZERS_MAX_EXAMPLES": "10"},
 }
 
 

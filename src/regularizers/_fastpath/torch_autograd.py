@@ -60,6 +60,16 @@ class ClosedForm(torch.autograd.Function):
         return g * go.to(g.dtype), None, None, None
 
 
+def _zero_uncounted(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``g`` with the rows of uncounted tokens set to 0: in place where ``g`` is a fresh
+    array of its own (no second gradient-sized array), else by ``where``. Never ``g * mask``:
+    what an uncounted token holds may be inf or NaN."""
+    keep = mask.reshape((-1,) + (1,) * (g.ndim - 1))
+    if g._base is None and g.is_contiguous() and g.ndim >= 1 and g.shape[0] == mask.shape[0]:
+        return g.masked_fill_(~keep, 0)
+    return torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
+
+
 def value_metrics_and_grad(reg: Any, batch: Any) -> tuple[Array, Metrics, Array] | None:
     """``(value, metrics, g)`` whose value backpropagates through ``reg``'s closed form, with
     ``g`` = d value / d ``batch.values`` (a constant, uncounted tokens 0), or None where the
@@ -72,7 +82,7 @@ def value_metrics_and_grad(reg: Any, batch: Any) -> tuple[Array, Metrics, Array]
     with torch.no_grad():
         value, metrics, g = reg.evaluate_with_grad(constant)
         if batch.mask is not None:  # tokens a penalty's valid_tokens excluded keep values
-            g = constant.where_counted(g)
+            g = _zero_uncounted(g, batch.mask)
     if watch:  # a Field it reads needs a gradient too
         return None
 
