@@ -17,7 +17,7 @@ another's peak):
 - ``ours_vag``: ``reg.value_and_grad(None, z)``: value, metrics and the closed-form gradient,
   computed block by block over tokens (the library's generic array API path);
 - ``ours_autograd``: ``reg(z)`` on a tensor that requires grad, then ``.backward()``: torch
-  autograd records the generic path (until a fused autograd Function serves it).
+  autograd records one node whose backward is the closed form (``_fastpath/torch_autograd``).
 
 Measured: the median wall time of ``--repeats`` runs after one warm run, and the peak memory
 beyond the inputs, reported in units of one ``[T, V]`` float32 array (the gradient itself is
