@@ -52,6 +52,19 @@ def test_one_hot_is_0_and_a_masked_vocabulary_keeps_v(bk: Harness) -> None:
     np.testing.assert_allclose(norm, 0.5, rtol=1e-12)
 
 
+def test_maximize_near_uniform_keeps_its_slope(bk: Harness) -> None:
+    """log V - H of a near-uniform row rounds to 0 or below; the value is kept at >= 0, but the
+    gradient is still -dH (a rounding guard, not a kink). Found by the CI profile."""
+    x = np.array([[0.0, -5.96046448e-08, -5.96046448e-08, -5.96046448e-08, -5.96046448e-08]])
+    value, _, grad, auto = call(bk, rg.Entropy(mode="maximize"), x)
+    base = call(bk, rg.Entropy(), x)[2]
+    assert value >= 0.0
+    np.testing.assert_allclose(grad, -base, rtol=1e-9, atol=1e-15)
+    assert np.any(grad != 0.0)
+    if auto is not None:
+        np.testing.assert_allclose(auto, -base, rtol=1e-6, atol=1e-15)
+
+
 @given(x=rows(-10.0, 10.0, v=(2, 5)), data=st.data())
 def test_modes_normalize_and_hinge(bk: Harness, x: np.ndarray, data: st.DataObject) -> None:
     n, v = x.shape

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from .. import checks
+from .._core.backends import stop_gradient
 from .._core.distributions import (
     OverClasses,
     axis_option,
@@ -119,10 +120,13 @@ class Entropy(OverClasses, name="entropy"):
         sign = 1.0 if self.mode == "minimize" else -1.0
         if self.threshold is None and sign > 0:
             return x, scale  # H >= 0 exactly: every log p <= 0
-        # log V - H may round below 0 by an ulp (a uniform row): a hinge at 0 keeps it >= 0
         tau = const(xp, top if self.threshold is None else self.threshold, h)
         excess = x - tau if sign > 0 else tau - x
         zero = const(xp, 0.0, h)
+        if self.threshold is None:
+            # log V - H may round below 0 by an ulp (a near-uniform row): the value is kept
+            # >= 0, but this is rounding, not a kink: the slope stays that of log V - H
+            return excess + stop_gradient(xp, xp.maximum(excess, zero) - excess), -scale
         active = excess > zero
         slope = xp.where(active, const(xp, sign * scale, h), zero)
         return xp.where(active, excess, zero), slope
