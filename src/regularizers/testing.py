@@ -14,7 +14,7 @@ asks for them) and checks, for each:
 - ``value_and_grad`` (if the regularizer has one) gives the value of ``compute`` and a gradient
   shaped like the input that equals **central finite differences in float64** (on every
   backend, NumPy, array-api-strict and Dask included) and the backend's autodiff through
-  ``compute`` (torch, JAX);
+  ``compute`` (torch, JAX), recorded on the generic path (see :func:`generic_path`);
 - under JAX, ``compute`` traces with ``jax.jit`` and gives the eager result;
 - the inputs are unchanged afterwards.
 
@@ -32,8 +32,9 @@ input. Only ``xp`` is imported (by you), plus ``jax`` when ``xp`` is JAX's names
 
 from __future__ import annotations
 
+import contextlib
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import array_api_compat
@@ -42,9 +43,28 @@ from array_api_compat import array_namespace
 from ._core import registry
 from ._core.backends import autodiff_grad, has_autodiff
 from ._core.options import ByIdentity
+from ._fastpath.dispatch import disabled
 from .config import from_config
 
-__all__ = ["check_regularizer"]
+__all__ = ["check_regularizer", "generic_path"]
+
+
+@contextlib.contextmanager
+def generic_path() -> Iterator[None]:
+    """Within this context (thread- and task-local), every regularizer runs its generic array
+    API code: no native fast path, and torch autograd records ``evaluate`` instead of a
+    built-in's closed form.
+
+    Outside it, torch autograd through a built-in's value *is* its closed form; inside, it is
+    an independent computation to check the closed form against (as the kit does)::
+
+        with generic_path():
+            value, _ = reg(x)  # x: a torch tensor that requires grad
+        (auto,) = torch.autograd.grad(value, x)
+    """
+    with disabled():
+        yield
+
 
 _ELEMENTWISE: list[Any] = [
     [-2.5, -0.75, 0.0, -7.0, -0.125, 1.5],
@@ -158,7 +178,8 @@ def _check_input(reg: Any, x: Any, data: Any, label: str, fd_step: float | None)
             )
         _check_finite_differences(reg, x, data, grads, label, fd_step)
         if has_autodiff(cxp):
-            auto = _arrays(autodiff_grad(cxp, lambda lp: reg.compute(data, lp)[0], x))
+            with generic_path():
+                auto = _arrays(autodiff_grad(cxp, lambda lp: reg.compute(data, lp)[0], x))
             for k, (g, a) in enumerate(zip(grads, auto, strict=True)):
                 if not _close(cxp, g, a):
                     raise _fail(

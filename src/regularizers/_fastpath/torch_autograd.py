@@ -7,7 +7,7 @@ respect to ``batch.values`` once, without recording anything, and returns the va
 output of one :class:`ClosedForm` node. ``loss.backward()`` then multiplies the saved
 gradient by the incoming one: autograd keeps one gradient-sized array instead of every
 temporary of the generic path (for a ``[T, V]`` penalty over distributions, several ``[T, V]``
-arrays), and the backward pass is the closed form, with the SPEC's conventions at the kinks.
+arrays), and the backward pass is the closed form, with the documented conventions at the kinks.
 
 What stays on the generic path (autograd records ``evaluate``):
 
@@ -16,8 +16,8 @@ What stays on the generic path (autograd records ``evaluate``):
 - ``torch.compile`` (Dynamo traces the generic path, ``fullgraph=True`` included);
 - a subclass or a user's class (its ``evaluate_with_grad`` is checked against autograd by
   the conformance kit, which needs autograd to be independent of it);
-- ``regularizers._fastpath.dispatch.disabled()``, which is how the spec suite compares the
-  two.
+- :func:`regularizers.testing.generic_path` (how the kit and the spec suite check the closed
+  forms against an independent autograd).
 
 Double backward works: with ``create_graph=True`` the backward differentiates the generic
 path (recorded then, from the saved input), so second derivatives are exact.
