@@ -124,25 +124,6 @@ def test_inv03_zero_on_zero_input(
     assert all(v == 0.0 for v in metrics.values()), metrics
 
 
-@given(
-    c=st.floats(-100, 10, width=32),
-    n=st.integers(0, 20),
-    dtype=st.sampled_from(S.FLOATS),
-    reduce=st.sampled_from(["sum", "mean"]),
-)
-def test_inv03_l2_zero_on_its_center(
-    bk: Harness, c: float, n: int, dtype: str, reduce: str
-) -> None:
-    x = np.full(n, c, dtype=dtype)
-    value, metrics = run(bk, rg.L2(center=c, reduce=reduce), bk.asarray(x))
-    assert value == 0.0, value  # c - c is exactly 0
-    assert all(v == 0.0 for v in metrics.values()), metrics
-    # The mean of a constant is c up to rounding of the sum, so "mean" is zero up to that.
-    value, metrics = run(bk, rg.L2(center="mean", reduce=reduce), bk.asarray(x))
-    _, atol = tol(dtype, x)
-    assert 0.0 <= value <= atol, value
-
-
 # ---- 4. homogeneity -------------------------------------------------------------------------
 @given(
     reg=S.regularizers(clip=False, center=False),
@@ -171,23 +152,6 @@ def test_inv05_sign_symmetry(
     assert_close(value_neg, value, rtol, atol, "R(-x) vs R(x)")
     for k in metrics:
         assert_close(metrics_neg[k], metrics[k], rtol, atol, k)
-
-
-# ---- 6. triangle inequality for L1 -----------------------------------------------------------
-@given(data=st.data(), reduce=st.sampled_from(["sum", "mean"]))
-def test_inv06_l1_triangle_inequality(bk: Harness, data: st.DataObject, reduce: str) -> None:
-    x = data.draw(S.arrays(lo=-100, hi=100), label="x")
-    y = data.draw(
-        S.arrays(str(x.dtype), lo=-100, hi=100).filter(lambda a: a.shape == x.shape)
-        | st.just(np.ones_like(x)),
-        label="y",
-    )
-    reg = rg.L1(reduce=reduce)
-    both, _ = run(bk, reg, bk.asarray((x + y).astype(x.dtype)))
-    sx, _ = run(bk, reg, bk.asarray(x))
-    sy, _ = run(bk, reg, bk.asarray(y))
-    rtol, atol = tol(str(x.dtype), x, y)
-    assert both <= sx + sy + atol + rtol * (sx + sy), (both, sx, sy)
 
 
 # ---- 7. additivity across a split ----------------------------------------------------------

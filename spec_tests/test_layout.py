@@ -22,6 +22,7 @@ from .reference import REFERENCES
 
 PACKAGE = Path(rg.__file__).parent
 DOCS = Path(__file__).parent.parent / "docs"
+SPEC_TESTS = Path(__file__).parent
 
 
 def _module_name(path: Path) -> str:
@@ -121,6 +122,9 @@ def missing_pieces(cls: type, docs: str) -> list[str]:
         missing.append("spec_tests/strategies.py (@cases_for)")
     if f"rg.{cls.__name__}" not in docs:
         missing.append(f"docs/ (no page mentions rg.{cls.__name__})")
+    tests = SPEC_TESTS / f"test_{cls.__module__.rsplit('.', 1)[-1]}.py"
+    if not tests.is_file():
+        missing.append(f"spec_tests/{tests.name} (its own test module)")
     return missing
 
 
@@ -135,7 +139,7 @@ def test_the_completeness_check_notices_a_missing_piece() -> None:
         pass
 
     missing = missing_pieces(Unfinished, documented())
-    assert len(missing) == 3  # registered, but no reference, no strategy, no docs
+    assert len(missing) == 4  # registered, but no reference, strategy, docs or test module
     assert "L1" in [c.__name__ for c in exported_regularizers()]
 
 
