@@ -80,12 +80,12 @@ def run(bk: Harness, case: S.Case, counts: Any = None, dtype: str | None = None)
         auto = bk.autodiff(lambda lp: compute(lp, data, mask)[0], x)
     if bk.library == "torch":  # torch autograd through a built-in's closed form, as users get it
         routed = flat64(as_np(bk.autodiff(lambda lp: compute(lp, data, mask)[0], x, generic=False)))
-        generic = flat64(as_np(auto))
-        arrays = case.x if case.is_list else [case.x]
-        eps = float(np.finfo(dtype or np.result_type(np.float32, *arrays)).eps)  # rounding
-        scale = float(np.max(np.abs(generic[np.isfinite(generic)]), initial=1.0))
-        tol = min(max(1000 * eps, 1e-7), 1e-2)  # the two round exp, log, sums differently
-        close(routed, generic, "autograd = generic autograd", rtol=tol, atol=tol * scale)
+        closed = flat64(as_np(grad))  # (where the closed form is ill-conditioned, e.g. the
+        # cosine of a near-zero row, it may differ from the generic path's autograd by more
+        # than rounding; each is checked against the float64 reference elsewhere)
+        np.testing.assert_allclose(
+            routed, closed, rtol=1e-6, atol=1e-30, err_msg="autograd = closed form"
+        )
     return (
         float(as_np(value)),
         {k: float(as_np(v)) for k, v in metrics.items()},
