@@ -1,4 +1,5 @@
-"""The main job: one batch of sample logprobs through every regularizer, on every backend.
+"""The main job: one batch of sample logprobs through every penalty on sampled-token logprobs
+(L1, L2, ElasticNet, Huber, SampledKL, SampledEntropy), on every backend.
 
 Reads ``examples/data/sample_logprobs.json`` (eight ragged per-datum sequences of logprobs with
 a few very negative outliers, and Tinker-style ``weights`` masks), hands the same float32
@@ -35,14 +36,26 @@ REGULARIZERS = [
     rg.L2(),
     rg.L2(center="mean", clip=(-100.0, 0.0)),
     rg.L2(target="probs", reduce="mean", mask=rg.Field("weights")),
+    rg.ElasticNet(l1_ratio=0.5, reduce="mean", mask=rg.Field("weights")),
+    rg.Huber(delta=1.0, mask=rg.Field("weights")),
+    rg.SampledKL(
+        rg.Field("ref_logprobs"),
+        estimator="k3",
+        log_ratio_clip=(-5.0, 5.0),
+        reduce="seq-mean-token-mean",
+    ),
+    rg.SampledEntropy(reduce="mean", mask=rg.Field("weights")),
 ]
 
 
-def load() -> tuple[list[np.ndarray], list[np.ndarray]]:
+def load() -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     doc = json.loads(DATA.read_text())
     logprobs = [np.asarray(d["logprobs"], dtype=np.float32) for d in doc["datums"]]
     weights = [np.asarray(d["weights"], dtype=np.float32) for d in doc["datums"]]
-    return logprobs, weights
+    # A stand-in for a reference model's logprobs of the same tokens: the policy's, tempered
+    # (the sample file has no reference model), so that SampledKL has something to compare.
+    reference = [np.maximum(0.8 * lp - 0.05, lp) for lp in logprobs]
+    return logprobs, weights, reference
 
 
 def backends() -> dict[str, Any]:
@@ -105,8 +118,23 @@ def finite_differences(
     return out
 
 
+def differentiable_twin(reg: rg.Regularizer) -> rg.Regularizer:
+    """A regularizer whose value has ``reg``'s gradient as its derivative, at this point.
+
+    On-policy sampled penalties weight each token by rho = exp(lp - lp) (value 1, gradient
+    rho): their gradient is not the derivative of their value, so finite differences are
+    taken of the same penalty with the behaviour logprobs frozen at the current ones.
+    """
+    on_policy = isinstance(reg, rg.SampledEntropy) or (
+        isinstance(reg, rg.SampledKL) and reg.gradient == "unbiased"
+    )
+    if not on_policy or reg.behavior is not None:
+        return reg
+    return type(reg)(**{**reg.options(), "behavior": rg.Field("frozen_logprobs")})
+
+
 def main() -> int:
-    logprobs, weights = load()
+    logprobs, weights, reference = load()
     n = sum(x.size for x in logprobs)
     print(
         f"sample: {len(logprobs)} datums, {n} tokens, lengths {[x.size for x in logprobs]}, "
@@ -121,7 +149,10 @@ def main() -> int:
         results: dict[str, dict[str, float]] = {}
         for name, convert in libs.items():
             xs = [convert(x) for x in logprobs]
-            data = {"weights": [convert(w) for w in weights]}
+            data = {
+                "weights": [convert(w) for w in weights],
+                "ref_logprobs": [convert(r) for r in reference],
+            }
             value, metrics = reg.compute(data, xs)
             _, _, grad = reg.value_and_grad(data, xs)
             closed = [to_numpy(g) for g in grad]
@@ -131,7 +162,9 @@ def main() -> int:
                 check = f"closed form vs {name} autodiff: max |diff| {err:.1e}"
                 ok = err <= 1e-5 * max(1.0, max(float(np.max(np.abs(r))) for r in ref))
             else:
-                fd = finite_differences(reg, {"weights": weights}, logprobs, picks)
+                fd_reg, fd_data = differentiable_twin(reg), {"weights": weights}
+                fd_data.update(ref_logprobs=reference, frozen_logprobs=logprobs)
+                fd = finite_differences(fd_reg, fd_data, logprobs, picks)
                 got = [float(closed[i][j]) for i, j in picks]
                 err = max(abs(a - b) for a, b in zip(got, fd, strict=True))
                 check = f"closed form vs finite differences: max |diff| {err:.1e}"
