@@ -13,7 +13,8 @@ What stays on the generic path (autograd records ``evaluate``):
 
 - another array the penalty reads (a ``Field`` reference, a second view) that itself
   requires grad: the closed form is a gradient with respect to ``logprobs`` only;
-- ``torch.compile`` (Dynamo traces the generic path, ``fullgraph=True`` included);
+- ``torch.compile`` (Dynamo traces the generic path, ``fullgraph=True`` included) and the
+  ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``);
 - a subclass or a user's class (its ``evaluate_with_grad`` is checked against autograd by
   the conformance kit, which needs autograd to be independent of it);
 - :func:`regularizers.testing.generic_path` (how the kit and the spec suite check the closed
@@ -60,6 +61,13 @@ class ClosedForm(torch.autograd.Function):
         return g * go.to(g.dtype), None, None, None
 
 
+def _functorch_active() -> bool:
+    """Inside ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``...), which record the
+    generic path: this Function computes outside autograd, which they cannot see through."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
 def _zero_uncounted(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``g`` with the rows of uncounted tokens set to 0: in place where ``g`` is a fresh
     array of its own (no second gradient-sized array), else by ``where``. Never ``g * mask``:
@@ -75,7 +83,7 @@ def value_metrics_and_grad(reg: Any, batch: Any) -> tuple[Array, Metrics, Array]
     ``g`` = d value / d ``batch.values`` (a constant, uncounted tokens 0), or None where the
     generic path must be recorded (see the module docstring)."""
     values = batch.values
-    if not (values.requires_grad and torch.is_grad_enabled()):
+    if not (values.requires_grad and torch.is_grad_enabled()) or _functorch_active():
         return None
     watch: list[str] = []
     constant = batch.constant_values(values.detach(), watch)
