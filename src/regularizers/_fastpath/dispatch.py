@@ -14,8 +14,8 @@ path equal to the generic path on Hypothesis-drawn inputs, kinks and non-finite 
 included.
 
 :func:`try_autograd` is the training path's counterpart: on torch tensors that require grad,
-a built-in with a closed form is recorded by autograd as one node whose backward is that closed
-form (``torch_autograd``).
+a built-in over a class axis or matrices with a closed form is recorded by autograd as one node
+whose backward is that closed form (``torch_autograd``).
 
 ``disabled()`` turns fast paths off in the current context (thread- and task-local), which is
 how the tests and benchmarks reach the generic path.
@@ -77,6 +77,8 @@ def try_autograd(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None
     gradient w.r.t. ``batch.values``), or None: record the generic path."""
     if type(batch.values).__module__ != "torch" or _torch_compiling():
         return None
+    if batch.event_ndim == 0:  # elementwise: autograd's few nodes measured faster than a node
+        return None  # whose forward computes the gradient (fused kernels are to come)
     cls = type(reg)
     if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
         return None

@@ -1,16 +1,21 @@
 """torch autograd through a built-in's closed form.
 
-When a built-in with a closed-form gradient (``evaluate_with_grad``) is called on torch tensors
-that require grad (``compute``, ``reg(...)``, ``value_and_grad``, a Pipeline's terms),
-:func:`value_metrics_and_grad` computes value, metrics and the gradient with
-respect to ``batch.values`` once, without recording anything, and returns the value as the
-output of one :class:`ClosedForm` node. ``loss.backward()`` then multiplies the saved
-gradient by the incoming one: autograd keeps one gradient-sized array instead of every
-temporary of the generic path (for a ``[T, V]`` penalty over distributions, several ``[T, V]``
-arrays), and the backward pass is the closed form, with the documented conventions at the kinks.
+When a built-in over a class axis or matrices (``event_ndim`` 1 or 2) with a closed-form
+gradient (``evaluate_with_grad``) is called on torch tensors that require grad (``compute``,
+``reg(...)``, ``value_and_grad``, a Pipeline's terms), :func:`value_metrics_and_grad` computes
+value, metrics and the gradient with respect to ``batch.values`` once, without recording
+anything, and returns the value as the output of one :class:`ClosedForm` node.
+``loss.backward()`` then multiplies the saved gradient by the incoming one: autograd keeps one
+gradient-sized array instead of every temporary of the generic path (for a ``[T, V]`` penalty
+over distributions, several ``[T, V]`` arrays), and the backward pass is the closed form, with
+the documented conventions at the kinks.
 
 What stays on the generic path (autograd records ``evaluate``):
 
+- elementwise penalties (L1, L2, Huber, the sampled KL and entropy...): their generic
+  recording is a few nodes over ``[n]`` arrays, which measured faster than this node on a
+  Tinker-shaped batch (the node's forward computes the gradient even when no backward
+  follows); fused kernels are the way to speed them up;
 - another array the penalty reads (a ``Field`` reference, a second view) that itself
   requires grad: the closed form is a gradient with respect to ``logprobs`` only;
 - ``torch.compile`` (Dynamo traces the generic path, ``fullgraph=True`` included) and the
