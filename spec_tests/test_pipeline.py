@@ -174,8 +174,10 @@ def test_tracking_leaves_the_callers_backward_alone(bk: Harness) -> None:
         assert all(x.grad is None for x in xs)  # tracking did not touch .grad
         loss.backward()
         grads[track] = [x.grad.clone() for x in xs]
+    # (untracked, the two built-ins share one autograd node, which sums their gradients in
+    # its own order: equal up to the rounding of that sum)
     for a, b in zip(grads[False], grads[True], strict=True):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0.0)
 
 
 # ---- tracing -------------------------------------------------------------------------------------

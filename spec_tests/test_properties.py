@@ -78,7 +78,7 @@ def run(bk: Harness, case: S.Case, counts: Any = None, dtype: str | None = None)
     as_np = bk.to_numpy
     if bk.backend.has_autodiff:
         auto = bk.autodiff(lambda lp: compute(lp, data, mask)[0], x)
-    if bk.library == "torch" and reg.event_ndim > 0:  # autograd through the closed form
+    if bk.library == "torch" and reg.has_closed_form_grad:  # autograd through the closed form
         routed = flat64(as_np(bk.autodiff(lambda lp: compute(lp, data, mask)[0], x, generic=False)))
         closed = flat64(as_np(grad))  # (where the closed form is ill-conditioned, e.g. the
         # cosine of a near-zero row, it may differ from the generic path's autograd by more

@@ -1,8 +1,9 @@
 """torch autograd through the built-ins' closed forms (``_fastpath/torch_autograd.py``).
 
 Every property of ``test_properties.py`` already checks, on every drawn case, that the routed
-gradient equals the closed form's. Here: that the route is taken for the penalties over a class
-axis or matrices, and only for them (one ``ClosedForm`` node), that second derivatives
+gradient equals the closed form's. Here: that the route is taken for every built-in with a
+closed form (one ``ClosedForm`` node; a ``Field`` target has its own gradient and is
+recorded as written), that second derivatives
 (``create_graph=True``) equal the generic path's, and what stays on the generic path (a
 differentiable reference, a user's class)."""
 
@@ -52,7 +53,8 @@ def test_the_route_is_taken_and_second_derivatives_are_exact(
     value, _ = case.reg.compute(d, leaves, **kwargs(m))
     assert value.grad_fn is not None
     routed = value.grad_fn.name() == "ClosedFormBackward"
-    assert routed == (case.reg.event_ndim > 0), "the closed form, for a class axis or matrices"
+    field_target = isinstance(getattr(case.reg, "target", None), rg.Field)
+    assert routed == (not field_target), "one closed-form node, but for a Field target"
 
     def second(routed: bool) -> np.ndarray:
         with generic_path() if not routed else contextlib.nullcontext():

@@ -24,9 +24,10 @@ from array_api_compat import array_namespace, is_array_api_obj
 
 from . import checks
 from ._core.backends import autodiff_grad, has_autodiff, stop_gradient
-from ._core.base import Regularizer, floats_and_values
+from ._core.base import UNSET, Regularizer, floats_and_values
 from ._core.inputs import as_0d, as_arrays, namespace_of
 from ._core.typing import Array
+from ._fastpath.dispatch import try_route_terms
 
 __all__ = ["Pipeline", "Term"]
 
@@ -408,8 +409,11 @@ class Pipeline:
             if not is_array_api_obj(w):
                 w = _weight(t.name, w)
             parts.append((t.name, t.regularizer, w, t.input))
+        routed = {} if with_grad else _routed(parts, data, inputs, counts)
         results = {
-            name: _run(name, obj, data, inputs[inp], with_grad, counts)
+            name: routed[name]
+            if name in routed
+            else _run(name, obj, data, inputs[inp], with_grad, counts)
             for name, obj, _, inp in parts
         }
         first_arrays = as_arrays(inputs.get("logprobs", next(iter(inputs.values()))))
@@ -525,6 +529,34 @@ def _run(
             f"{type(value).__name__}" + ("" if shape is None else f" of shape {shape}")
         )
     return value, dict(metrics), grad if isinstance(grad, list) else [grad]
+
+
+def _routed(
+    parts: list[tuple[str, Any, Any, str]],
+    data: object,
+    inputs: dict[str, Any],
+    counts: Any,
+) -> dict[str, tuple[Array, dict[str, Array], list[Array]]]:
+    """The terms that share an input, as one autograd node each input (torch tensors that
+    need a gradient; see ``try_route_terms``): ``{name: (value, metrics, [])}``, empty where
+    the terms take their own calls (which also name any error by its term)."""
+    out: dict[str, tuple[Array, dict[str, Array], list[Array]]] = {}
+    for inp in {p[3] for p in parts}:
+        group = [
+            (name, obj)
+            for name, obj, weight, i in parts
+            if i == inp and weight is not None and isinstance(obj, Regularizer)
+        ]
+        if len(group) < 2:
+            continue
+        try:
+            got = try_route_terms([(obj, UNSET) for _, obj in group], data, inputs[inp], counts)
+        except Exception:  # each term's own call raises it again, named
+            got = None
+        if got is not None:
+            for (name, _), (value, metrics) in zip(group, got, strict=True):
+                out[name] = (value, dict(metrics), [])
+    return out
 
 
 def _evaluate(obj: Any, data: object, logprobs: object) -> tuple[Array, Mapping[str, Array]]:

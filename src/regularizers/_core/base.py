@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import array_api_compat
 
 from .. import checks
-from .._fastpath.dispatch import try_autograd, try_compute
+from .._fastpath.dispatch import try_autograd, try_compute, try_route
 from . import registry
 from .backends import autodiff_grad, compute_lazy, has_autodiff
 from .inputs import Batch, check_counts, check_data, prepare
@@ -278,7 +278,11 @@ class Regularizer:
             fast = try_compute(self, logprobs)
             if fast is not None:
                 return fast
-        batch = self.prepare(data, logprobs, mask=mask, counts=counts)
+        call = "compute(data, logprobs)"
+        routed = try_route(self, data, logprobs, mask, counts, call)
+        if routed is not None:
+            return routed
+        batch = self.prepare(data, logprobs, mask=mask, counts=counts, call=call)
         return batch.finish(*self._evaluate_recorded(batch))
 
     def __call__(
@@ -294,9 +298,11 @@ class Regularizer:
             fast = try_compute(self, logprobs)
             if fast is not None:
                 return fast
-        batch = self.prepare(
-            data, logprobs, mask=mask, counts=counts, call="reg(logprobs, data=...)"
-        )
+        call = "reg(logprobs, data=...)"
+        routed = try_route(self, data, logprobs, mask, counts, call)
+        if routed is not None:
+            return routed
+        batch = self.prepare(data, logprobs, mask=mask, counts=counts, call=call)
         return batch.finish(*self._evaluate_recorded(batch))
 
     def counts(self, data: object, logprobs: object, *, mask: object = UNSET) -> dict[str, Array]:
@@ -332,10 +338,9 @@ class Regularizer:
         return value, metrics, batch.pullback(g)
 
     def _evaluate_recorded(self, batch: Batch) -> tuple[Array, Metrics]:
-        """``evaluate``, or on torch tensors that require grad a built-in's closed form
-        recorded as one autograd node (``_fastpath/torch_autograd.py``)."""
-        routed = try_autograd(self, batch)
-        return self.evaluate(batch) if routed is None else routed[:2]
+        """``evaluate`` as autodiff records it (on torch tensors that need a gradient, a
+        built-in has taken ``try_route`` before: ``_fastpath/torch_autograd.py``)."""
+        return self.evaluate(batch)
 
     @property
     def has_closed_form_grad(self) -> bool:

@@ -41,6 +41,9 @@ def _is_datums(value: object) -> bool:
         isinstance(value, Sequence)
         and not isinstance(value, (str, bytes))
         and len(value) > 0
+        # the first element alone rules out a list of arrays (without an attribute lookup,
+        # which fails slowly, on each of them)
+        and isinstance(getattr(value[0], "loss_fn_inputs", None), Mapping)
         # a list, not a generator: torch.compile's Dynamo cannot trace generators here
         and all([isinstance(getattr(d, "loss_fn_inputs", None), Mapping) for d in value])  # noqa: C419
     )
@@ -90,6 +93,9 @@ def as_arrays(logprobs: object, what: str = "logprobs") -> list[Array]:
             raise ValueError(
                 f"{what} is an empty {type(logprobs).__name__}; at least one array is needed"
             )
+        kind = type(logprobs[0])
+        if all([type(a) is kind for a in logprobs]) and is_array_api_obj(logprobs[0]):  # noqa: C419
+            return list(logprobs)  # one array type: one check (a batch of 64 datums)
         for i, a in enumerate(logprobs):
             if not is_array_api_obj(a):
                 raise TypeError(f"{what}[{i}] must be an array, got {type(a).__name__}")
@@ -102,6 +108,9 @@ def as_arrays(logprobs: object, what: str = "logprobs") -> list[Array]:
 
 
 def namespace_of(arrays: list[Array], what: str = "logprobs") -> Namespace:
+    kind = type(arrays[0])
+    if len(arrays) > 1 and all([type(a) is kind for a in arrays]):  # noqa: C419
+        arrays = arrays[:1]  # one array type is one library: resolve it once
     try:
         return array_namespace(*arrays)
     except TypeError:
@@ -121,8 +130,20 @@ def _check_float(xp: Namespace, a: Array, what: str) -> None:
         raise TypeError(f"{what} must have a real floating dtype, got dtype {a.dtype}")
 
 
+def _check_floats(xp: Namespace, arrays: list[Array], what: Any) -> None:
+    """:func:`_check_float` of each array, one check per distinct dtype; ``what(i)`` names
+    array ``i`` in the error."""
+    dtypes = {a.dtype for a in arrays}
+    if all([xp.isdtype(d, "real floating") for d in dtypes]):  # noqa: C419
+        return
+    for i, a in enumerate(arrays):
+        _check_float(xp, a, what(i))
+
+
 def _to_namespace(value: Any, xp: Namespace, like: Array, what: str) -> Array:
     """Bring a value (array of any library, list of numbers, TensorData) into ``xp``."""
+    if type(value) is type(like):  # an array of the caller's own kind (the common case)
+        return value
     if not is_array_api_obj(value):
         if array_api_compat.is_torch_namespace(xp) and hasattr(value, "to_torch"):
             value = value.to_torch()
@@ -189,6 +210,8 @@ def read_field(data: object, key: str, xp: Namespace, like: Array, role: str) ->
 
 
 def _size(shape: tuple[int, ...]) -> int:
+    if len(shape) == 1:
+        return int(shape[0])
     return math.prod([int(d) for d in shape])
 
 
@@ -414,6 +437,9 @@ class Batch:
         for a in arrays:
             if self._moved is not None:
                 a = xp.moveaxis(a, self._moved, -1)
+            if not k and a.ndim == 1:
+                rows.append(a)  # already flat: no reshape (nor, on torch, a view to record)
+                continue
             rows.append(reshape(xp, a, (-1, *a.shape[a.ndim - k :]) if k else (-1,)))
         return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
 
@@ -648,14 +674,12 @@ def prepare(
     arrays = as_arrays(logprobs)
     xp = namespace_of(arrays)
     is_list = isinstance(logprobs, (list, tuple))
-    for i, a in enumerate(arrays):
-        _check_float(xp, a, f"logprobs[{i}]" if is_list else "logprobs")
+    _check_floats(xp, arrays, lambda i: f"logprobs[{i}]" if is_list else "logprobs")
     like = arrays[0]
 
     if isinstance(target, Field):
         target_arrays = read_field(data, target.key, xp, like, "target")
-        for i, a in enumerate(target_arrays):
-            _check_float(xp, a, f"target Field({target.key!r}) array {i}")
+        _check_floats(xp, target_arrays, lambda i: f"target Field({target.key!r}) array {i}")
     else:
         target_arrays = arrays
 
@@ -735,15 +759,22 @@ def prepare(
                 f"{what} shape {_fmt_shapes(mask_shapes)} does not match the target's shape "
                 f"{_fmt_shapes(token_shapes)}{per}"
             )
-        for i, m in enumerate(mask_arrays):
-            if not xp.isdtype(m.dtype, ("bool", "integral", "real floating")):
-                raise TypeError(
-                    f"{what} array {i} must be bool, integer or real, got dtype {m.dtype}"
-                )
-        flat = [
-            reshape(xp, m if xp.isdtype(m.dtype, "bool") else m != 0, (-1,)) for m in mask_arrays
-        ]
-        mask_flat = flat[0] if len(flat) == 1 else xp.concat(flat)
+        kinds = {m.dtype for m in mask_arrays}
+        for d in kinds:
+            if not xp.isdtype(d, ("bool", "integral", "real floating")):
+                i = next(i for i, m in enumerate(mask_arrays) if m.dtype == d)
+                raise TypeError(f"{what} array {i} must be bool, integer or real, got dtype {d}")
+        if len(kinds) == 1:  # one dtype: one concatenation, then one comparison
+            flat = [m if m.ndim == 1 else reshape(xp, m, (-1,)) for m in mask_arrays]
+            mask_flat = flat[0] if len(flat) == 1 else xp.concat(flat)
+            if not xp.isdtype(mask_flat.dtype, "bool"):
+                mask_flat = mask_flat != 0
+        else:
+            flat = [
+                reshape(xp, m if xp.isdtype(m.dtype, "bool") else m != 0, (-1,))
+                for m in mask_arrays
+            ]
+            mask_flat = xp.concat(flat)
         object.__setattr__(batch, "mask", mask_flat)
         count = xp.sum(xp.astype(mask_flat, t.dtype))
         # before any transform: exp(NaN) would otherwise reach the gradient as 0 · NaN

@@ -1,4 +1,5 @@
-"""What the native fast paths share: Chan's merge of block statistics and the reduce rule.
+"""What the native fast paths share: the switch that turns them off, Chan's merge of block
+statistics and the reduce rule.
 
 Written once over plain arithmetic, so that it serves Python floats (NumPy path) and 0-d
 tensors (torch path) alike.
@@ -6,9 +7,24 @@ tensors (torch path) alike.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["chan_merge", "reduced"]
+__all__ = ["ENABLED", "chan_merge", "disabled", "reduced"]
+
+ENABLED: ContextVar[bool] = ContextVar("regularizers_fastpath", default=True)
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Fast paths off in the current context (thread- and task-local)."""
+    token = ENABLED.set(False)
+    try:
+        yield
+    finally:
+        ENABLED.reset(token)
 
 
 def chan_merge(

@@ -13,9 +13,10 @@ takes the generic array API path. The spec suite (``test_fastpaths.py``) proves 
 path equal to the generic path on Hypothesis-drawn inputs, kinks and non-finite values
 included.
 
-:func:`try_autograd` is the training path's counterpart: on torch tensors that require grad,
-a built-in over a class axis or matrices with a closed form is recorded by autograd as one node
-whose backward is that closed form (``torch_autograd``).
+:func:`try_route` is the training path's counterpart: on torch tensors that require grad, a
+built-in with a closed form is recorded by autograd as one node whose backward is that closed
+form (``torch_autograd``), with fused kernels where ``torch_fused.GRAD`` has one;
+:func:`try_autograd` does the same for ``value_and_grad``.
 
 ``disabled()`` turns fast paths off in the current context (thread- and task-local), which is
 how the tests and benchmarks reach the generic path.
@@ -23,27 +24,15 @@ how the tests and benchmarks reach the generic path.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
-from contextvars import ContextVar
 from typing import Any
 
 from .._core import registry
+from .common import ENABLED, disabled
 
-__all__ = ["disabled", "try_autograd", "try_compute"]
+__all__ = ["disabled", "try_autograd", "try_compute", "try_route", "try_route_terms"]
 
-ENABLED: ContextVar[bool] = ContextVar("regularizers_fastpath", default=True)
 _PACKAGE = __name__.rsplit(".", 2)[0]  # "regularizers", or the vendored copy's name
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    token = ENABLED.set(False)
-    try:
-        yield
-    finally:
-        ENABLED.reset(token)
 
 
 def _torch_compiling() -> bool:
@@ -72,17 +61,51 @@ def try_compute(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     return None if fast is None else fast(reg, logprobs)
 
 
-def try_autograd(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
-    """``(value, metrics, g)`` with autograd through ``reg``'s closed form (``g`` its
-    gradient w.r.t. ``batch.values``), or None: record the generic path."""
-    if type(batch.values).__module__ != "torch" or _torch_compiling():
-        return None
-    if batch.event_ndim == 0:  # elementwise: autograd's few nodes measured faster than a node
-        return None  # whose forward computes the gradient (fused kernels are to come)
+def _routable(reg: Any) -> bool:
     cls = type(reg)
     if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+        return False
+    return bool(reg.has_closed_form_grad) and ENABLED.get()
+
+
+def try_route(
+    reg: Any, data: object, logprobs: Any, mask: Any, counts: Any, call: str
+) -> tuple[Any, dict[str, Any]] | None:
+    """``(value, metrics)`` of a call on torch tensors that need a gradient, recorded as one
+    node whose backward is ``reg``'s closed form (``torch_autograd``), or None: record the
+    generic path."""
+    first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
+    if type(first).__module__ != "torch" or _torch_compiling() or not _routable(reg):
         return None
-    if not reg.has_closed_form_grad or not ENABLED.get():
+    from .torch_autograd import compute
+    from .torch_fused import GRAD
+
+    got = compute([(reg, mask)], data, logprobs, counts, call, GRAD)
+    return None if got is None else got[0]
+
+
+def try_route_terms(
+    terms: list[tuple[Any, Any]], data: object, logprobs: Any, counts: Any
+) -> list[tuple[Any, dict[str, Any]]] | None:
+    """:func:`try_route` for several elementwise terms over one input (a Pipeline's): one
+    node for all of them, whose backward sums their closed forms and splits the gradient
+    back per tensor once. None where any of them needs the generic path."""
+    first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
+    if type(first).__module__ != "torch" or _torch_compiling():
+        return None
+    if not all([_routable(reg) and reg.event_ndim == 0 for reg, _ in terms]):  # noqa: C419
+        return None
+    from .torch_autograd import compute
+    from .torch_fused import GRAD
+
+    return compute(terms, data, logprobs, counts, "compute(data, logprobs)", GRAD)
+
+
+def try_autograd(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
+    """``(value, metrics, g)`` for ``value_and_grad`` on torch tensors that require grad,
+    with the value differentiable through ``reg``'s closed form (``g`` its gradient w.r.t.
+    ``batch.values``), or None: record the generic path."""
+    if type(batch.values).__module__ != "torch" or _torch_compiling() or not _routable(reg):
         return None
     from .torch_autograd import value_metrics_and_grad
 

@@ -1,23 +1,30 @@
-"""torch autograd through a built-in's closed form.
+"""torch autograd through a built-in's closed form: one node per call.
 
-When a built-in over a class axis or matrices (``event_ndim`` 1 or 2) with a closed-form
-gradient (``evaluate_with_grad``) is called on torch tensors that require grad (``compute``,
-``reg(...)``, ``value_and_grad``, a Pipeline's terms), :func:`value_metrics_and_grad` computes
-value, metrics and the gradient with respect to ``batch.values`` once, without recording
-anything, and returns the value as the output of one :class:`ClosedForm` node.
-``loss.backward()`` then multiplies the saved gradient by the incoming one: autograd keeps one
-gradient-sized array instead of every temporary of the generic path (for a ``[T, V]`` penalty
-over distributions, several ``[T, V]`` arrays), and the backward pass is the closed form, with
+When a built-in with a closed-form gradient is called (``compute``, ``reg(...)``, a
+Pipeline's terms) on torch tensors of which one requires grad, :func:`compute` prepares the
+call's :class:`~regularizers.Batch` with nothing recorded (validation, flattening, the mask,
+a ragged list's one ``cat``), computes value and metrics by a *kernel*, and returns the value
+as the output of one :class:`ClosedForm` node whose inputs are the caller's own tensors.
+``loss.backward()`` then runs the closed form once and hands each tensor its piece of one
+flat gradient: the graph holds one node instead of every temporary of the generic path (for a
+ragged batch of 64 datums: 64 reshapes, a ``cat``, the mask's ``where``, then the maths; for
+a ``[T, V]`` penalty over distributions, several ``[T, V]`` arrays), and the backward pass has
 the documented conventions at the kinks.
+
+Kernels (``torch_fused.GRAD``, keyed by registered name) have two static methods::
+
+    forward(reg, batch) -> (value, metrics, state) | None   # None: the generic kernel
+    grad(reg, batch, state, scale) -> g                     # scale · d value / d values
+
+A specialized kernel (L1, L2) computes value and metrics with fused reductions and keeps what
+its gradient needs; the gradient is computed in the backward pass only. Every other built-in
+uses :class:`Generic`: ``evaluate_with_grad`` once in the forward pass, its gradient kept.
+``g`` is a new tensor shaped like ``batch.values``, 0 at uncounted tokens.
 
 What stays on the generic path (autograd records ``evaluate``):
 
-- elementwise penalties (L1, L2, Huber, the sampled KL and entropy...): their generic
-  recording is a few nodes over ``[n]`` arrays, which measured faster than this node on a
-  Tinker-shaped batch (the node's forward computes the gradient even when no backward
-  follows); fused kernels are the way to speed them up;
-- another array the penalty reads (a ``Field`` reference, a second view) that itself
-  requires grad: the closed form is a gradient with respect to ``logprobs`` only;
+- another array the penalty reads (a ``Field`` reference, a second view, a target field)
+  that itself requires grad: the closed form is a gradient with respect to ``logprobs`` only;
 - ``torch.compile`` (Dynamo traces the generic path, ``fullgraph=True`` included) and the
   ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``);
 - a subclass or a user's class (its ``evaluate_with_grad`` is checked against autograd by
@@ -26,44 +33,124 @@ What stays on the generic path (autograd records ``evaluate``):
   forms against an independent autograd).
 
 Double backward works: with ``create_graph=True`` the backward differentiates the generic
-path (recorded then, from the saved input), so second derivatives are exact.
+path (recorded then, from the caller's tensors), so second derivatives are exact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .._core.typing import Array, Metrics
+from .common import disabled
 
-__all__ = ["ClosedForm", "value_metrics_and_grad"]
+__all__ = ["ClosedForm", "Generic", "compute", "value_metrics_and_grad"]
+
+
+class Generic:
+    """The closed form of any built-in: ``evaluate_with_grad`` once, its gradient kept."""
+
+    @staticmethod
+    def forward(reg: Any, batch: Any) -> tuple[Any, Metrics, Any]:
+        value, metrics, g = reg.evaluate_with_grad(batch)
+        if batch.mask is not None:  # tokens a penalty's valid_tokens excluded keep values
+            g = _zero_uncounted(g, batch.mask)
+        return value, metrics, g
+
+    @staticmethod
+    def grad(reg: Any, batch: Any, g: Any, scale: Any) -> Any:
+        return g * scale.to(g.dtype)
+
+
+class _Run:
+    """One term of a call: its regularizer, Batch, kernel and what the kernel kept."""
+
+    __slots__ = ("batch", "kernel", "reg", "state")
+
+    def __init__(self, reg: Any, batch: Any, kernel: Any, state: Any) -> None:
+        self.reg, self.batch, self.kernel, self.state = reg, batch, kernel, state
+
+
+class _Call:
+    """What the forward leaves for the backward: the terms over one input, the Batch whose
+    structure the gradient is split by, and the generic path (for double backward). Kept
+    by reference, not saved: packing a ragged batch of 64 tensors costs more than the maths."""
+
+    __slots__ = ("arrays", "generic", "runs", "shape")
+
+    def __init__(self, runs: list[_Run], shape: Any, generic: Any) -> None:
+        self.runs, self.shape, self.generic = runs, shape, generic
+        self.arrays: tuple[Any, ...] = ()
 
 
 class ClosedForm(torch.autograd.Function):
-    """``value`` as a function of ``values`` whose gradient is the saved ``g``."""
+    """The values of k terms as functions of the caller's tensors; the backward is the sum
+    of their closed forms, split back per tensor once."""
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        values: torch.Tensor,
-        value: torch.Tensor,
-        g: torch.Tensor,
-        generic: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        ctx.save_for_backward(values, g)
-        ctx.generic = generic
-        return value.clone()  # (a 0-d copy: the output is this node's own tensor)
+    def forward(ctx: Any, call: _Call, values: Any, *arrays: Any) -> Any:
+        ctx.call = call
+        call.arrays = arrays
+        ctx.set_materialize_grads(False)
+        return tuple(v.clone() for v in values)  # (0-d copies: this node's own outputs)
 
     @staticmethod
-    def backward(ctx: Any, go: torch.Tensor) -> tuple[Any, ...]:
-        values, g = ctx.saved_tensors
+    def backward(ctx: Any, *gos: Any) -> tuple[Any, ...]:
+        call: _Call = ctx.call
+        arrays = call.arrays
+        if all(go is None for go in gos):
+            return (None, None) + (None,) * len(arrays)
         if torch.is_grad_enabled():  # create_graph=True: a differentiable first derivative
-            with torch.enable_grad():
-                (dv,) = torch.autograd.grad(ctx.generic(values), values, go, create_graph=True)
-            return dv, None, None, None
-        return g * go.to(g.dtype), None, None, None
+            return (None, None, *_generic_grads(call, gos))
+        total = None
+        for run, go in zip(call.runs, gos, strict=True):
+            if go is not None:
+                g = run.kernel.grad(run.reg, run.batch, run.state, go)
+                if run.batch.target == "probs":  # d exp(x) / dx = exp(x), values = exp(x)
+                    g = g * run.batch.values
+                total = g if total is None else total.add_(g)
+        return (None, None, *_pieces(call.shape, total, ctx.needs_input_grad[2:]))
+
+
+def _generic_grads(call: _Call, gos: tuple[Any, ...]) -> list[Any]:
+    """The gradient through the generic path, with its graph (for double backward)."""
+    arrays = call.arrays
+    wanted = [i for i, a in enumerate(arrays) if a.requires_grad]
+    out: list[Any] = [None] * len(arrays)
+    with torch.enable_grad():
+        values = call.generic(arrays)
+        pairs = [(v, go) for v, go in zip(values, gos, strict=True) if go is not None]
+        if not wanted or not any(v.requires_grad for v, _ in pairs):
+            return out
+        total = sum((v * go for v, go in pairs if v.requires_grad), torch.zeros(()))
+        grads = torch.autograd.grad(
+            total, [arrays[i] for i in wanted], create_graph=True, allow_unused=True
+        )
+    for i, g in zip(wanted, grads, strict=True):
+        out[i] = g
+    return out
+
+
+def _pieces(batch: Any, g: Any, needed: tuple[bool, ...]) -> list[Any]:
+    """``g`` (w.r.t. the flat values, 0 at uncounted tokens) as one gradient per tensor of
+    the call: views of one flat gradient where the shapes allow, in each tensor's dtype."""
+    arrays = batch._arrays
+    if batch._moved is not None:  # a class axis moved last: the generic way back
+        grads = batch.pullback(g)
+        return grads if batch._is_list else [grads]
+    if len(arrays) == 1:
+        a = arrays[0]
+        return [g.reshape(a.shape).to(a.dtype)]
+    out: list[Any] = []
+    for p, a, need in zip(torch.split(g, list(batch.lengths)), arrays, needed, strict=True):
+        if not need:
+            out.append(None)
+            continue
+        if p.shape != a.shape:
+            p = p.reshape(a.shape)
+        out.append(p if p.dtype == a.dtype else p.to(a.dtype))
+    return out
 
 
 def _functorch_active() -> bool:
@@ -83,24 +170,107 @@ def _zero_uncounted(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
 
 
+def _wants_graph(arrays: list[Any]) -> bool:
+    return torch.is_grad_enabled() and any(
+        [type(a) is torch.Tensor and a.requires_grad for a in arrays]  # noqa: C419
+    )
+
+
+def _plain(reg: Any, mask: Any) -> bool:
+    """A term that reads no sequence structure of a list (no mask, "sum" or "mean", one
+    value per element): it may be prepared on the list's concatenation, made once."""
+    m = reg._opts["mask"] if type(mask).__name__ == "_Unset" else mask
+    return m is None and reg.event_ndim == 0 and reg._opts["reduce"] in ("sum", "mean")
+
+
+def compute(
+    terms: list[tuple[Any, Any]],
+    data: object,
+    logprobs: Any,
+    counts: Any,
+    call: str,
+    kernels: dict[str, Any],
+) -> list[tuple[Array, Metrics]] | None:
+    """``(value, metrics)`` of each ``(regularizer, mask)`` term over one input, the values
+    recorded as the outputs of one :class:`ClosedForm` node, or None where the generic path
+    must be recorded (see the module docstring). Terms over a class axis go one per call."""
+    is_list = type(logprobs) in (list, tuple)
+    arrays = list(logprobs) if is_list else [logprobs]
+    if not _wants_graph(arrays) or _functorch_active():
+        return None
+    if any([type(a) is not torch.Tensor for a in arrays]):  # noqa: C419
+        return None
+    watch: list[str] = []
+    runs: list[_Run] = []
+    results: list[tuple[Any, Metrics]] = []
+    flat = None
+    with torch.no_grad():
+        for reg, mask in terms:
+            lp = logprobs
+            if runs and is_list and _plain(reg, mask):
+                if flat is None:
+                    flat = torch.cat([a.reshape(-1) for a in arrays])
+                lp = flat  # the same values, without walking the list again
+            batch = reg.prepare(data, lp, mask=mask, counts=counts, call=call)
+            if batch._target_arrays is not batch._arrays:  # a Field target: its own gradient
+                return None
+            object.__setattr__(batch, "_watch", watch)
+            kernel = kernels.get(reg.name)
+            got = None if kernel is None else kernel.forward(reg, batch)
+            if got is None:
+                kernel = Generic
+                got = Generic.forward(reg, batch)
+            value, metrics, state = got
+            results.append(batch.finish(value, metrics))
+            runs.append(_Run(reg, batch, kernel, state))
+    if watch:  # a Field it reads needs a gradient too
+        return None
+
+    def generic(arrays: tuple[Any, ...]) -> list[Any]:
+        lp = list(arrays) if is_list else arrays[0]
+        with disabled():
+            return [reg.compute(data, lp, mask=mask, counts=counts)[0] for reg, mask in terms]
+
+    node = _Call(runs, runs[0].batch, generic)
+    values = ClosedForm.apply(node, [v for v, _ in results], *arrays)  # type: ignore[no-untyped-call]
+    return [(v, metrics) for v, (_, metrics) in zip(values, results, strict=True)]
+
+
 def value_metrics_and_grad(reg: Any, batch: Any) -> tuple[Array, Metrics, Array] | None:
-    """``(value, metrics, g)`` whose value backpropagates through ``reg``'s closed form, with
-    ``g`` = d value / d ``batch.values`` (a constant, uncounted tokens 0), or None where the
-    generic path must be recorded (see the module docstring)."""
+    """``(value, metrics, g)`` for ``value_and_grad`` on tensors that require grad: ``g`` =
+    d value / d ``batch.values`` by the closed form, and the value differentiable through
+    it; None where the generic path must be recorded."""
     values = batch.values
     if not (values.requires_grad and torch.is_grad_enabled()) or _functorch_active():
         return None
     watch: list[str] = []
     constant = batch.constant_values(values.detach(), watch)
     with torch.no_grad():
-        value, metrics, g = reg.evaluate_with_grad(constant)
-        if batch.mask is not None:  # tokens a penalty's valid_tokens excluded keep values
-            g = _zero_uncounted(g, batch.mask)
-    if watch:  # a Field it reads needs a gradient too
+        value, metrics, g = Generic.forward(reg, constant)
+    if watch:
         return None
 
-    def generic(v: torch.Tensor) -> torch.Tensor:
-        return reg.evaluate(batch.constant_values(v, []))[0]  # type: ignore[no-any-return]
+    def generic(arrays: tuple[Any, ...]) -> list[Any]:
+        return [reg.evaluate(batch.constant_values(arrays[0], []))[0]]
 
-    out = ClosedForm.apply(values, value, g, generic)  # type: ignore[no-untyped-call]
+    node = _Call([_Run(reg, _Values(values), _Saved, g)], _Values(values), generic)
+    (out,) = ClosedForm.apply(node, [value], values)  # type: ignore[no-untyped-call]
     return out, metrics, g
+
+
+class _Values:
+    """A stand-in Batch whose one tensor is ``batch.values`` itself."""
+
+    __slots__ = ("_arrays", "_is_list", "_moved", "target", "values")
+
+    def __init__(self, values: Any) -> None:
+        self._arrays, self._is_list, self._moved = [values], False, None
+        self.target, self.values = "logprobs", values
+
+
+class _Saved:
+    """The kernel of :func:`value_metrics_and_grad`: the gradient was computed already."""
+
+    @staticmethod
+    def grad(reg: Any, batch: Any, g: Any, scale: Any) -> Any:
+        return g * scale.to(g.dtype)

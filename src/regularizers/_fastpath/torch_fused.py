@@ -157,3 +157,116 @@ def _l2_out(reg: Any, raw: Any, peak: Any, n: int) -> tuple[Any, dict[str, Any]]
 
 
 FAST = {"l1_sparsity": l1, "l2_weight_decay": l2}
+
+
+# ---- the training path: kernels of the closed form (see ``torch_autograd``) -------------------
+# Each works on a prepared Batch (the flat target, uncounted tokens holding 0, and the counts)
+# when the aggregation weight is one number (every ``reduce`` mode but the per-token
+# ``seq-mean-token-mean``); the generic kernel (``evaluate_with_grad``) serves the rest.
+# ``forward`` computes value and metrics with fused reductions and keeps what ``grad``
+# needs; ``grad`` is the closed form times ``scale`` (autograd's incoming gradient), a new
+# tensor with 0 at uncounted tokens.
+
+
+def _weight(batch: Any) -> Any:
+    """The one aggregation weight of ``reduce`` (a float or a 0-d tensor), or None."""
+    w = batch.token_weights()
+    return w if isinstance(w, float) or w.ndim == 0 else None
+
+
+def _scaled(w: Any, raw: Any) -> Any:
+    return raw if isinstance(w, float) and w == 1.0 else raw * w
+
+
+def _sign(v: Any) -> Any:
+    """sign(v) with NaN at NaN, as the array API (and the generic path) has it, where
+    ``torch.sign`` gives 0: ``clip(v · 2^e · 2^e, -1, 1)`` with ``2^e`` the dtype's largest
+    power of two makes every nonzero ``v`` (subnormals too) at least 1 in magnitude, keeps
+    ±0 and NaN, and takes three cheap kernels where a NaN fix-up takes two slow ones."""
+    big = 2.0**1023 if v.dtype == torch.float64 else 2.0**127
+    return (v * big).mul_(big).clamp_(-1.0, 1.0)
+
+
+class L1Grad:
+    """L1: Σ|v| by one reduction; the gradient sign(v) (0 at 0, so at uncounted tokens,
+    which hold 0) is computed in the backward pass only."""
+
+    @staticmethod
+    def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
+        w = _weight(batch)
+        if w is None:
+            return None
+        v = batch.values
+        raw = v.sum() if batch.target == "probs" else v.abs().sum()  # exp(x) >= 0
+        return _scaled(w, raw), {"l1_raw": raw, "l1_mean": batch.per_token(raw)}, w
+
+    @staticmethod
+    def grad(reg: Any, batch: Any, w: Any, scale: Any) -> Any:
+        return _sign(batch.values).mul_(_scaled(w, scale.to(batch.dtype)))
+
+
+def _outside(v: Any, lo: float | None, hi: float | None) -> Any:
+    """``v < lo or v > hi`` (NaN is inside, as the generic path's where-clipping has it)."""
+    if lo is None:
+        return v > hi
+    if hi is None:
+        return v < lo
+    # |clip(v) - v| > 0: one comparison where two need an "or" besides (NaN > 0 is false)
+    return torch.clamp(v, lo, hi).sub_(v).abs_() > 0
+
+
+class L2Grad:
+    """L2: the deviation ``d = c(v) - center`` once (kept for the gradient), Σd² by one dot
+    and max d² from the extrema; the gradient is 2(d - mean d) for ``center="mean"`` (the
+    mean is a function of the input; its share is mean d, 0 but for rounding, as on the
+    generic path), else 2d, and 0 strictly outside the clip range and at uncounted tokens."""
+
+    @staticmethod
+    def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
+        w = _weight(batch)
+        if w is None or batch.values.ndim != 1:
+            return None
+        o = reg._opts
+        v, mask, center = batch.values, batch.mask, o["center"]
+        top = float(torch.finfo(v.dtype).max)
+        lo, hi = (None, None)
+        if o["clip"] is not None:
+            lo, hi = (None if b is None else clamp(b, top) for b in o["clip"])
+        d, own = v, False
+        if lo is not None or hi is not None:
+            d, own = torch.clamp(v, lo, hi), True
+            if mask is not None and ((lo is not None and lo > 0) or (hi is not None and hi < 0)):
+                d.masked_fill_(~mask, 0.0)  # an uncounted 0 clipped to a bound: back to 0
+        shift = None
+        if center is not None:
+            if center == "mean":  # uncounted tokens hold 0: the sum is over counted ones
+                mu = batch._divide(d.sum(), batch._local)
+            else:
+                mu = batch.constant(float(center))
+            d = d.sub_(mu) if own else d - mu
+            if mask is not None:
+                d.masked_fill_(~mask, 0.0)
+            if center == "mean":
+                shift = batch._divide(d.sum(), batch._local)
+        raw = torch.dot(d, d)
+        if batch.size:
+            low, high = torch.aminmax(d)
+            peak = torch.maximum(low * low, high * high)
+        else:
+            peak = batch.zero()
+        metrics = {"l2_raw": raw, "l2_mean": batch.per_token(raw), "l2_max": peak}
+        return _scaled(w, raw), metrics, (d, w, lo, hi, shift)
+
+    @staticmethod
+    def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
+        d, w, lo, hi, shift = state
+        two_s = 2.0 * _scaled(w, scale.to(batch.dtype))
+        g = d * two_s if shift is None else torch.sub(d, shift).mul_(two_s)
+        if shift is not None and batch.mask is not None:
+            g.masked_fill_(~batch.mask, 0.0)
+        if lo is not None or hi is not None:
+            g.masked_fill_(_outside(batch.values, lo, hi), 0.0)
+        return g
+
+
+GRAD: dict[str, Any] = {"l1_sparsity": L1Grad, "l2_weight_decay": L2Grad}

@@ -1,0 +1,367 @@
+"""torch's training path equals the generic path (issue 12: training-path speed).
+
+``compute`` on torch tensors that require grad runs through one ``ClosedForm`` autograd node
+(``_fastpath/torch_autograd.py``) whose backward is the closed form: L1 and L2 by fused
+kernels (``torch_fused.GRAD``), every other built-in by its ``evaluate_with_grad``; a
+Pipeline's built-in terms over one input share one node. Hypothesis draws the options (every
+``reduce``, clip, center, target), masks (arrays, lists, Fields), ``counts``, ragged lists,
+dtypes (float16 and bfloat16 included) and values on the kinks (0, the clip bounds, Huber's
+δ) and beyond (±inf, NaN). Value, metrics and gradients must equal the generic path's
+(:func:`regularizers.testing.generic_path`), NaN where it is NaN, and the route (and, for L1
+and L2, the fused kernel) must really have run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import regularizers as rg
+from regularizers._fastpath import torch_fused
+from regularizers.testing import generic_path
+
+from . import strategies as S
+from .test_properties import CLASSES, convert, kwargs
+
+Harness = Any
+pytestmark = pytest.mark.backends("torch")
+CLOSED = [c for c in CLASSES if c.evaluate_with_grad is not rg.Regularizer.evaluate_with_grad]
+REDUCES = ["sum", "mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+KINKS = [0.0, -0.0, -100.0, 1.0, -1.0, -3.5]
+SPECIALS = [np.inf, -np.inf, np.nan, 1e4, -3e4]
+ROUTED = "ClosedFormBackward"
+
+
+@st.composite
+def l1_l2(draw: st.DrawFn) -> rg.Regularizer:
+    how = draw(st.sampled_from(REDUCES))
+    opts: dict[str, Any] = {"reduce": how, "target": draw(st.sampled_from(["logprobs", "probs"]))}
+    if how == "seq-mean-token-sum-norm":
+        opts["max_tokens"] = draw(st.sampled_from([1.0, 7.0, 512.0]))
+    if draw(st.booleans()):
+        return rg.L1(**opts)
+    clip = draw(S.clips())
+    if clip is not None and draw(st.integers(0, 3)) == 0:  # a bound on a kink's value
+        clip = draw(st.sampled_from([(-100.0, 0.0), (-1.0, None), (None, -3.5), (0.5, 1.0)]))
+    return rg.L2(clip=clip, center=draw(S.centers()), **opts)
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> tuple[Any, Any, Any]:
+    """``(x, (kind, mask), counts)``: an array or a ragged list, maybe a mask and counts."""
+    elements = st.one_of(S.elements(-300.0, 10.0), st.sampled_from(KINKS))
+    if draw(st.integers(0, 3)) == 0:
+        elements = st.one_of(elements, st.sampled_from(SPECIALS))
+    size = st.integers(0, 2000) if draw(st.integers(0, 9)) == 0 else st.integers(0, 30)
+    x: Any
+    if draw(st.booleans()):
+        x = [
+            draw(hnp.arrays("float64", draw(size), elements=elements))
+            for _ in range(draw(st.integers(1, 5)))
+        ]
+    else:
+        shape = draw(st.sampled_from([(draw(size),), (draw(st.integers(1, 4)), 6)]))
+        x = draw(hnp.arrays("float64", shape, elements=elements))
+    kind = draw(st.sampled_from(["none", "none", "array", "field"]))
+    mask = None if kind == "none" else draw(S.masks_for(x))
+    counts = None
+    if draw(st.integers(0, 4)) == 0:
+        counts = {"tokens": draw(st.integers(1, 50)), "sequences": draw(st.integers(1, 6))}
+    return x, (kind, mask), counts
+
+
+def _listed(x: Any) -> list[Any]:
+    return x if isinstance(x, list) else [x]
+
+
+def _cast(x: Any, dtype: str) -> Any:
+    import torch
+
+    if isinstance(x, list):
+        return [_cast(a, dtype) for a in x]
+    return torch.asarray(x.astype("float32" if dtype == "bfloat16" else dtype)).to(
+        getattr(torch, dtype)
+    )
+
+
+def _mask_args(kind: str, mask: Any) -> tuple[Any, Any]:
+    """``(data, mask=)`` for a mask given as an array/list or as a Field."""
+    import torch
+
+    if kind == "none":
+        return None, None
+    m = [torch.asarray(a) for a in mask] if isinstance(mask, list) else torch.asarray(mask)
+    return ({"w": m}, rg.Field("w")) if kind == "field" else (None, m)
+
+
+def _tolerance(x: Any, dtype: str, reg: Any) -> tuple[float, float]:
+    flat = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in _listed(x)])
+    with np.errstate(over="ignore"):
+        t = np.exp(flat) if getattr(reg, "target", None) == "probs" else flat
+    finite = t[np.isfinite(t)]
+    center = getattr(reg, "center", None)
+    big = (np.abs(finite).max() if finite.size else 0.0) + 1.0
+    big += abs(center) if isinstance(center, float) else 0.0
+    rtol = 1e-9 if dtype == "float64" else 2e-5
+    return rtol, rtol * max(t.size, 1) * big * big
+
+
+def _close(got: Any, want: Any, rtol: float, atol: float, what: str) -> None:
+    for a, b in zip(_listed(got), _listed(want), strict=True):
+        a = a.detach().double().numpy()
+        b = b.detach().double().numpy()
+        assert a.shape == b.shape, what
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, equal_nan=True, err_msg=what)
+
+
+def _autograd(reg: Any, data: Any, x: Any, mask: Any, counts: Any) -> Any:
+    """Value, metrics and gradients by torch autograd through ``compute``."""
+    import torch
+
+    leaves = [a.detach().clone().requires_grad_(True) for a in _listed(x)]
+    lp = leaves if isinstance(x, list) else leaves[0]
+    value, metrics = reg.compute(data, lp, counts=counts, **kwargs(mask))
+    grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    grads = [torch.zeros_like(a) if g is None else g for a, g in zip(leaves, grads, strict=True)]
+    return value, metrics, grads
+
+
+@contextlib.contextmanager
+def _spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The names of the fused kernels whose forward and backward ran."""
+    ran: list[str] = []
+    for name, kernel in list(torch_fused.GRAD.items()):
+
+        class Spy(kernel):  # type: ignore[misc,valid-type]
+            @staticmethod
+            def forward(reg: Any, batch: Any, _k: Any = kernel, _n: str = name) -> Any:
+                got = _k.forward(reg, batch)
+                if got is not None:
+                    ran.append(f"{_n}.forward")
+                return got
+
+            @staticmethod
+            def grad(reg: Any, batch: Any, state: Any, scale: Any, _k: Any = kernel) -> Any:
+                ran.append("grad")
+                return _k.grad(reg, batch, state, scale)
+
+        monkeypatch.setitem(torch_fused.GRAD, name, Spy)
+    yield ran
+
+
+@given(reg=l1_l2(), case=batches(), data=st.data())
+def test_fused_l1_l2_equal_the_generic_path(
+    bk: Harness, reg: rg.Regularizer, case: Any, data: st.DataObject
+) -> None:
+    x, (kind, mask), counts = case
+    dtype = data.draw(st.sampled_from(["float16", "bfloat16", "float32", "float64"]), label="dt")
+    xs = _cast(x, dtype)
+    d, m = _mask_args(kind, mask)
+    with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp, _spy(mp) as ran:
+        value, metrics, grads = _autograd(reg, d, xs, m, counts)
+        assert value.grad_fn.name() == ROUTED, "the route was not taken"
+        if reg.reduce != "seq-mean-token-mean":  # one aggregation weight: the fused kernel
+            assert ran[:1] == [f"{reg.name}.forward"], ran
+            assert ran[-1] == "grad", ran
+        with generic_path():
+            want_value, want_metrics, want_grads = _autograd(reg, d, xs, m, counts)
+    assert want_value.grad_fn.name() != ROUTED
+    assert value.dtype == want_value.dtype
+    assert metrics.keys() == want_metrics.keys()
+    assert all(not v.requires_grad for v in metrics.values())
+    assert [g.dtype for g in grads] == [g.dtype for g in want_grads]
+    rtol, atol = _tolerance(x, dtype, reg)
+    grtol = {"float16": 1e-2, "bfloat16": 1e-1}.get(dtype, rtol)
+    _close(value, want_value, rtol, atol, "value")
+    for k in metrics:
+        _close(metrics[k], want_metrics[k], rtol, atol, k)
+    _close(grads, want_grads, grtol, atol, "gradient")
+
+
+@pytest.mark.parametrize("cls", CLOSED, ids=[c.__name__ for c in CLOSED])
+@given(data=st.data())
+def test_every_built_in_equals_the_generic_path(
+    bk: Harness, cls: type, data: st.DataObject
+) -> None:
+    """The drawn cases of every built-in (kinks, Huber's δ, half precision, ragged lists,
+    -inf classes, masks and counts as its strategy draws them)."""
+    case = data.draw(S.cases(cls), label="case")
+    dtype = data.draw(st.sampled_from(["float32", "float64"]), label="dtype")
+    x, d, m = convert(bk, case, dtype)
+    with np.errstate(all="ignore"):
+        value, metrics, grads = _autograd(case.reg, d, x, m, None)
+        routed = value.grad_fn.name() == ROUTED
+        assert routed == (not isinstance(getattr(case.reg, "target", None), rg.Field))
+        with generic_path():
+            want_value, want_metrics, want_grads = _autograd(case.reg, d, x, m, None)
+    rtol = 1e-9 if dtype == "float64" else 1e-4
+    wv = float(want_value.detach())
+    scale = max(1.0, abs(wv)) if np.isfinite(wv) else 1.0
+    _close(value, want_value, rtol, rtol * scale, "value")
+    assert metrics.keys() == want_metrics.keys()
+    for k in metrics:
+        w = float(want_metrics[k].detach())
+        wscale = max(1.0, abs(w)) if np.isfinite(w) else 1.0
+        _close(metrics[k], want_metrics[k], rtol, rtol * wscale, k)
+    gscale = max(
+        [1.0] + [float(g.detach().abs().nan_to_num().max()) for g in want_grads if g.numel()]
+    )
+    _close(grads, want_grads, rtol * 10, rtol * 10 * gscale, "gradient")
+
+
+@st.composite
+def pipelines(draw: st.DrawFn) -> rg.Pipeline:
+    terms = []
+    for i in range(draw(st.integers(2, 3))):
+        reg = draw(st.one_of(l1_l2(), st.builds(rg.Huber, delta=st.sampled_from([0.5, 1.0]))))
+        if draw(st.booleans()):
+            reg = type(reg)(**{**reg.options(), "mask": rg.Field("w")})
+        terms.append(rg.Term(reg, draw(st.sampled_from([1.0, 1e-3, -0.5])), name=f"t{i}"))
+    return rg.Pipeline(terms, metrics="array")
+
+
+@given(pipe=pipelines(), data=st.data())
+def test_a_pipelines_terms_share_one_node_equal_to_the_generic_path(
+    bk: Harness, pipe: rg.Pipeline, data: st.DataObject
+) -> None:
+    import torch
+
+    elements = st.one_of(S.elements(-300.0, 10.0), st.sampled_from(KINKS))
+    xs = [
+        data.draw(hnp.arrays("float64", data.draw(st.integers(1, 40)), elements=elements))
+        for _ in range(data.draw(st.integers(1, 5)))
+    ]
+    ws = [
+        data.draw(hnp.arrays("float32", a.shape, elements=st.sampled_from([0.0, 1.0]))) for a in xs
+    ]
+    dtype = data.draw(st.sampled_from(["float32", "float64"]), label="dtype")
+    x = _cast(xs, dtype)
+    d = {"w": [torch.asarray(w) for w in ws]}
+
+    def run() -> Any:
+        leaves = [a.detach().clone().requires_grad_(True) for a in x]
+        loss, metrics = pipe(d, leaves)
+        loss.backward()
+        return loss, metrics, [a.grad for a in leaves]
+
+    with np.errstate(all="ignore"):
+        loss, metrics, grads = run()
+        with generic_path():
+            want_loss, want_metrics, want_grads = run()
+    rtol, atol = max(_tolerance(xs, dtype, t.regularizer) for t in pipe.terms)
+    atol *= len(pipe.terms)
+    _close(loss, want_loss, rtol, atol, "loss")
+    assert metrics.keys() == want_metrics.keys()
+    for k, v in metrics.items():
+        if not k.endswith("/weight"):
+            _close(v, want_metrics[k], rtol, atol, k)
+    _close(grads, want_grads, rtol, atol, "gradient")
+
+
+def test_a_pipelines_terms_are_one_node(bk: Harness) -> None:
+    """Two built-ins over one ragged input: one ClosedForm node, and one gradient per tensor."""
+    import torch
+
+    pipe = rg.Pipeline(
+        [(rg.L1(mask=rg.Field("w")), 1e-3), (rg.L2(center="mean", clip=(-100.0, 0.0)), 1e-4)]
+    )
+    xs = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
+    loss, _ = pipe({"w": [torch.ones(5), torch.zeros(3)]}, xs)
+    nodes, seen = [], set()
+    stack = [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        nodes.append(fn.name())
+        stack.extend(f for f, _ in fn.next_functions)
+    assert nodes.count(ROUTED) == 1, nodes
+    loss.backward()
+    assert all(x.grad is not None and x.grad.shape == x.shape for x in xs)
+
+
+@pytest.mark.parametrize(
+    "reg",
+    [
+        rg.L1(),
+        rg.L2(center="mean", clip=(-100.0, 0.0)),
+        rg.L1(reduce="seq-mean-token-mean"),
+        rg.Huber(delta=1.0),
+    ],
+    ids=repr,
+)
+def test_double_backward_differentiates_the_generic_path(bk: Harness, reg: Any) -> None:
+    """``create_graph=True``: the same gradient, differentiable again (Hessian-vector)."""
+    import torch
+
+    def grads(routed: bool) -> Any:
+        xs = [
+            torch.tensor([-1.0, 0.0, -150.0, 0.5], dtype=torch.float64, requires_grad=True),
+            torch.tensor([-3.0, -2.0], dtype=torch.float64, requires_grad=True),
+        ]
+        with contextlib.nullcontext() if routed else generic_path():
+            value, _ = reg(xs)
+        assert (value.grad_fn.name() == ROUTED) == routed
+        g = torch.autograd.grad(value, xs, create_graph=True)
+        h = torch.autograd.grad(
+            sum(((gi * gi).sum() for gi in g if gi.requires_grad), torch.zeros(()))
+            + sum((xi * xi).sum() for xi in xs),
+            xs,
+        )
+        return [gi.detach() for gi in g], h
+
+    (g, h), (want_g, want_h) = grads(True), grads(False)
+    for a, b in zip([*g, *h], [*want_g, *want_h], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_retain_graph_runs_the_backward_twice(bk: Harness) -> None:
+    import torch
+
+    x = torch.tensor([-1.0, 0.0, -150.0, 0.5], requires_grad=True)
+    value, _ = rg.L2(center="mean", clip=(-100.0, 0.0))(x)
+    (first,) = torch.autograd.grad(value, x, retain_graph=True)
+    (second,) = torch.autograd.grad(value, x)
+    assert torch.equal(first, second)
+
+
+def test_torch_compile_fullgraph_with_gradients(bk: Harness) -> None:
+    """Under torch.compile the node steps aside and the compiler traces the generic path:
+    fullgraph traces, and value, metrics and gradients equal eager's (the routed node)."""
+    import torch
+
+    pipe = rg.Pipeline(
+        [(rg.L1(mask=rg.Field("w")), 1e-3), (rg.L2(center="mean", clip=(-100.0, 0.0)), 1e-4)],
+        metrics="array",
+    )
+    data = {"w": [torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.0, 1.0])]}
+
+    def run(fn: Any) -> Any:
+        xs = [
+            torch.tensor([-1.0, -300.0, 0.0], requires_grad=True),
+            torch.tensor([-2.0, -0.5], requires_grad=True),
+        ]
+        loss, metrics = fn(data, xs)
+        loss.backward()
+        return loss.detach(), rg.to_floats(metrics), [x.grad for x in xs]
+
+    compiled = torch.compile(lambda d, xs: pipe(d, xs), fullgraph=True, backend="eager")
+    loss, metrics, grads = run(compiled)
+    want_loss, want_metrics, want_grads = run(pipe)
+    assert loss.item() == pytest.approx(want_loss.item())
+    assert metrics == pytest.approx(want_metrics)
+    for a, b in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    reg = rg.L2(center="mean", clip=(-100.0, 0.0), reduce="mean")
+    x = torch.tensor([-1.0, -3.0, -float("inf"), 0.0], requires_grad=True)
+    value, _ = torch.compile(lambda a: reg.compute(None, a), fullgraph=True, backend="eager")(x)
+    value.backward()
+    assert x.grad.tolist() == pytest.approx([12.5, 11.5, 0.0, 13.0])
