@@ -77,9 +77,22 @@ def try_route(
     first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
     if type(first).__module__ != "torch" or _torch_compiling() or not _routable(reg):
         return None
-    from .torch_autograd import compute
+    from .torch_autograd import compute, compute_plain
     from .torch_fused import GRAD
 
+    unset = type(mask).__name__ == "_Unset"  # (base.UNSET: "no mask given to this call")
+    if logprobs is first and data is None and counts is None and unset:
+        o = reg._opts  # one tensor, nothing else: the call that needs no Batch
+        kernel = GRAD.get(reg.name)
+        if (
+            kernel is not None
+            and o["mask"] is None
+            and o["target"] == "logprobs"
+            and o["reduce"] in ("sum", "mean")
+        ):
+            plain = compute_plain(reg, first, kernel)
+            if plain is not None:
+                return plain
     got = compute([(reg, mask)], data, logprobs, counts, call, GRAD)
     return None if got is None else got[0]
 

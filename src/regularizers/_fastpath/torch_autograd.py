@@ -236,6 +236,75 @@ def compute(
     return [(v, metrics) for v, (_, metrics) in zip(values, results, strict=True)]
 
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class _Flat:
+    """What the kernels read of a Batch, for one plain tensor with no data, mask or counts
+    and ``reduce`` "sum" or "mean": the common small call, without ``prepare``'s generality
+    (its validation is :func:`compute_plain`'s condition)."""
+
+    __slots__ = (
+        "_arrays",
+        "_is_list",
+        "_local",
+        "_moved",
+        "dtype",
+        "event_ndim",
+        "lengths",
+        "mask",
+        "reduce",
+        "size",
+        "target",
+        "values",
+    )
+
+    def __init__(self, x: Any, reduce: str) -> None:
+        v = x if x.ndim == 1 else x.reshape(-1)
+        if v.dtype != torch.float32 and v.dtype != torch.float64:
+            v = v.to(torch.float32)  # half precision computes in float32
+        self.values, self.dtype, self._arrays = v, v.dtype, [x]
+        self.size = self._local = v.numel()
+        self.lengths = (self.size,)
+        self.mask, self.reduce, self.target = None, reduce, "logprobs"
+        self._is_list, self._moved, self.event_ndim = False, None, 0
+
+    def token_weights(self) -> float:
+        return 1.0 if self.reduce == "sum" else 1.0 / max(self.size, 1)
+
+    def per_token(self, total: Any) -> Any:
+        return total / max(self.size, 1)
+
+    def _divide(self, total: Any, by: int) -> Any:
+        return total / max(by, 1)
+
+    def zero(self) -> Any:
+        return torch.zeros((), dtype=self.dtype, device=self.values.device)
+
+    def constant(self, value: float) -> Any:
+        top = float(torch.finfo(self.dtype).max)
+        value = min(max(value, -top), top)
+        return torch.tensor(value, dtype=self.dtype, device=self.values.device)
+
+
+def compute_plain(reg: Any, x: Any, kernel: Any) -> tuple[Array, Metrics] | None:
+    """:func:`compute` of one plain float tensor that requires grad, with no data, mask or
+    counts, ``reduce`` "sum" or "mean" and a fused kernel: the call without a Batch."""
+    if not (x.requires_grad and torch.is_grad_enabled()) or x.dtype not in _FLOATS:
+        return None
+    if _functorch_active():
+        return None
+    with torch.no_grad():
+        flat = _Flat(x, reg._opts["reduce"])
+        got = kernel.forward(reg, flat)
+        if got is None:
+            return None
+    value, metrics, state = got
+    node = _Call([_Run(reg, flat, kernel, state)], flat, lambda a: [reg.compute(None, a[0])[0]])
+    (out,) = ClosedForm.apply(node, [value], x)  # type: ignore[no-untyped-call]
+    return out, metrics
+
+
 def value_metrics_and_grad(reg: Any, batch: Any) -> tuple[Array, Metrics, Array] | None:
     """``(value, metrics, g)`` for ``value_and_grad`` on tensors that require grad: ``g`` =
     d value / d ``batch.values`` by the closed form, and the value differentiable through

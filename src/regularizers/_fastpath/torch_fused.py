@@ -25,6 +25,7 @@ from .common import chan_merge, reduced
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BLOCK = 1 << 18  # elements per block where the input is transformed (1 MiB of float32)
+SMALL = 1 << 12  # up to here, the fewest kernel calls win (one slow kernel beats two fast)
 
 
 def _flat(logprobs: Any) -> Any:
@@ -237,33 +238,39 @@ class L2Grad:
             d, own = torch.clamp(v, lo, hi), True
             if mask is not None and ((lo is not None and lo > 0) or (hi is not None and hi < 0)):
                 d.masked_fill_(~mask, 0.0)  # an uncounted 0 clipped to a bound: back to 0
-        shift = None
         if center is not None:
-            if center == "mean":  # uncounted tokens hold 0: the sum is over counted ones
-                mu = batch._divide(d.sum(), batch._local)
-            else:
+            if center != "mean":
                 mu = batch.constant(float(center))
+            elif mask is None and batch.size:
+                mu = d.mean()
+            else:  # uncounted tokens hold 0: the sum is over counted ones
+                mu = batch._divide(d.sum(), batch._local)
             d = d.sub_(mu) if own else d - mu
             if mask is not None:
                 d.masked_fill_(~mask, 0.0)
-            if center == "mean":
-                shift = batch._divide(d.sum(), batch._local)
         raw = torch.dot(d, d)
-        if batch.size:
-            low, high = torch.aminmax(d)
-            peak = torch.maximum(low * low, high * high)
-        else:
+        if not batch.size:
             peak = batch.zero()
+        elif batch.size <= SMALL:  # one kernel: max |d| (NaN if any is)
+            top = torch.linalg.vector_norm(d, float("inf"))
+            peak = top * top
+        else:  # amax and amin: two fast kernels, where aminmax or max |d| is one slow one
+            low, high = d.amin(), d.amax()
+            peak = torch.maximum(low * low, high * high)
         metrics = {"l2_raw": raw, "l2_mean": batch.per_token(raw), "l2_max": peak}
-        return _scaled(w, raw), metrics, (d, w, lo, hi, shift)
+        return _scaled(w, raw), metrics, (d, w, lo, hi)
 
     @staticmethod
     def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
-        d, w, lo, hi, shift = state
+        d, w, lo, hi = state
         two_s = 2.0 * _scaled(w, scale.to(batch.dtype))
-        g = d * two_s if shift is None else torch.sub(d, shift).mul_(two_s)
-        if shift is not None and batch.mask is not None:
-            g.masked_fill_(~batch.mask, 0.0)
+        if reg._opts["center"] != "mean":
+            g = d * two_s
+        else:  # the mean's share: mean d (0 but for rounding, NaN where the mean is)
+            shift = batch._divide(d.sum(), batch._local)
+            g = torch.sub(d, shift).mul_(two_s)
+            if batch.mask is not None:
+                g.masked_fill_(~batch.mask, 0.0)
         if lo is not None or hi is not None:
             g.masked_fill_(_outside(batch.values, lo, hi), 0.0)
         return g
