@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .._core.ops import clamp
-from .common import chan_merge, reduced
+from .common import reduced
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BLOCK = 1 << 18  # elements per block where the input is transformed (1 MiB of float32)
@@ -55,19 +55,35 @@ def _zeros(x: Any, names: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
 
 
 def _blocks(x: Any, dtype: Any, probs: bool, lo: float | None, hi: float | None) -> Any:
-    """The input block by block, transformed (exp, clip) in cache: no full-size temporary."""
+    """The input block by block, transformed (exp, clip) into one reused buffer of the
+    compute dtype: each block is read from memory once, and no full-size temporary exists
+    (a fresh full-size tensor costs more in page faults than the arithmetic)."""
+    n = x.numel()
+    buf = torch.empty(min(n, BLOCK), dtype=dtype, device=x.device)
     clipping = lo is not None or hi is not None
-    for i in range(0, x.numel(), BLOCK):
-        c = x[i : i + BLOCK].to(dtype)
-        if probs:
-            c = torch.exp(c)
-        if clipping:
-            c = torch.clamp(c, lo, hi)
-        yield c
+    direct = clipping and not probs and x.dtype == dtype
+    for i in range(0, n, BLOCK):
+        c = x[i : i + BLOCK]
+        b = buf[: c.numel()]
+        if direct:
+            torch.clamp(c, lo, hi, out=b)
+        else:
+            b.copy_(c)
+            if probs:
+                b.exp_()
+            if clipping:
+                b.clamp_(lo, hi)
+        yield b
+
+
+def _total(parts: list[Any]) -> Any:
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
 def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
-    """L1's value and metrics: one fused ``vector_norm(x, 1)``, or Σ exp(x) by blocks."""
+    """L1's value and metrics: Σ|x| (or Σ exp(x)) by two cheap kernels, block by block above
+    ``BLOCK`` elements (``vector_norm(x, 1)``, the one-kernel form, is several times slower
+    but for small inputs, where the fewest calls win)."""
     x = _flat(logprobs)
     if x is None:
         return None
@@ -75,12 +91,22 @@ def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     if n == 0:
         return _zeros(x, ("l1_raw", "l1_mean"))
     dtype = _dtype(x)
-    if reg.target == "probs":  # Σ exp(x) >= 0
-        raw = torch.zeros((), dtype=dtype, device=x.device)
-        for c in _blocks(x, dtype, True, None, None):
-            raw = raw + c.sum()
+    probs = reg.target == "probs"
+    if n <= SMALL and not probs:
+        raw = torch.linalg.vector_norm(x, 1, dtype=dtype)  # one kernel: fewest calls
+    elif n <= BLOCK and not probs:
+        raw = x.abs().sum(dtype=dtype)
+    elif probs:  # Σ exp(x) >= 0
+        raw = _total([b.sum() for b in _blocks(x, dtype, True, None, None)])
     else:
-        raw = torch.linalg.vector_norm(x, 1, dtype=dtype)  # one fused pass, no temporary
+        buf = torch.empty(BLOCK, dtype=x.dtype, device=x.device)
+        parts = []
+        for i in range(0, n, BLOCK):
+            c = x[i : i + BLOCK]
+            b = buf[: c.numel()]
+            torch.abs(c, out=b)
+            parts.append(b.sum(dtype=dtype))
+        raw = _total(parts)
     mean = raw / n
     return reduced(reg, raw, mean), {"l1_raw": raw, "l1_mean": mean}
 
@@ -108,48 +134,60 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
             raw = torch.dot(x, x)  # one fused pass (BLAS)
         else:
             raw = torch.linalg.vector_norm(x, 2, dtype=dtype) ** 2
-        low, high = torch.aminmax(x)
-        low, high = low.to(dtype), high.to(dtype)
+        if n <= SMALL:  # one kernel for both extrema: fewest calls
+            low, high = torch.aminmax(x)
+        else:  # amax and amin: two fast kernels, where aminmax is one slow one
+            low, high = x.amin(), x.amax()
+        if x.dtype != dtype:
+            low, high = low.to(dtype), high.to(dtype)
         return _l2_out(reg, raw, torch.maximum(high * high, low * low), n)
 
-    # Anything that transforms the input (exp, clip, shift) runs block by block, so that no
-    # full-size temporary exists: each block's transform stays small and in cache.
-    zero = torch.zeros((), dtype=dtype, device=x.device)
-    if center == "mean" and n <= BLOCK:  # one block: the direct form, fewest kernels
-        c = next(_blocks(x, dtype, probs, lo, hi))
-        m = c.sum() / n
-        dev = c - m
-        raw = torch.dot(dev, dev)
-        low, high = torch.aminmax(c)
-        # An infinity makes m ±inf or NaN, and then dot and maximum say NaN, as they should.
-        return _l2_out(reg, raw, torch.maximum((high - m) ** 2, (low - m) ** 2), n)
+    # Anything that transforms the input (exp, clip, shift) runs block by block in one
+    # buffer (see _blocks); per-block totals are combined once, at the end.
+    if center == "mean" and n <= min(SMALL, BLOCK):  # one small block: fewest kernel calls
+        b = next(_blocks(x, dtype, probs, lo, hi))
+        mean = b.mean()
+        b.sub_(mean)
+        raw = torch.dot(b, b)
+        top_dev = torch.linalg.vector_norm(b, float("inf"))
+        return _l2_out(reg, raw, top_dev * top_dev, n)
     if center == "mean":
-        # Chan's parallel combination of per-block (Welford) variances: one pass, stable.
-        count, mean, m2 = 0, zero, zero
-        cmin = torch.full((), float("inf"), dtype=dtype, device=x.device)
-        cmax = -cmin
-        for c in _blocks(x, dtype, probs, lo, hi):
-            k = c.numel()
-            bmean = c.sum() / k
-            low, high = torch.aminmax(c)
-            cmin, cmax = torch.minimum(cmin, low), torch.maximum(cmax, high)
-            dev = c - bmean  # the block is in cache: this pass costs little
-            count, mean, m2 = chan_merge(count, mean, m2, k, bmean, torch.dot(dev, dev))
-        raw = m2
+        sums, m2s, lows, highs, sizes = [], [], [], [], []
+        for b in _blocks(x, dtype, probs, lo, hi):
+            k = b.numel()
+            s = b.sum()
+            low, high = b.amin(), b.amax()
+            b.sub_(s / k)  # the block is in cache: this pass costs little
+            sums.append(s)
+            m2s.append(torch.dot(b, b))
+            lows.append(low)
+            highs.append(high)
+            sizes.append(k)
+        if len(sums) == 1:
+            mean, raw, cmin, cmax = sums[0] / n, m2s[0], lows[0], highs[0]
+        else:  # Chan et al.'s combination of the blocks' means and squared deviations
+            total, k_b = torch.stack(sums), torch.tensor(sizes, dtype=dtype, device=x.device)
+            mean = total.sum() / n
+            raw = torch.stack(m2s).sum() + (k_b * (total / k_b - mean) ** 2).sum()
+            cmin, cmax = torch.stack(lows).min(), torch.stack(highs).max()
         peak = torch.maximum((cmax - mean) ** 2, (cmin - mean) ** 2)
-        # sum((c - m)²) is NaN as soon as c holds ±inf (inf - inf); the extrema would not say
-        peak = torch.where(torch.isfinite(mean), peak, mean - mean)
-        raw = torch.where(torch.isfinite(mean), raw, mean - mean)
+        if len(sums) > 1:
+            # Σ(c - m)² is NaN as soon as c holds ±inf (inf - inf); the extrema would not say
+            peak = torch.where(torch.isfinite(mean), peak, mean - mean)
+            raw = torch.where(torch.isfinite(mean), raw, mean - mean)
         return _l2_out(reg, raw, peak, n)
-    raw, peak = zero, zero
     shift = None if center is None else clamp(center, top)
-    for c in _blocks(x, dtype, probs, lo, hi):
+    squares, lows, highs = [], [], []
+    for b in _blocks(x, dtype, probs, lo, hi):
         if shift is not None:
-            c = c - shift
-        raw = raw + torch.linalg.vector_norm(c, 2) ** 2
-        low, high = torch.aminmax(c)
-        peak = torch.maximum(peak, torch.maximum(low * low, high * high))
-    return _l2_out(reg, raw, peak, n)
+            b.sub_(shift)
+        squares.append(torch.dot(b, b))
+        lows.append(b.amin())
+        highs.append(b.amax())
+    raw = _total(squares)
+    low = lows[0] if len(lows) == 1 else torch.stack(lows).min()
+    high = highs[0] if len(highs) == 1 else torch.stack(highs).max()
+    return _l2_out(reg, raw, torch.maximum(low * low, high * high), n)
 
 
 def _l2_out(reg: Any, raw: Any, peak: Any, n: int) -> tuple[Any, dict[str, Any]]:
