@@ -31,7 +31,13 @@ from typing import Any
 
 from .._core import registry
 
-__all__ = ["disabled", "try_autograd", "try_compute"]
+__all__ = [
+    "disabled",
+    "try_autograd",
+    "try_compute",
+    "try_small_value_and_grad",
+    "try_value_and_grad",
+]
 
 ENABLED: ContextVar[bool] = ContextVar("regularizers_fastpath", default=True)
 _PACKAGE = __name__.rsplit(".", 2)[0]  # "regularizers", or the vendored copy's name
@@ -87,6 +93,52 @@ def try_autograd(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None
     from .torch_autograd import value_metrics_and_grad
 
     return value_metrics_and_grad(reg, batch)
+
+
+def try_value_and_grad(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
+    """``(value, metrics, g)`` by a native blocked kernel (``g`` = d value / d
+    ``batch.values``), or None: the penalty's own ``evaluate_with_grad`` runs.
+
+    NumPy arrays only, for exactly a registered built-in with a kernel in
+    ``numpy_blocked.GRAD``, on its ``"logprobs"`` or ``"probs"`` target, when ``reduce``
+    aggregates with one weight (a kernel returns None otherwise)."""
+    if type(batch.values) is not np_ndarray() or batch.event_ndim:
+        return None
+    cls = type(reg)
+    if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+        return None
+    target = reg._opts["target"]
+    if (target != "logprobs" and target != "probs") or not ENABLED.get():
+        return None
+    from .numpy_blocked import value_and_grad
+
+    return value_and_grad(reg, batch)
+
+
+def try_small_value_and_grad(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any], Any] | None:
+    """``value_and_grad`` of one small NumPy array, before any Batch is made (the call has no
+    ``data``, ``mask`` or ``counts``): the per-call overhead is the cost at that size."""
+    if type(logprobs) is not np_ndarray():
+        return None
+    cls = type(reg)
+    if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+        return None
+    if not ENABLED.get():
+        return None
+    from .numpy_blocked import small_value_and_grad
+
+    return small_value_and_grad(reg, logprobs)
+
+
+def np_ndarray() -> type:
+    """``numpy.ndarray`` where NumPy is imported (it is, for a NumPy batch), else a type no
+    array has."""
+    numpy = sys.modules.get("numpy")
+    return numpy.ndarray if numpy is not None else _Never
+
+
+class _Never:
+    pass
 
 
 _BUILTIN: set[type] = set()
