@@ -123,6 +123,8 @@ def _check_float(xp: Namespace, a: Array, what: str) -> None:
 
 def _to_namespace(value: Any, xp: Namespace, like: Array, what: str) -> Array:
     """Bring a value (array of any library, list of numbers, TensorData) into ``xp``."""
+    if type(value) is type(like):  # an array of the same library: as it is (no lookup)
+        return value
     if not is_array_api_obj(value):
         if array_api_compat.is_torch_namespace(xp) and hasattr(value, "to_torch"):
             value = value.to_torch()
@@ -414,6 +416,9 @@ class Batch:
         for a in arrays:
             if self._moved is not None:
                 a = xp.moveaxis(a, self._moved, -1)
+            if not k and a.ndim == 1:  # already flat (a ragged batch's datums)
+                rows.append(a)
+                continue
             rows.append(reshape(xp, a, (-1, *a.shape[a.ndim - k :]) if k else (-1,)))
         return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
 
@@ -588,8 +593,8 @@ class Batch:
             g = g * self.values  # d exp(x) / dx = exp(x), with values = exp(x)
         grads = []
         start = 0
-        for a, token_shape in zip(self._arrays, self._token_shapes, strict=True):
-            n = _size(token_shape)
+        sizes = self.lengths if self._is_list else [self.size]
+        for a, n in zip(self._arrays, sizes, strict=True):
             piece = g if len(self._arrays) == 1 else g[start : start + n, ...]
             start += n
             shape = tuple(a.shape)
@@ -598,9 +603,11 @@ class Batch:
                 piece = xp.moveaxis(
                     xp.reshape(piece, (*moved, shape[self._moved])), -1, self._moved
                 )
-            else:
+            elif tuple(piece.shape) != shape or array_api_compat.is_jax_namespace(xp):
                 piece = reshape(xp, piece, shape, like=a)  # with a's sharding (JAX)
-            grads.append(xp.astype(piece, a.dtype, copy=False))  # no copy of a same-dtype [n, V]
+            if piece.dtype != a.dtype:
+                piece = xp.astype(piece, a.dtype, copy=False)  # no copy of a same-dtype [n, V]
+            grads.append(piece)
         return grads if self._is_list else grads[0]
 
     def finish(self, value: Array, metrics: Metrics) -> tuple[Array, Metrics]:
@@ -648,8 +655,11 @@ def prepare(
     arrays = as_arrays(logprobs)
     xp = namespace_of(arrays)
     is_list = isinstance(logprobs, (list, tuple))
+    seen: set[Any] = set()
     for i, a in enumerate(arrays):
-        _check_float(xp, a, f"logprobs[{i}]" if is_list else "logprobs")
+        if a.dtype not in seen:  # once per dtype: a ragged batch has one
+            _check_float(xp, a, f"logprobs[{i}]" if is_list else "logprobs")
+            seen.add(a.dtype)
     like = arrays[0]
 
     if isinstance(target, Field):
@@ -735,15 +745,23 @@ def prepare(
                 f"{what} shape {_fmt_shapes(mask_shapes)} does not match the target's shape "
                 f"{_fmt_shapes(token_shapes)}{per}"
             )
+        mask_dtypes = []
         for i, m in enumerate(mask_arrays):
+            if m.dtype in mask_dtypes:
+                continue
             if not xp.isdtype(m.dtype, ("bool", "integral", "real floating")):
                 raise TypeError(
                     f"{what} array {i} must be bool, integer or real, got dtype {m.dtype}"
                 )
-        flat = [
-            reshape(xp, m if xp.isdtype(m.dtype, "bool") else m != 0, (-1,)) for m in mask_arrays
-        ]
-        mask_flat = flat[0] if len(flat) == 1 else xp.concat(flat)
+            mask_dtypes.append(m.dtype)
+        rows = [m if m.ndim == 1 else reshape(xp, m, (-1,)) for m in mask_arrays]
+        if len(mask_dtypes) == 1:  # one dtype: concatenate, then compare once
+            mask_flat = rows[0] if len(rows) == 1 else xp.concat(rows)
+            if not xp.isdtype(mask_dtypes[0], "bool"):
+                mask_flat = mask_flat != 0
+        else:
+            flat = [m if xp.isdtype(m.dtype, "bool") else m != 0 for m in rows]
+            mask_flat = flat[0] if len(flat) == 1 else xp.concat(flat)
         object.__setattr__(batch, "mask", mask_flat)
         count = xp.sum(xp.astype(mask_flat, t.dtype))
         # before any transform: exp(NaN) would otherwise reach the gradient as 0 · NaN
