@@ -288,3 +288,53 @@ def test_empty_and_all_masked(bk: Harness) -> None:
             assert float(v) == 0.0
             assert all(float(a) == 0.0 for a in m.values())
             assert all(not np.any(a) for a in as_list(g))
+
+
+@given(data=st.data())
+def test_pipeline_fused_terms_equal_the_generic_path(bk: Harness, data: st.DataObject) -> None:
+    """A Pipeline's built-in terms over one NumPy input add into one gradient: the loss,
+    metrics and gradient are the generic path's (each term's own value_and_grad)."""
+    regs = data.draw(st.lists(regularizers(), min_size=1, max_size=3), label="regs")
+    regs = [r for r in regs if r.target == "logprobs"] or [rg.L1()]
+    weights = data.draw(
+        st.lists(st.sampled_from([1e-3, 1.0, -0.5]), min_size=len(regs), max_size=len(regs))
+    )
+    x, mask = data.draw(inputs(regs[0]), label="x, mask")
+    d: dict[str, Any] = {} if mask is None else {"w": mask}
+    if mask is not None:
+        regs[0] = type(regs[0])(**{**regs[0].options(), "mask": rg.Field("w")})
+    terms = [
+        rg.Term(r, w, name=f"t{i}") for i, (r, w) in enumerate(zip(regs, weights, strict=True))
+    ]
+    pipe = rg.Pipeline(terms, metrics="array")
+    counts = counts_for(data.draw)
+    block = data.draw(st.sampled_from([None, 1, 5]), label="block")
+    with pytest.MonkeyPatch.context() as patch:
+        ran = spy(patch)
+        if block is not None:
+            patch.setattr(_native, "BLOCK", block)
+        with np.errstate(all="ignore"):
+            loss, metrics, grad = pipe.value_and_grad(d or None, x, counts=counts)
+    expected = [r.name for r in regs if single_weight(r, x, None if r.mask is None else mask)]
+    assert sorted(ran) == sorted(expected), "the fused kernels did not run"
+    with np.errstate(all="ignore"), generic_path():
+        loss2, metrics2, grad2 = pipe.value_and_grad(d or None, x, counts=counts)
+    assert metrics.keys() == metrics2.keys()
+    check_equal(rg.L1(), x, (loss, {}, grad), (loss2, {}, grad2))
+    for k in metrics2:
+        a, b = np.asarray(metrics[k]), np.asarray(metrics2[k])
+        assert a.dtype == b.dtype, k
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-3 * (1 + abs(b)), equal_nan=True)
+
+
+def test_pipeline_fuses_its_numpy_terms(bk: Harness) -> None:
+    """The Pipeline hands its NumPy built-in terms to the fused path (one gradient)."""
+    x = [np.array([-1.0, 0.0, 2.0], dtype=np.float32), np.array([3.0], dtype=np.float32)]
+    parts = [("l1", rg.L1(), 1e-3, "logprobs"), ("l2", rg.L2(center="mean"), 2.0, "logprobs")]
+    results, grads = _fastpath.try_terms_value_and_grad(parts, None, {"logprobs": x}, None)
+    assert sorted(results) == ["l1", "l2"]
+    expected = rg.Pipeline([(rg.L1(), 1e-3), (rg.L2(center="mean"), 2.0)]).value_and_grad(None, x)
+    for a, b in zip(grads["logprobs"], expected[2], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    with generic_path():
+        assert _fastpath.try_terms_value_and_grad(parts, None, {"logprobs": x}, None) == ({}, {})

@@ -102,6 +102,9 @@ def as_arrays(logprobs: object, what: str = "logprobs") -> list[Array]:
 
 
 def namespace_of(arrays: list[Array], what: str = "logprobs") -> Namespace:
+    kind = type(arrays[0])
+    if len(arrays) > 1 and all([type(a) is kind for a in arrays]):  # noqa: C419
+        arrays = arrays[:1]  # arrays of one type share a namespace: resolve it once
     try:
         return array_namespace(*arrays)
     except TypeError:
@@ -191,6 +194,8 @@ def read_field(data: object, key: str, xp: Namespace, like: Array, role: str) ->
 
 
 def _size(shape: tuple[int, ...]) -> int:
+    if len(shape) == 1:
+        return int(shape[0])
     return math.prod([int(d) for d in shape])
 
 

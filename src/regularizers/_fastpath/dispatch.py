@@ -130,6 +130,52 @@ def try_small_value_and_grad(reg: Any, logprobs: Any) -> tuple[Any, dict[str, An
     return small_value_and_grad(reg, logprobs)
 
 
+def try_terms_value_and_grad(
+    parts: list[tuple[str, Any, Any, str]], data: object, inputs: dict[str, Any], counts: Any
+) -> tuple[dict[str, tuple[Any, dict[str, Any]]], dict[str, list[Any]]]:
+    """A Pipeline's built-in terms over NumPy inputs by the blocked kernels, per input:
+    ``(value, metrics)`` by term name and the gradient of their weighted sum per input (a
+    list of arrays). Terms left out run as usual; so does everything on any error (the
+    generic path then raises the named one)."""
+    results: dict[str, tuple[Any, dict[str, Any]]] = {}
+    grads: dict[str, list[Any]] = {}
+    if not ENABLED.get():
+        return results, grads
+    ndarray = np_ndarray()
+    groups: dict[str, list[tuple[str, Any, float]]] = {}
+    for name, obj, weight, inp in parts:
+        if weight is None:  # the base loss
+            continue
+        lp = inputs[inp]
+        first = lp[0] if type(lp) in (list, tuple) and lp else lp
+        if type(first) is not ndarray:
+            continue
+        cls = type(obj)
+        if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+            continue
+        if obj._opts["target"] != "logprobs":
+            continue
+        if type(weight) is ndarray and weight.ndim == 0:
+            weight = float(weight)
+        if not isinstance(weight, float):
+            continue
+        from .numpy_blocked import GRAD
+
+        if obj.name in GRAD:
+            groups.setdefault(inp, []).append((name, obj, weight))
+    for inp, group in groups.items():
+        from .numpy_blocked import terms_value_and_grad
+
+        try:
+            got = terms_value_and_grad(group, data, inputs[inp], counts)
+        except Exception:
+            continue
+        if got is not None:
+            results.update(got[0])
+            grads[inp] = got[1]
+    return results, grads
+
+
 def np_ndarray() -> type:
     """``numpy.ndarray`` where NumPy is imported (it is, for a NumPy batch), else a type no
     array has."""

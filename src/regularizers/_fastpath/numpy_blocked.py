@@ -600,3 +600,49 @@ def small_value_and_grad(reg: Any, x: Any) -> tuple[Any, dict[str, Any], Any] | 
     mean = raw / n if n else raw
     metrics = {"l2_raw": np.asarray(raw), "l2_mean": np.asarray(mean), "l2_max": np.asarray(peak)}
     return np.asarray(raw if how == "sum" else mean), metrics, g
+
+
+def terms_value_and_grad(
+    group: list[tuple[str, Any, float]], data: object, logprobs: Any, counts: Any
+) -> tuple[dict[str, tuple[Any, dict[str, Any]]], list[np.ndarray]] | None:
+    """A Pipeline's terms over one NumPy input: each term's ``(value, metrics)`` and the
+    gradient of Σ weight · value as one array per array of ``logprobs``.
+
+    Every kernel adds its scaled gradient into one flat output, split back per datum once
+    (not once per term, nor a product and a sum per datum per term). A term that reads no
+    sequence structure (no mask, ``reduce`` "sum" or "mean") is prepared on one
+    concatenation of a ragged list, shared by such terms. Terms whose kernel declines (a
+    weight per token) are not in the result: the caller runs them as usual."""
+    is_list = type(logprobs) in (list, tuple)
+    arrays = list(logprobs) if is_list else [logprobs]
+    if not arrays or any(type(a) is not np.ndarray for a in arrays):
+        return None
+    flat: Any = None
+    out: Any = None
+    results: dict[str, tuple[Any, dict[str, Any]]] = {}
+    for name, reg, weight in group:
+        o = reg._opts
+        lp = logprobs
+        if is_list and len(arrays) > 1 and o["mask"] is None and o["reduce"] in ("sum", "mean"):
+            if flat is None:
+                flat = np.concatenate(arrays, axis=None)
+            lp = flat
+        batch = reg.prepare(data, lp, counts=counts, call="pipe(data, logprobs)")
+        if out is None:
+            out = np.zeros(batch.size, dtype=batch.dtype)
+        elif batch.dtype != out.dtype:
+            return None
+        got = GRAD[reg.name](reg, batch, weight, out, True)
+        if got is not None:
+            results[name] = batch.finish(*got)
+    if not results:
+        return None
+    grads, start = [], 0
+    for a in arrays:
+        n = a.size
+        piece = out if len(arrays) == 1 else out[start : start + n]
+        start += n
+        if piece.shape != a.shape:
+            piece = piece.reshape(a.shape)
+        grads.append(piece if piece.dtype == a.dtype else piece.astype(a.dtype))
+    return results, grads
