@@ -64,9 +64,11 @@ def try_compute(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     cls = type(reg)
     if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
         return None
-    if reg.mask is not None or reg.reduce not in ("sum", "mean") or not ENABLED.get():
+    o = reg._opts  # the options themselves: no descriptor on the hot path
+    if o["mask"] is not None or o["reduce"] not in ("sum", "mean") or not ENABLED.get():
         return None
-    if reg.target != "logprobs" and reg.target != "probs":  # a Field reads data: generic
+    target = o["target"]
+    if target != "logprobs" and target != "probs":  # a Field reads data: generic
         return None
     first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
     native = _NATIVE.get(type(first).__module__)
@@ -125,9 +127,9 @@ def try_small_value_and_grad(reg: Any, logprobs: Any) -> tuple[Any, dict[str, An
         return None
     if not ENABLED.get():
         return None
-    from .numpy_blocked import small_value_and_grad
+    from . import numpy_blocked  # (imported once; then a lookup in sys.modules' entry)
 
-    return small_value_and_grad(reg, logprobs)
+    return numpy_blocked.small_value_and_grad(reg, logprobs)
 
 
 def try_terms_value_and_grad(

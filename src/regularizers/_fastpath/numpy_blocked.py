@@ -43,7 +43,7 @@ def _prepared(reg: Any, logprobs: Any) -> Any:
         type(logprobs) is np.ndarray
         and logprobs.size <= BLOCK
         and logprobs.dtype.type in _SMALL
-        and reg.target == "logprobs"
+        and reg._opts["target"] == "logprobs"
     ):
         return ("small", logprobs)
     arrays = _arrays(logprobs)
@@ -149,15 +149,23 @@ _SMALL = (np.float32, np.float64)
 
 def _finite(value: float | None, dtype: Any) -> float | None:
     """A bound or center clamped to the dtype's finite range, as ``ops.scalar`` does."""
-    return None if value is None else clamp(value, float(np.finfo(dtype).max))
+    if value is None:
+        return None
+    top = _TOPS.get(dtype)
+    if top is None:
+        top = _TOPS[np.dtype(dtype)] = float(np.finfo(dtype).max)
+    return clamp(value, top)
+
+
+_TOPS: dict[Any, float] = {}  # the largest finite value of each dtype (np.finfo is slow)
 
 
 def _small_l1(reg: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
     """One array that fits a block: the whole-array form, with as few calls as possible."""
     n = x.size
-    raw = np.abs(x).sum()
+    raw = np.add.reduce(np.abs(x), axis=None)
     mean = raw / n if n else raw
-    return np.asarray(reduced(reg, raw, mean)), {
+    return np.asarray(raw if reg._opts["reduce"] == "sum" else mean), {
         "l1_raw": np.asarray(raw),
         "l1_mean": np.asarray(mean),
     }
@@ -166,22 +174,24 @@ def _small_l1(reg: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
 def _small_l2(reg: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
     """One array that fits a block: the whole-array form, with as few calls as possible."""
     n = x.size
-    if reg.clip is None:
+    o = reg._opts
+    clip, center_opt = o["clip"], o["center"]
+    if clip is None:
         c = x
     else:
-        lo, hi = (_finite(b, x.dtype) for b in reg.clip)
+        lo, hi = (_finite(b, x.dtype) for b in clip)
         c = np.clip(x, lo, hi)
-    if reg.center is not None:
-        center = _finite(reg.center, x.dtype) if reg.center != "mean" else None
+    if center_opt is not None:
+        center = _finite(center_opt, x.dtype) if center_opt != "mean" else None
         c = c - (c.mean() if center is None and n else center if n else 0.0)
         c = c.astype(x.dtype, copy=False)
     c = c.reshape(-1)
     raw = np.dot(c, c)
-    peak = max(c.max() ** 2, c.min() ** 2) if n else raw
+    peak = max(np.maximum.reduce(c) ** 2, np.minimum.reduce(c) ** 2) if n else raw
     if peak != peak or raw != raw:  # NaN: as np.maximum and the generic path
         peak = raw = x.dtype.type("nan")
     mean = raw / n if n else raw
-    return np.asarray(reduced(reg, raw, mean)), {
+    return np.asarray(raw if o["reduce"] == "sum" else mean), {
         "l2_raw": np.asarray(raw),
         "l2_mean": np.asarray(mean),
         "l2_max": np.asarray(peak),
@@ -564,7 +574,7 @@ def small_value_and_grad(reg: Any, x: Any) -> tuple[Any, dict[str, Any], Any] | 
     scale = 1.0 if how == "sum" or n == 0 else 1.0 / n
     dtype = x.dtype.type
     if name == "l1_sparsity":
-        raw = np.abs(x).sum()
+        raw = np.add.reduce(np.abs(x), axis=None)
         g = np.sign(x)
         if scale != 1.0:
             g *= dtype(scale)
@@ -580,15 +590,18 @@ def small_value_and_grad(reg: Any, x: Any) -> tuple[Any, dict[str, Any], Any] | 
     lo, hi = (_finite(b, x.dtype) for b in clip) if clip is not None else (None, None)
     d = x if clip is None else np.clip(x, lo, hi)
     if center is not None:
-        mu = (d.mean() if n else dtype(0.0)) if center == "mean" else _finite(center, x.dtype)
+        if center == "mean":  # (np.mean's wrapper costs more than the sum at this size)
+            mu = np.add.reduce(d, axis=None) / n if n else dtype(0.0)
+        else:
+            mu = _finite(center, x.dtype)
         d = d - dtype(mu)
     flat = d.reshape(-1)
     raw = np.dot(flat, flat)
-    peak = max(flat.max() ** 2, flat.min() ** 2) if n else dtype(0.0)
+    peak = max(np.maximum.reduce(flat) ** 2, np.minimum.reduce(flat) ** 2) if n else dtype(0.0)
     if peak != peak or raw != raw:  # NaN: as np.maximum and the generic path
         peak = raw = dtype("nan")
     if center == "mean" and n:  # 2(d - mean(d)), as the generic path (exactly 0 on constants)
-        shift = flat.mean()
+        shift = np.add.reduce(flat) / n
         g = d - shift if shift else d.copy()
         g *= dtype(2.0 * scale)
     else:
