@@ -27,7 +27,7 @@ from ._core.backends import autodiff_grad, has_autodiff, stop_gradient
 from ._core.base import UNSET, Regularizer, floats_and_values
 from ._core.inputs import as_0d, as_arrays, namespace_of
 from ._core.typing import Array
-from ._fastpath.dispatch import try_route_terms
+from ._fastpath.dispatch import try_route_terms, try_terms_value_and_grad
 
 __all__ = ["Pipeline", "Term"]
 
@@ -409,9 +409,18 @@ class Pipeline:
             if not is_array_api_obj(w):
                 w = _weight(t.name, w)
             parts.append((t.name, t.regularizer, w, t.input))
+        # NumPy: the built-ins' blocked kernels add into one gradient per input
+        fused, grads = (
+            try_terms_value_and_grad(parts, data, inputs, counts)
+            if with_grad and not self.track_grad_norms
+            else ({}, {})
+        )
+        # torch tensors that need a gradient: the built-ins of an input share one node
         routed = {} if with_grad else _routed(parts, data, inputs, counts)
         results = {
-            name: routed[name]
+            name: (*fused[name], [])
+            if name in fused
+            else routed[name]
             if name in routed
             else _run(name, obj, data, inputs[inp], with_grad, counts)
             for name, obj, _, inp in parts
@@ -431,7 +440,6 @@ class Pipeline:
         metrics: dict[str, Any] = {}
         loss: Array = None
         reg_total: Array = None
-        grads: dict[str, list[Array]] = {}
         for name, _, weight, inp in parts:
             value, term_metrics, term_grad = results[name]
             if weight is None:  # the base loss
@@ -446,7 +454,7 @@ class Pipeline:
                 metrics[f"{name}/contribution"] = contribution
                 prefix = f"{name}/"
             metrics.update({prefix + k: v for k, v in term_metrics.items()})
-            if with_grad:
+            if with_grad and name not in fused:
                 w = 1.0 if weight is None else weight
                 scaled = [w * g for g in term_grad]
                 known = grads.get(inp)

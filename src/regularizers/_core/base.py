@@ -18,7 +18,13 @@ from typing import Any, ClassVar
 import array_api_compat
 
 from .. import checks
-from .._fastpath.dispatch import try_autograd, try_compute, try_route
+from .._fastpath.dispatch import (
+    try_autograd,
+    try_compute,
+    try_route,
+    try_small_value_and_grad,
+    try_value_and_grad,
+)
 from . import registry
 from .backends import autodiff_grad, compute_lazy, has_autodiff
 from .inputs import Batch, check_counts, check_data, prepare
@@ -330,10 +336,18 @@ class Regularizer:
         """
         if not self.has_closed_form_grad:
             return self._value_and_autodiff_grad(data, logprobs, mask, counts)
+        if mask is UNSET and counts is None and data is None:
+            small = try_small_value_and_grad(self, logprobs)
+            if small is not None:
+                return small
         batch = self.prepare(
             data, logprobs, mask=mask, counts=counts, call="value_and_grad(data, logprobs)"
         )
-        value, metrics, g = try_autograd(self, batch) or self.evaluate_with_grad(batch)
+        value, metrics, g = (
+            try_autograd(self, batch)
+            or try_value_and_grad(self, batch)
+            or self.evaluate_with_grad(batch)
+        )
         value, metrics = batch.finish(value, metrics)
         return value, metrics, batch.pullback(g)
 

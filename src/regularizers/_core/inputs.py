@@ -614,8 +614,8 @@ class Batch:
             g = g * self.values  # d exp(x) / dx = exp(x), with values = exp(x)
         grads = []
         start = 0
-        for a, token_shape in zip(self._arrays, self._token_shapes, strict=True):
-            n = _size(token_shape)
+        sizes = self.lengths if self._is_list else [self.size]
+        for a, n in zip(self._arrays, sizes, strict=True):
             piece = g if len(self._arrays) == 1 else g[start : start + n, ...]
             start += n
             shape = tuple(a.shape)
@@ -624,9 +624,11 @@ class Batch:
                 piece = xp.moveaxis(
                     xp.reshape(piece, (*moved, shape[self._moved])), -1, self._moved
                 )
-            else:
+            elif tuple(piece.shape) != shape or array_api_compat.is_jax_namespace(xp):
                 piece = reshape(xp, piece, shape, like=a)  # with a's sharding (JAX)
-            grads.append(xp.astype(piece, a.dtype, copy=False))  # no copy of a same-dtype [n, V]
+            if piece.dtype != a.dtype:
+                piece = xp.astype(piece, a.dtype, copy=False)  # no copy of a same-dtype [n, V]
+            grads.append(piece)
         return grads if self._is_list else grads[0]
 
     def finish(self, value: Array, metrics: Metrics) -> tuple[Array, Metrics]:

@@ -30,7 +30,16 @@ from typing import Any
 from .._core import registry
 from .common import ENABLED, disabled
 
-__all__ = ["disabled", "try_autograd", "try_compute", "try_route", "try_route_terms"]
+__all__ = [
+    "disabled",
+    "try_autograd",
+    "try_compute",
+    "try_route",
+    "try_route_terms",
+    "try_small_value_and_grad",
+    "try_terms_value_and_grad",
+    "try_value_and_grad",
+]
 
 _PACKAGE = __name__.rsplit(".", 2)[0]  # "regularizers", or the vendored copy's name
 
@@ -47,9 +56,11 @@ def try_compute(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     cls = type(reg)
     if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
         return None
-    if reg.mask is not None or reg.reduce not in ("sum", "mean") or not ENABLED.get():
+    o = reg._opts  # the options themselves: no descriptor on the hot path
+    if o["mask"] is not None or o["reduce"] not in ("sum", "mean") or not ENABLED.get():
         return None
-    if reg.target != "logprobs" and reg.target != "probs":  # a Field reads data: generic
+    target = o["target"]
+    if target != "logprobs" and target != "probs":  # a Field reads data: generic
         return None
     first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
     native = _NATIVE.get(type(first).__module__)
@@ -123,6 +134,98 @@ def try_autograd(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None
     from .torch_autograd import value_metrics_and_grad
 
     return value_metrics_and_grad(reg, batch)
+
+
+def try_value_and_grad(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
+    """``(value, metrics, g)`` by a native blocked kernel (``g`` = d value / d
+    ``batch.values``), or None: the penalty's own ``evaluate_with_grad`` runs.
+
+    NumPy arrays only, for exactly a registered built-in with a kernel in
+    ``numpy_blocked.GRAD``, on its ``"logprobs"`` or ``"probs"`` target, when ``reduce``
+    aggregates with one weight (a kernel returns None otherwise)."""
+    if type(batch.values) is not np_ndarray() or batch.event_ndim:
+        return None
+    cls = type(reg)
+    if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+        return None
+    target = reg._opts["target"]
+    if (target != "logprobs" and target != "probs") or not ENABLED.get():
+        return None
+    from .numpy_blocked import value_and_grad
+
+    return value_and_grad(reg, batch)
+
+
+def try_small_value_and_grad(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any], Any] | None:
+    """``value_and_grad`` of one small NumPy array, before any Batch is made (the call has no
+    ``data``, ``mask`` or ``counts``): the per-call overhead is the cost at that size."""
+    if type(logprobs) is not np_ndarray():
+        return None
+    cls = type(reg)
+    if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+        return None
+    if not ENABLED.get():
+        return None
+    from . import numpy_blocked  # (imported once; then a lookup in sys.modules' entry)
+
+    return numpy_blocked.small_value_and_grad(reg, logprobs)
+
+
+def try_terms_value_and_grad(
+    parts: list[tuple[str, Any, Any, str]], data: object, inputs: dict[str, Any], counts: Any
+) -> tuple[dict[str, tuple[Any, dict[str, Any]]], dict[str, list[Any]]]:
+    """A Pipeline's built-in terms over NumPy inputs by the blocked kernels, per input:
+    ``(value, metrics)`` by term name and the gradient of their weighted sum per input (a
+    list of arrays). Terms left out run as usual; so does everything on any error (the
+    generic path then raises the named one)."""
+    results: dict[str, tuple[Any, dict[str, Any]]] = {}
+    grads: dict[str, list[Any]] = {}
+    if not ENABLED.get():
+        return results, grads
+    ndarray = np_ndarray()
+    groups: dict[str, list[tuple[str, Any, float]]] = {}
+    for name, obj, weight, inp in parts:
+        if weight is None:  # the base loss
+            continue
+        lp = inputs[inp]
+        first = lp[0] if type(lp) in (list, tuple) and lp else lp
+        if type(first) is not ndarray:
+            continue
+        cls = type(obj)
+        if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+            continue
+        if obj._opts["target"] != "logprobs":
+            continue
+        if type(weight) is ndarray and weight.ndim == 0:
+            weight = float(weight)
+        if not isinstance(weight, float):
+            continue
+        from .numpy_blocked import GRAD
+
+        if obj.name in GRAD:
+            groups.setdefault(inp, []).append((name, obj, weight))
+    for inp, group in groups.items():
+        from .numpy_blocked import terms_value_and_grad
+
+        try:
+            got = terms_value_and_grad(group, data, inputs[inp], counts)
+        except Exception:
+            continue
+        if got is not None:
+            results.update(got[0])
+            grads[inp] = got[1]
+    return results, grads
+
+
+def np_ndarray() -> type:
+    """``numpy.ndarray`` where NumPy is imported (it is, for a NumPy batch), else a type no
+    array has."""
+    numpy = sys.modules.get("numpy")
+    return numpy.ndarray if numpy is not None else _Never
+
+
+class _Never:
+    pass
 
 
 _BUILTIN: set[type] = set()

@@ -1,0 +1,340 @@
+"""NumPy's fused ``value_and_grad`` (``numpy_blocked.GRAD``) equals the generic closed form.
+
+Hypothesis draws the regularizer (L1, L2, Huber, ElasticNet with every option: target,
+clip, center, each ``reduce`` mode), the input (one array, rows, ragged lists; float16,
+float32, float64; the kinks 0, the clip bounds exactly, ±δ for Huber; ±inf and NaN, also
+in masked entries; empty arrays), masks, ``counts`` and the block size (a few elements, so
+that merging blocks is exercised). Values, metrics and gradients must equal the generic
+path's (``regularizers.testing.generic_path()``) to the dtype's tolerance, NaN where it is
+NaN, and the fused kernel must really have run (a spy on the kernel table).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import regularizers as rg
+from regularizers._fastpath import dispatch as _fastpath
+from regularizers._fastpath import numpy_blocked as _native
+from regularizers.testing import generic_path
+
+from . import strategies as S
+
+Harness = Any
+pytestmark = pytest.mark.backends("numpy")
+
+REDUCES = ("sum", "mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+@st.composite
+def regularizers(draw: st.DrawFn) -> rg.Regularizer:
+    kind = draw(st.sampled_from(["l1", "l2", "huber", "elastic_net"]))
+    how = draw(st.sampled_from(REDUCES))
+    opts: dict[str, Any] = {"reduce": how, "target": draw(st.sampled_from(["logprobs", "probs"]))}
+    if how == "seq-mean-token-sum-norm":
+        opts["max_tokens"] = draw(st.sampled_from([1.0, 7.0, 64.0]))
+    if kind == "l1":
+        return rg.L1(**opts)
+    opts["clip"] = draw(S.clips())
+    opts["center"] = draw(S.centers())
+    if kind == "l2":
+        return rg.L2(**opts)
+    if kind == "huber":
+        return rg.Huber(delta=draw(st.sampled_from([0.5, 1.0, 3.0])), **opts)
+    return rg.ElasticNet(l1_ratio=draw(st.sampled_from([0.0, 0.3, 0.5, 1.0])), **opts)
+
+
+def kinks(reg: rg.Regularizer) -> list[float]:
+    """The points where the gradient has a kink: 0, the clip bounds, center ± δ."""
+    out = [0.0, -0.0]
+    clip = getattr(reg, "clip", None)
+    if clip is not None:
+        out += [b for b in clip if b is not None]
+    center = getattr(reg, "center", None)
+    c = center if isinstance(center, float) else 0.0
+    out.append(c)
+    delta = getattr(reg, "delta", None)
+    if delta is not None:
+        out += [c + delta, c - delta]
+    return out
+
+
+SPECIALS = [np.inf, -np.inf, np.nan]
+
+
+@st.composite
+def inputs(draw: st.DrawFn, reg: rg.Regularizer) -> tuple[Any, Any]:
+    """``(x, mask)``: an array or a ragged list of arrays, and a mask shaped like it or None.
+
+    Masked entries may hold ±inf or NaN whatever the rest holds: they must stay inert."""
+    dtype = draw(st.sampled_from(["float16", "float32", "float64"]))
+    exact = [k for k in kinks(reg) if np.isfinite(np.asarray(k, dtype=dtype))]
+    elements = st.one_of(S.elements(-150.0, 10.0), st.sampled_from(exact))
+    nonfinite = draw(st.integers(0, 4)) == 0
+    if nonfinite:
+        elements = st.one_of(elements, st.sampled_from(SPECIALS))
+    size = st.integers(0, 300) if draw(st.integers(0, 4)) == 0 else st.integers(0, 30)
+    shape = draw(st.sampled_from(["flat", "rows", "list"]))
+    if shape == "rows":
+        rows, cols = (
+            draw(st.integers(1, 5)),
+            draw(st.integers(0, 12)),
+        )  # seq-mean-token-mean fails on 0 rows, generic too
+        arrays = [draw(hnp.arrays("float64", (rows, cols), elements=elements))]
+    else:
+        count = draw(st.integers(1, 4)) if shape == "list" else 1
+        arrays = [draw(hnp.arrays("float64", draw(size), elements=elements)) for _ in range(count)]
+    arrays = [a.astype(dtype) for a in arrays]
+    mask = None
+    if draw(st.booleans()):
+        mask = [draw(hnp.arrays(np.bool_, a.shape)) for a in arrays]
+        poison = draw(st.sampled_from(SPECIALS))
+        for a, m in zip(arrays, mask, strict=True):
+            if draw(st.booleans()):
+                a[~m] = poison  # masked entries: ±inf or NaN, which must not leak
+    if shape == "list":
+        return arrays, mask
+    return arrays[0], None if mask is None else mask[0]
+
+
+def counts_for(draw: st.DrawFn) -> Any:
+    if draw(st.integers(0, 3)):
+        return None
+    return {"tokens": draw(st.integers(0, 500)), "sequences": draw(st.integers(0, 9))}
+
+
+def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record each kernel of ``GRAD`` that runs and returns a result ("small" for the path
+    of one small array, before any Batch)."""
+    ran: list[str] = []
+    for name, kernel in list(_native.GRAD.items()):
+
+        def recorded(*args: Any, _name: str = name, _kernel: Any = kernel) -> Any:
+            got = _kernel(*args)
+            if got is not None:
+                ran.append(_name)
+            return got
+
+        monkeypatch.setitem(_native.GRAD, name, recorded)
+    small = _native.small_value_and_grad
+
+    def small_recorded(*args: Any) -> Any:
+        got = small(*args)
+        if got is not None:
+            ran.append("small")
+        return got
+
+    monkeypatch.setattr(_native, "small_value_and_grad", small_recorded)
+    return ran
+
+
+def single_weight(reg: rg.Regularizer, x: Any, mask: Any) -> bool:
+    """Whether ``reduce`` aggregates with one weight here (then the kernel must run)."""
+    if reg.reduce != "seq-mean-token-mean":
+        return True
+    arrays = x if isinstance(x, list) else [x]
+    lengths = (
+        [a.size for a in arrays]
+        if isinstance(x, list)
+        else [int(np.prod(x.shape[1:]))] * x.shape[0]
+        if x.ndim >= 2
+        else [x.size]
+    )
+    return mask is None and len(set(lengths)) <= 1
+
+
+def as_list(g: Any) -> list[np.ndarray]:
+    return g if isinstance(g, list) else [g]
+
+
+def check_equal(reg: rg.Regularizer, x: Any, fast: Any, generic: Any) -> None:
+    (fv, fm, fg), (gv, gm, gg) = fast, generic
+    assert type(fv) is np.ndarray
+    assert fv.shape == ()
+    assert fv.dtype == gv.dtype
+    assert fm.keys() == gm.keys()
+    for k in gm:
+        assert type(fm[k]) is np.ndarray, k
+        assert fm[k].shape == (), k
+        assert fm[k].dtype == gm[k].dtype, k
+    flat = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in as_list(x)])
+    with np.errstate(over="ignore"):
+        t = np.exp(flat) if reg.target == "probs" else flat
+    finite = t[np.isfinite(t)]
+    center = getattr(reg, "center", None)
+    big = (
+        (np.abs(finite).max() if finite.size else 0.0)
+        + 1.0
+        + abs(center if isinstance(center, float) else 0.0)
+    )
+    rtol = 1e-9 if gv.dtype == np.float64 else 2e-5
+    atol = rtol * max(t.size, 1) * big * big
+    for name, a, b in [("value", fv, gv), *((k, fm[k], gm[k]) for k in gm)]:
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, equal_nan=True, err_msg=name)
+    assert isinstance(fg, list) == isinstance(gg, list)
+    for a, b, src in zip(as_list(fg), as_list(gg), as_list(x), strict=True):
+        assert type(a) is np.ndarray
+        assert a.shape == b.shape == src.shape
+        assert a.dtype == b.dtype == src.dtype
+        g_rtol = 4e-3 if src.dtype == np.float16 else 1e-9 if src.dtype == np.float64 else 2e-5
+        # the mean's rounding (center="mean") moves every element of the gradient alike
+        g_atol = g_rtol * 16 * big
+        np.testing.assert_allclose(
+            a.astype(np.float64),
+            b.astype(np.float64),
+            rtol=g_rtol,
+            atol=g_atol,
+            equal_nan=True,
+            err_msg="gradient",
+        )
+
+
+@given(reg=regularizers(), data=st.data())
+def test_fused_value_and_grad_equals_the_generic_path(
+    bk: Harness, reg: rg.Regularizer, data: st.DataObject
+) -> None:
+    x, mask = data.draw(inputs(reg), label="x, mask")
+    counts = counts_for(data.draw)
+    block = data.draw(st.sampled_from([None, 1, 3, 16]), label="block")
+    kw: dict[str, Any] = {"counts": counts}
+    if mask is not None:
+        kw["mask"] = mask
+    with pytest.MonkeyPatch.context() as patch:
+        ran = spy(patch)
+        if block is not None:
+            patch.setattr(_native, "BLOCK", block)
+        with np.errstate(all="ignore"):
+            fast = reg.value_and_grad(None, x, **kw)
+    if single_weight(reg, x, mask):
+        assert ran in ([reg.name], ["small"]), "the fused kernel did not run"
+    with np.errstate(all="ignore"), generic_path():
+        generic = reg.value_and_grad(None, x, **kw)
+    check_equal(reg, x, fast, generic)
+
+
+@given(reg=regularizers(), data=st.data())
+def test_small_path_equals_the_generic_path(
+    bk: Harness, reg: rg.Regularizer, data: st.DataObject
+) -> None:
+    """One array with no mask or counts: the small path, or else the blocked kernels."""
+    x, _ = data.draw(inputs(reg), label="x")
+    x = x[0] if isinstance(x, list) else x
+    with np.errstate(all="ignore"):
+        fast = reg.value_and_grad(None, x)
+        with generic_path():
+            generic = reg.value_and_grad(None, x)
+    check_equal(reg, x, fast, generic)
+
+
+def test_the_fused_paths_are_taken(bk: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hooks are wired: a NumPy call runs a kernel, a generic_path() call does not; a
+    subclass, a Field target or a weight per token takes the penalty's own closed form."""
+    x = [np.array([-1.0, 0.0, 2.0], dtype=np.float32), np.array([3.0], dtype=np.float32)]
+    ran = spy(monkeypatch)
+    for reg in (rg.L1(), rg.L2(clip=(-100.0, 0.0), center="mean"), rg.Huber(), rg.ElasticNet()):
+        ran.clear()
+        reg.value_and_grad(None, x)
+        assert ran == [reg.name]
+        ran.clear()
+        with generic_path():
+            reg.value_and_grad(None, x)
+        assert ran == []
+
+    class MyL2(rg.L2):
+        pass
+
+    ran.clear()
+    MyL2().value_and_grad(None, x)
+    rg.L2(target=rg.Field("t")).value_and_grad({"t": x}, x)
+    rg.L2(reduce="seq-mean-token-mean").value_and_grad(None, x)  # ragged: a weight per token
+    assert ran == []
+
+    v, _, g = rg.L2(center="mean").value_and_grad(None, np.arange(4.0))
+    assert ran == ["small"]
+    assert float(v) == 5.0
+    assert g.tolist() == [-3.0, -1.0, 1.0, 3.0]
+    assert _fastpath.try_small_value_and_grad(rg.L1(mask=np.ones(4)), np.ones(4)) is None
+
+
+def test_kinks_follow_the_conventions(bk: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sign 0 at 0, the clip passes the gradient at its bounds, ±δ at Huber's kinks; across
+    blocks of two elements."""
+    monkeypatch.setattr(_native, "BLOCK", 2)
+    x = np.array([0.0, -100.0, 0.0, -101.0, 0.5, -1.0, 1.0], dtype=np.float32)
+    mask = np.ones(7, dtype=bool)
+    _, _, g = rg.L1().value_and_grad(None, x, mask=mask)
+    assert g.tolist() == [0.0, -1.0, 0.0, -1.0, 1.0, -1.0, 1.0]
+    _, _, g = rg.L2(clip=(-100.0, 0.0)).value_and_grad(None, x, mask=mask)
+    assert g.tolist() == [0.0, -200.0, 0.0, 0.0, 0.0, -2.0, 0.0]
+    _, _, g = rg.Huber(delta=1.0).value_and_grad(None, x, mask=mask)
+    assert g.tolist() == [0.0, -1.0, 0.0, -1.0, 0.5, -1.0, 1.0]
+
+
+def test_empty_and_all_masked(bk: Harness) -> None:
+    for reg in (rg.L1(), rg.L2(center="mean", clip=(-1.0, 0.0)), rg.Huber(center="mean")):
+        for x, mask in [
+            (np.zeros(0, dtype=np.float32), None),
+            ([np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)], None),
+            (np.array([np.nan, np.inf], dtype=np.float32), np.zeros(2, dtype=bool)),
+        ]:
+            kw = {} if mask is None else {"mask": mask}
+            v, m, g = reg.value_and_grad(None, x, **kw)
+            assert float(v) == 0.0
+            assert all(float(a) == 0.0 for a in m.values())
+            assert all(not np.any(a) for a in as_list(g))
+
+
+@given(data=st.data())
+def test_pipeline_fused_terms_equal_the_generic_path(bk: Harness, data: st.DataObject) -> None:
+    """A Pipeline's built-in terms over one NumPy input add into one gradient: the loss,
+    metrics and gradient are the generic path's (each term's own value_and_grad)."""
+    regs = data.draw(st.lists(regularizers(), min_size=1, max_size=3), label="regs")
+    regs = [r for r in regs if r.target == "logprobs"] or [rg.L1()]
+    weights = data.draw(
+        st.lists(st.sampled_from([1e-3, 1.0, -0.5]), min_size=len(regs), max_size=len(regs))
+    )
+    x, mask = data.draw(inputs(regs[0]), label="x, mask")
+    d: dict[str, Any] = {} if mask is None else {"w": mask}
+    if mask is not None:
+        regs[0] = type(regs[0])(**{**regs[0].options(), "mask": rg.Field("w")})
+    terms = [
+        rg.Term(r, w, name=f"t{i}") for i, (r, w) in enumerate(zip(regs, weights, strict=True))
+    ]
+    pipe = rg.Pipeline(terms, metrics="array")
+    counts = counts_for(data.draw)
+    block = data.draw(st.sampled_from([None, 1, 5]), label="block")
+    with pytest.MonkeyPatch.context() as patch:
+        ran = spy(patch)
+        if block is not None:
+            patch.setattr(_native, "BLOCK", block)
+        with np.errstate(all="ignore"):
+            loss, metrics, grad = pipe.value_and_grad(d or None, x, counts=counts)
+    expected = [r.name for r in regs if single_weight(r, x, None if r.mask is None else mask)]
+    assert sorted(ran) == sorted(expected), "the fused kernels did not run"
+    with np.errstate(all="ignore"), generic_path():
+        loss2, metrics2, grad2 = pipe.value_and_grad(d or None, x, counts=counts)
+    assert metrics.keys() == metrics2.keys()
+    check_equal(rg.L1(), x, (loss, {}, grad), (loss2, {}, grad2))
+    for k in metrics2:
+        a, b = np.asarray(metrics[k]), np.asarray(metrics2[k])
+        assert a.dtype == b.dtype, k
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-3 * (1 + abs(b)), equal_nan=True)
+
+
+def test_pipeline_fuses_its_numpy_terms(bk: Harness) -> None:
+    """The Pipeline hands its NumPy built-in terms to the fused path (one gradient)."""
+    x = [np.array([-1.0, 0.0, 2.0], dtype=np.float32), np.array([3.0], dtype=np.float32)]
+    parts = [("l1", rg.L1(), 1e-3, "logprobs"), ("l2", rg.L2(center="mean"), 2.0, "logprobs")]
+    results, grads = _fastpath.try_terms_value_and_grad(parts, None, {"logprobs": x}, None)
+    assert sorted(results) == ["l1", "l2"]
+    expected = rg.Pipeline([(rg.L1(), 1e-3), (rg.L2(center="mean"), 2.0)]).value_and_grad(None, x)
+    for a, b in zip(grads["logprobs"], expected[2], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    with generic_path():
+        assert _fastpath.try_terms_value_and_grad(parts, None, {"logprobs": x}, None) == ({}, {})
