@@ -300,7 +300,12 @@ def compute_plain(reg: Any, x: Any, kernel: Any) -> tuple[Array, Metrics] | None
         if got is None:
             return None
     value, metrics, state = got
-    node = _Call([_Run(reg, flat, kernel, state)], flat, lambda a: [reg.compute(None, a[0])[0]])
+
+    def generic(arrays: tuple[Any, ...]) -> list[Any]:
+        with disabled():
+            return [reg.compute(None, arrays[0])[0]]
+
+    node = _Call([_Run(reg, flat, kernel, state)], flat, generic)
     (out,) = ClosedForm.apply(node, [value], x)  # type: ignore[no-untyped-call]
     return out, metrics
 

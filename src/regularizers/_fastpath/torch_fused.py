@@ -24,13 +24,17 @@ from .._core.ops import clamp
 from .common import reduced
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 BLOCK = 1 << 18  # elements per block where the input is transformed (1 MiB of float32)
 SMALL = 1 << 12  # up to here, the fewest kernel calls win (one slow kernel beats two fast)
 
 
 def _flat(logprobs: Any) -> Any:
     """The input as one flat tensor, or None where the generic path must run."""
-    # (dispatch has already stepped aside under torch.compile tracing.)
+    # (dispatch has already stepped aside under torch.compile tracing.) Under the torch.func
+    # transforms (vmap...) the generic path runs: the blocks are written in place.
+    if _functorch_active():
+        return None
     if type(logprobs) is torch.Tensor:  # the common case, with the fewest checks
         if logprobs.dtype not in _FLOATS or (logprobs.requires_grad and torch.is_grad_enabled()):
             return None
