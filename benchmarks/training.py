@@ -466,9 +466,10 @@ def _data(case: Case, inp: dict[str, Any], single: bool) -> dict[str, Any] | Non
 Entry = tuple[str, int, dict[str, Callable[[Any], Any]], Any]
 
 
-def cases(backend: str, scale: float = 1.0) -> list[Entry]:
+def cases(backend: str, scale: float = 1.0, compile: bool = True) -> list[Entry]:
     """Every case of this backend, ready to time: ``train_<Name>_<tinker|1e3>``, and on torch
-    ``fwdgrad_L2cc_1e3``, ``compiled_Pipeline_tinker`` and ``verl_SampledKL_tinker``."""
+    ``fwdgrad_L2cc_1e3``, ``verl_SampledKL_tinker`` and (``compile``)
+    ``compiled_Pipeline_tinker``."""
     for name in missing():
         print(f"# no training-path case for the built-in {name}", file=sys.stderr)
     for name, why in SKIPPED.items():
@@ -486,7 +487,7 @@ def cases(backend: str, scale: float = 1.0) -> list[Entry]:
         out.append(("fwdgrad_L2cc_1e3", 1000, *_torch_forward(L2CC, inp)))
         inp = inputs("tokens", "tinker", scale)
         n = sum(int(a.size) for a in inp["x"])
-        compiled = _torch_compiled(CASES[-1], inp)
+        compiled = _torch_compiled(CASES[-1], inp) if compile else None
         if compiled is not None:
             out.append(("compiled_Pipeline_tinker", n, *compiled))
         out.append(("verl_SampledKL_tinker", n, *_torch_verl(inp)))
@@ -685,6 +686,8 @@ def value_and_grads(backend: str, key: str, out: Any) -> tuple[float, list[np.nd
         (value, _), grads = out
     else:
         value, grads = out[0], out[-1]
+    if hasattr(value, "detach"):  # a torch loss that requires grad
+        value = value.detach()
     if key.startswith("fwdgrad_"):
         return float(value), []
     grads = [grads] if not isinstance(grads, (list, tuple)) else grads
