@@ -112,6 +112,7 @@ def row(
         met = ratio <= limit if lower else ratio < limit
     return {
         "backend": backend,
+        "key": None,
         "case": case,
         "n": n,
         "ours": ours,
@@ -200,6 +201,7 @@ def rows(results: list[dict[str, Any]], family: list[dict[str, Any]]) -> list[Ro
                     limit,
                 )
             )
+            out[-1]["key"] = case
         for case, mem in r.get("memory", {}).items():
             frac = mem["ours"]["extra_bytes"] / mem["ours"]["input_bytes"]
             native = mem["native"]["extra_bytes"] / mem["native"]["input_bytes"]
@@ -344,8 +346,13 @@ def write_readme(results: list[dict[str, Any]], lines: list[Row]) -> None:
             for x in mine
             if x["reference"] == "sum(x)" and x["case"].endswith("value+metrics")
         ]
-        train = ratios(lambda x, b=b: x["backend"] == b and "Tinker batch" in x["case"]
-                       and x["goal"] is not None)  # fmt: skip
+        train = ratios(
+            lambda x, b=b: (
+                x["backend"] == b
+                and str(x["key"]).startswith("train_")
+                and str(x["key"]).endswith("_tinker")
+            )
+        )
         train.sort()
         goals = [x for x in mine if x["met"] is not None]
         mid = train[len(train) // 2] if train else float("nan")
