@@ -169,12 +169,13 @@ def example(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmark suite (not in the default run: CI time is for tests)."""
+    """The benchmark suite (not in the default run: CI time is for tests): value+metrics, the
+    training path of every built-in, the per-call overhead, the compiled Pipeline and the
+    family's cases, each against hand-written code in the same run; one table with every goal,
+    written to benchmarks/results/latest.json, docs/benchmarks.md and the README.
+    ``nox -s bench -- --smoke`` runs every case once at tiny sizes (about a minute)."""
     session.install(".", "numpy", TORCH, "jax", "keras", "matplotlib")
     session.run("python", "benchmarks/run.py", *session.posargs)
-    # the family's cases, each measured against the hand-written idiom in the same run
-    session.run("python", "benchmarks/family_sampled.py")
-    session.run("python", "benchmarks/family_distributions.py")
 
 
 @nox.session

@@ -12,6 +12,15 @@ Implementations, for each case and size:
 - ``adr``: the ADR's code transcribed as written (separate passes, a host sync per metric);
 - ``keras``: Keras 3's ``regularizers.L1``/``L2`` (value only: it has no metrics).
 
+Then the training-path cases of ``benchmarks/training.py``: forward + backward of every
+built-in and of the Tinker Pipeline, on a Tinker-shaped ragged batch and at 1e3 elements,
+against hand-written code for the same outputs (on torch also forward with grad at 1e3, the
+compiled Pipeline against eager, and SampledKL k3 against verl's idiom). Before timing, each
+case's two sides are checked to compute the same loss and gradients.
+
+``--smoke``: every case once, at tiny sizes (a broken benchmark fails fast; no timing worth
+reading).
+
 Peak extra memory for value+metrics at 1e7 (numpy and torch) is measured in a fresh
 subprocess per implementation: NumPy through tracemalloc (NumPy reports its buffers to it),
 torch CPU through the growth of the process's peak resident set (``ru_maxrss``), since
@@ -36,9 +45,11 @@ import numpy as np
 
 import regularizers as rg
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import training  # benchmarks/training.py, beside this file
+
 SIZES = [1_000, 100_000, 1_000_000, 10_000_000]
-RAGGED = (256, 512)  # a Tinker-shaped batch: 256 datums of 512 tokens
-W1, W2 = 1e-3, 1e-4  # the pipeline's weights
+RAGGED = (256, 512)  # a ragged batch: 256 datums of 512 tokens
 
 
 def logprobs(n: int, seed: int = 0) -> np.ndarray:
@@ -209,48 +220,6 @@ def keras_impls(backend: str) -> dict[str, Callable[[Any], Any]]:
     return {"l1": lambda x: l1(x), "l2": lambda x: l2(x)}
 
 
-def pipeline_impls(backend: str) -> dict[str, Callable[[Any], Any]]:
-    """Loss and gradient of W1·L1 + W2·L2 over a ragged batch (a list of arrays)."""
-    pipe = rg.Pipeline([(rg.L1(), W1), (rg.L2(), W2)], metrics="array")
-    if backend == "numpy":
-
-        def native(xs: Any) -> Any:
-            x = np.concatenate(xs)
-            loss = W1 * np.abs(x).sum() + W2 * np.dot(x, x)
-            g = W1 * np.sign(x) + (2 * W2) * x
-            return loss, np.split(g, np.cumsum([a.size for a in xs])[:-1])
-
-        return {"ours": lambda xs: pipe.value_and_grad(None, xs), "native": native}
-    if backend == "torch":
-        import torch
-
-        def ours(xs: Any) -> Any:
-            leaves = [a.detach().requires_grad_(True) for a in xs]
-            loss, _ = pipe(None, leaves)
-            loss.backward()
-            return loss, [leaf.grad for leaf in leaves]
-
-        def native_t(xs: Any) -> Any:
-            leaves = [a.detach().requires_grad_(True) for a in xs]
-            x = torch.cat(leaves)
-            loss = W1 * x.abs().sum() + W2 * (x * x).sum()
-            loss.backward()
-            return loss, [leaf.grad for leaf in leaves]
-
-        return {"ours": ours, "native": native_t}
-    import jax
-    import jax.numpy as jnp
-
-    def hand(xs: Any) -> Any:
-        x = jnp.concatenate(xs)
-        return W1 * jnp.abs(x).sum() + W2 * (x * x).sum()
-
-    return {
-        "ours": jax.jit(jax.value_and_grad(lambda xs: pipe(None, xs)[0])),
-        "native": jax.jit(jax.value_and_grad(hand)),
-    }
-
-
 # ---- timing ----------------------------------------------------------------------------------
 def sync(out: Any) -> Any:
     leaves = out if isinstance(out, (list, tuple)) else [out]
@@ -262,8 +231,20 @@ def sync(out: Any) -> Any:
     return out
 
 
-def time_all(impls: dict[str, Callable[[Any], Any]], x: Any, budget: float) -> dict[str, float]:
-    """Median seconds per call; implementations interleaved round by round."""
+def time_all(
+    impls: dict[str, Callable[[Any], Any]], x: Any, budget: float, smoke: bool = False
+) -> dict[str, float]:
+    """Median seconds per call; implementations interleaved round by round (``smoke``: one
+    call each, after one warm-up)."""
+    if smoke:
+        for fn in impls.values():
+            sync(fn(x))
+        out = {}
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            sync(fn(x))
+            out[name] = time.perf_counter() - t0
+        return out
     for fn in impls.values():  # warm up (and compile)
         sync(fn(x))
         sync(fn(x))
@@ -320,6 +301,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["numpy", "torch", "jax"])
     parser.add_argument("--memory", nargs=4)
     parser.add_argument("--budget", type=float, default=0.6, help="seconds per measurement")
+    parser.add_argument("--smoke", action="store_true", help="every case once, tiny sizes")
     args = parser.parse_args()
     if args.memory:
         backend, case, impl, n = args.memory
@@ -347,23 +329,26 @@ def main() -> None:
         floor = jax.jit(jnp.sum)
     else:
         floor = lambda x: x.sum()  # noqa: E731
-    results: dict[str, Any] = {"backend": backend, "cases": []}
-    for n in SIZES:
+    results: dict[str, Any] = {"backend": backend, "cases": [], "smoke": args.smoke}
+    load_at_start = os.getloadavg()[0]
+    smoke = args.smoke
+    for n in SIZES[:1] if smoke else SIZES:
         x = convert(logprobs(n))
         for case, case_impls in impls.items():
             todo = {"floor": floor, **case_impls}
             if case in keras:
                 todo["keras"] = keras[case]
-            times = time_all(todo, x, args.budget if n >= 10**6 else args.budget / 3)
+            times = time_all(todo, x, args.budget if n >= 10**6 else args.budget / 3, smoke)
             results["cases"].append({"case": case, "n": n, "seconds": times})
             print(
                 f"# {backend} {case} n={n}: "
                 + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()),
                 file=sys.stderr,
             )
-    # the ragged batch: value+metrics on the list, and the pipeline's loss + gradient
-    xs = [convert(logprobs(RAGGED[1], seed=i)) for i in range(RAGGED[0])]
-    n_ragged = RAGGED[0] * RAGGED[1]
+    # the ragged batch: value+metrics on the list
+    datums, tokens = (4, 16) if smoke else RAGGED
+    xs = [convert(logprobs(tokens, seed=i)) for i in range(datums)]
+    n_ragged = datums * tokens
     flat_floor: Callable[[Any], Any]
     if backend == "jax":
         import jax
@@ -377,16 +362,40 @@ def main() -> None:
     else:
         flat_floor = lambda xs: np.concatenate(xs).sum()  # noqa: E731
     ours_l1 = impls["l1"]["ours"]
-    times = time_all({"floor": flat_floor, "ours": ours_l1}, xs, args.budget)
+    times = time_all({"floor": flat_floor, "ours": ours_l1}, xs, args.budget, smoke)
     results["cases"].append({"case": "l1_ragged", "n": n_ragged, "seconds": times})
-    times = time_all({"floor": flat_floor, **pipeline_impls(backend)}, xs, args.budget)
-    results["cases"].append({"case": "pipeline_loss_grad_ragged", "n": n_ragged, "seconds": times})
-    if backend in ("numpy", "torch"):
+    # the training path: forward + backward of every built-in (benchmarks/training.py)
+    if backend == "torch":  # both sides on one thread: at these sizes an op is microseconds,
+        import torch  # and on a busy 2-core machine threads mostly measure their own wake-up
+
+        results["threads_training"] = 1
+        torch.set_num_threads(1)
+    if backend == "torch":  # both sides on one thread: at these sizes an op is microseconds,
+        import torch  # and on a busy 2-core machine threads mostly measure their own wake-up
+
+        results["threads_training"] = 1
+        torch.set_num_threads(1)
+    entries = training.cases(backend, scale=0.05 if smoke else 1.0)
+    problems = training.check(backend, entries)
+    if problems:
+        raise SystemExit("ours and the hand-written code disagree:\n" + "\n".join(problems))
+    for case, n, case_impls, arg in entries:
+        times = time_all(case_impls, arg, args.budget / 2, smoke)
+        results["cases"].append({"case": case, "n": n, "seconds": times})
+        print(
+            f"# {backend} {case} n={n}: "
+            + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()),
+            file=sys.stderr,
+        )
+    results["missing"] = training.missing()
+    results["skipped"] = training.SKIPPED
+    if backend in ("numpy", "torch") and not smoke:
         results["memory"] = {
             case: {impl: memory(backend, case, impl, SIZES[-1]) for impl in ("ours", "native")}
             for case in impls
         }
     results["threads"] = os.cpu_count()
+    results["load"] = round(load_at_start, 2)
     print(json.dumps(results))
 
 
