@@ -499,15 +499,20 @@ def _numpy_impls(case: Case, inp: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     xs = inp["x"]
     single = len(xs) == 1
     data = _data(case, inp, single)
-    y = None if inp["other"] is None or case.other is None else np.concatenate(inp["other"])
-    m = np.concatenate(inp["weights"]) if case.masked else None
+    others = None if inp["other"] is None or case.other is None else inp["other"]
     splits = np.cumsum([x.shape[0] for x in xs])[:-1]
 
     def run_ours(arg: Any) -> Any:
         return ours.value_and_grad(data, arg[0] if single else arg)
 
     def run_native(arg: Any) -> Any:
+        # the per-datum fields are concatenated on each step, as the per-datum logprobs are
+        # (a hand-written loss over Tinker's datums builds them from the data every call)
         x = arg[0] if single else np.concatenate(arg)
+        y = None if others is None else others[0] if single else np.concatenate(others)
+        m = None
+        if case.masked:
+            m = inp["weights"][0] if single else np.concatenate(inp["weights"])
         value, metrics, g = case.numpy(x, y, m)
         return value, metrics, g if single else np.split(g, splits)
 
@@ -549,8 +554,6 @@ def _torch_impls(case: Case, inp: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         if k != "x"
     }
     data = _data(case, t_inp, single)
-    y = None if case.other is None else torch.cat(t_inp["other"])
-    m = torch.cat(t_inp["weights"]) if case.masked else None
 
     def run_ours(arg: Any) -> Any:
         leaves = [a.detach().requires_grad_(True) for a in arg]
@@ -559,6 +562,10 @@ def _torch_impls(case: Case, inp: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         return value, metrics, [leaf.grad for leaf in leaves]
 
     def run_native(arg: Any) -> Any:
+        # the per-datum fields are concatenated on each step, as the per-datum logprobs are
+        # (a hand-written loss over Tinker's datums builds them from the data every call)
+        y = None if case.other is None else torch.cat(t_inp["other"])
+        m = torch.cat(t_inp["weights"]) if case.masked else None
         leaves = [a.detach().requires_grad_(True) for a in arg]
         x = leaves[0] if single else torch.cat(leaves)
         value, metrics = case.native(o, x, y, m)
@@ -608,32 +615,38 @@ def _torch_compiled(case: Case, inp: dict[str, Any]) -> tuple[dict[str, Any], An
 
 
 def _torch_verl(inp: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """SampledKL k3, masked token-mean, loss + backward, against verl's idiom."""
+    """SampledKL k3, masked token-mean, loss + backward, against verl's idiom, both on verl's
+    own layout: padded ``[B, T]`` logprobs, reference logprobs and response mask."""
     import torch
 
     reg = rg.SampledKL(OTHER, reduce="mean", mask=MASK)
-    refs = [torch.from_numpy(a) for a in inp["other"]]
-    ws = [torch.from_numpy(a) for a in inp["weights"]]
-    data = {"other": refs, "weights": ws}
-    ref, mask = torch.cat(refs), torch.cat(ws)
+    width = max(int(a.shape[0]) for a in inp["x"])
+
+    def padded(arrays: list[np.ndarray]) -> Any:
+        out = np.zeros((len(arrays), width), dtype=arrays[0].dtype)
+        for i, a in enumerate(arrays):
+            out[i, : a.shape[0]] = a
+        return torch.from_numpy(out)
+
+    ref, mask = padded(inp["other"]), padded(inp["weights"])
+    data = {"other": ref, "weights": mask}
 
     def ours(arg: Any) -> Any:
-        leaves = [a.detach().requires_grad_(True) for a in arg]
-        value, metrics = reg.compute(data, leaves)
+        leaf = arg.detach().requires_grad_(True)
+        value, metrics = reg.compute(data, leaf)
         value.backward()
-        return value, metrics, [leaf.grad for leaf in leaves]
+        return value, metrics, [leaf.grad]
 
     def verl(arg: Any) -> Any:
-        leaves = [a.detach().requires_grad_(True) for a in arg]
-        logprob = torch.cat(leaves)
+        logprob = arg.detach().requires_grad_(True)
         kl = ref - logprob
         ratio = torch.exp(kl)
         kld = ratio - kl - 1
         loss = (kld * mask).sum() / mask.sum()
         loss.backward()
-        return loss, [leaf.grad for leaf in leaves]
+        return loss, [logprob.grad]
 
-    return {"ours": ours, "verl": verl}, [torch.from_numpy(x) for x in inp["x"]]
+    return {"ours": ours, "verl": verl}, padded(inp["x"])
 
 
 def _jax_impls(case: Case, inp: dict[str, Any]) -> tuple[dict[str, Any], Any]:

@@ -41,4 +41,4 @@ def chan_merge(
 
 def reduced(reg: Any, raw: Any, mean: Any) -> Any:
     """The value under the fast paths' two modes: ``raw`` for "sum", ``mean`` for "mean"."""
-    return raw if reg.reduce == "sum" else mean
+    return raw if reg._opts["reduce"] == "sum" else mean

@@ -16,6 +16,7 @@ conventions torch autograd sees through.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -95,7 +96,7 @@ def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     if n == 0:
         return _zeros(x, ("l1_raw", "l1_mean"))
     dtype = _dtype(x)
-    probs = reg.target == "probs"
+    probs = reg._opts["target"] == "probs"
     if n <= SMALL and not probs:
         raw = torch.linalg.vector_norm(x, 1, dtype=dtype)  # one kernel: fewest calls
     elif n <= BLOCK and not probs:
@@ -124,16 +125,13 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     if n == 0:
         return _zeros(x, ("l2_raw", "l2_mean", "l2_max"))
     dtype = _dtype(x)
-    top = float(torch.finfo(dtype).max)  # bounds and center clamped as ops.scalar does
-    lo, hi = (
-        (None if b is None else clamp(b, top) for b in reg.clip)
-        if reg.clip is not None
-        else (None, None)
-    )
-    probs = reg.target == "probs"
-    center = reg.center
+    o = reg._opts  # (read directly: the per-call cost is the point at small sizes)
+    top = _TOP[dtype]  # bounds and center clamped as ops.scalar does
+    lo, hi = _bounds(o["clip"], dtype)
+    probs = o["target"] == "probs"
+    center = o["center"]
 
-    if not probs and reg.clip is None and center is None:
+    if not probs and o["clip"] is None and center is None:
         if x.dtype == dtype:
             raw = torch.dot(x, x)  # one fused pass (BLAS)
         else:
@@ -192,6 +190,18 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     low = lows[0] if len(lows) == 1 else torch.stack(lows).min()
     high = highs[0] if len(highs) == 1 else torch.stack(highs).max()
     return _l2_out(reg, raw, torch.maximum(low * low, high * high), n)
+
+
+_TOP = {t: float(torch.finfo(t).max) for t in (torch.float32, torch.float64)}
+
+
+@lru_cache(maxsize=256)
+def _bounds(clip: Any, dtype: Any) -> tuple[float | None, float | None]:
+    """``clip`` in the compute dtype's finite range, as ``ops.scalar`` clamps it."""
+    if clip is None:
+        return None, None
+    top = _TOP[dtype]
+    return tuple(None if b is None else clamp(b, top) for b in clip)  # type: ignore[return-value]
 
 
 def _l2_out(reg: Any, raw: Any, peak: Any, n: int) -> tuple[Any, dict[str, Any]]:
@@ -271,10 +281,7 @@ class L2Grad:
             return None
         o = reg._opts
         v, mask, center = batch.values, batch.mask, o["center"]
-        top = float(torch.finfo(v.dtype).max)
-        lo, hi = (None, None)
-        if o["clip"] is not None:
-            lo, hi = (None if b is None else clamp(b, top) for b in o["clip"])
+        lo, hi = _bounds(o["clip"], v.dtype)
         d, own = v, False
         if lo is not None or hi is not None:
             d, own = torch.clamp(v, lo, hi), True
