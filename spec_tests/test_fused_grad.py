@@ -185,6 +185,62 @@ def test_fused_l1_l2_equal_the_generic_path(
     _close(grads, want_grads, grtol, atol, "gradient")
 
 
+@st.composite
+def sampled_kls(draw: st.DrawFn) -> rg.SampledKL:
+    how = draw(st.sampled_from(REDUCES))
+    opts: dict[str, Any] = {"reduce": how, "estimator": draw(st.sampled_from(["k1", "k2", "k3"]))}
+    if how == "seq-mean-token-sum-norm":
+        opts["max_tokens"] = draw(st.sampled_from([1.0, 7.0, 512.0]))
+    if opts["estimator"] != "k2" and draw(st.integers(0, 3)) == 0:
+        opts["gradient"] = "unbiased"  # (the generic kernel: its value is k·rho)
+    return rg.SampledKL(rg.Field("ref"), **opts)
+
+
+@given(reg=sampled_kls(), case=batches(), data=st.data())
+def test_fused_sampled_kl_equals_the_generic_path(
+    bk: Harness, reg: rg.SampledKL, case: Any, data: st.DataObject
+) -> None:
+    """k1, k2 and k3 by the fused kernel: a reference that holds inf or NaN where the mask
+    hides it, log-ratios of 0 (where k3 and its slope vanish), half precision."""
+    import torch
+
+    x, (kind, mask), counts = case
+    if reg.gradient == "unbiased":  # rho = exp(lp - sg(lp)) is NaN at a non-finite lp, where
+        # evaluate says NaN and evaluate_with_grad ±inf (see the notes): finite logprobs here
+        x = [np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0) for a in _listed(x)]
+        x = x if isinstance(case[0], list) else x[0]
+    if kind == "none" and data.draw(st.booleans(), label="masked"):
+        kind, mask = "array", data.draw(S.masks_for(x), label="mask")
+    elements = st.one_of(S.elements(-30.0, 0.0), st.sampled_from([0.0, -1.0, np.inf, np.nan]))
+    ref = [
+        np.where(data.draw(hnp.arrays(np.bool_, a.shape), label="same"), a, 0.0)
+        + data.draw(hnp.arrays("float64", a.shape, elements=elements), label="ref")
+        for a in _listed(x)
+    ]
+    dtype = data.draw(st.sampled_from(["float16", "bfloat16", "float32", "float64"]), label="dt")
+    xs = _cast(x, dtype)
+    refs = _cast(ref if isinstance(x, list) else ref[0], dtype)
+    d, m = _mask_args(kind, mask)
+    d = {**(d or {}), "ref": refs}
+    with np.errstate(all="ignore"):
+        finite = all(bool(torch.isfinite(r).all()) for r in _listed(refs))
+        with pytest.MonkeyPatch.context() as mp, _spy(mp) as ran:
+            value, metrics, grads = _autograd(reg, d, xs, m, counts)
+        assert value.grad_fn.name() == ROUTED
+        if reg.reduce != "seq-mean-token-mean" and reg.gradient == "estimator":
+            assert ran[:1] == ["sampled_kl.forward"], ran
+        with generic_path():
+            want_value, want_metrics, want_grads = _autograd(reg, d, xs, m, counts)
+    assert metrics.keys() == want_metrics.keys()
+    rtol, atol = _tolerance([*_listed(x), *ref] if finite else x, dtype, reg)
+    atol = max(atol, 1e-30) * (1e6 if reg.estimator == "k3" else 1.0)  # e^-d of a large -d
+    grtol = {"float16": 1e-2, "bfloat16": 1e-1}.get(dtype, rtol)
+    _close(value, want_value, rtol, atol, "value")
+    for k in metrics:
+        _close(metrics[k], want_metrics[k], rtol, atol, k)
+    _close(grads, want_grads, grtol, atol, "gradient")
+
+
 @pytest.mark.parametrize("cls", CLOSED, ids=[c.__name__ for c in CLOSED])
 @given(data=st.data())
 def test_every_built_in_equals_the_generic_path(

@@ -422,7 +422,7 @@ class Batch:
         mask = valid if self.mask is None else xp.logical_and(self.mask, valid)
         kept = {k: getattr(self, k) for k in self.__slots__}
         out = Batch(**kept)
-        local = xp.sum(xp.astype(mask, self.dtype))
+        local = _count(xp, mask, self.dtype)
         given = self._counts or {}
         object.__setattr__(out, "mask", mask)
         object.__setattr__(out, "_local", local)
@@ -778,7 +778,7 @@ def prepare(
             ]
             mask_flat = xp.concat(flat)
         object.__setattr__(batch, "mask", mask_flat)
-        count = xp.sum(xp.astype(mask_flat, t.dtype))
+        count = _count(xp, mask_flat, t.dtype)
         # before any transform: exp(NaN) would otherwise reach the gradient as 0 · NaN
         t = batch.where_counted(t)
     if target == "probs":
@@ -795,6 +795,14 @@ def prepare(
             )
     object.__setattr__(batch, "_count", count)
     return batch
+
+
+def _count(xp: Namespace, mask: Array, dtype: Any) -> Array:
+    """The number of True in ``mask``, as a 0-d array of ``dtype``: ``count_nonzero`` where
+    the namespace has it (2024.12; no float copy of the mask), else a sum of the mask cast."""
+    if getattr(xp, "__array_api_version__", "2023.12") >= "2024.12":
+        return xp.astype(xp.count_nonzero(mask), dtype)
+    return xp.sum(xp.astype(mask, dtype))
 
 
 def _moved_shape(a: Array, moved: int | None) -> tuple[int, ...]:

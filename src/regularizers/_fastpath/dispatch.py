@@ -89,12 +89,12 @@ def try_route(
     if type(first).__module__ != "torch" or _torch_compiling() or not _routable(reg):
         return None
     from .torch_autograd import compute, compute_plain
-    from .torch_fused import GRAD
+    from .torch_fused import GRAD, PLAIN
 
     unset = type(mask).__name__ == "_Unset"  # (base.UNSET: "no mask given to this call")
     if logprobs is first and data is None and counts is None and unset:
         o = reg._opts  # one tensor, nothing else: the call that needs no Batch
-        kernel = GRAD.get(reg.name)
+        kernel = GRAD.get(reg.name) if reg.name in PLAIN else None
         if (
             kernel is not None
             and o["mask"] is None

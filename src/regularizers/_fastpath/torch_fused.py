@@ -325,4 +325,66 @@ class L2Grad:
         return g
 
 
-GRAD: dict[str, Any] = {"l1_sparsity": L1Grad, "l2_weight_decay": L2Grad}
+class SampledKLGrad:
+    """SampledKL with estimator k1, k2 or k3 (no behavior, no log-ratio clip, the estimator's
+    gradient): ``d = lp - r``
+    once (uncounted tokens 0, whatever the reference held there), ``k3 = expm1(-d) + d`` with
+    its slope ``-expm1(-d)`` from the same ``expm1``, and no mask ``where`` per metric: at an
+    uncounted token d = 0, so k = 0 and its slope is 0 (for k1, whose slope is 1, the
+    gradient is masked). The max is over all tokens for k2 and k3 (k >= 0, so an uncounted 0
+    never wins)."""
+
+    @staticmethod
+    def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
+        o = reg._opts
+        est = o["estimator"]
+        if est not in ("k1", "k2", "k3") or o["behavior"] is not None:
+            return None
+        if o["gradient"] == "unbiased":  # (its value is k·rho, NaN where lp is not finite)
+            return None
+        w = _weight(batch)
+        if w is None or o["log_ratio_clip"] is not None or batch.values.ndim != 1:
+            return None
+        r = batch.field(reg.reference, role="reference", counted=False)
+        d = batch.values - r
+        if batch.mask is not None:
+            d.masked_fill_(~batch.mask, 0.0)
+        e = None
+        if est == "k3":
+            e = torch.neg(d).expm1_()
+            k = e + d
+        elif est == "k2":
+            k = d * d * 0.5
+        else:
+            k = d
+        raw = k.sum()
+        peak = batch.max(k) if est == "k1" else (k.amax() if batch.size else batch.zero())
+        metrics = {
+            "sampled_kl_raw": raw,
+            "sampled_kl_mean": batch.per_token(raw),
+            "sampled_kl_max": peak,
+            "log_ratio_mean": batch._divide(d.sum(), batch.count),
+        }
+        return _scaled(w, raw), metrics, (d, e, w)
+
+    @staticmethod
+    def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
+        d, e, w = state
+        s = _scaled(w, scale.to(batch.dtype))
+        estimator = reg._opts["estimator"]
+        if estimator == "k3":
+            return e * -s
+        if estimator == "k2":
+            return d * s
+        g = torch.full_like(d, 1.0).mul_(s)
+        if batch.mask is not None:
+            g.masked_fill_(~batch.mask, 0.0)
+        return g
+
+
+GRAD: dict[str, Any] = {
+    "l1_sparsity": L1Grad,
+    "l2_weight_decay": L2Grad,
+    "sampled_kl": SampledKLGrad,
+}
+PLAIN = ("l1_sparsity", "l2_weight_decay")  # kernels that read nothing but the values
