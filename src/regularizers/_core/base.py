@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import array_api_compat
 
 from .. import checks
-from .._fastpath.dispatch import try_autograd, try_compute
+from .._fastpath.dispatch import try_autograd, try_compute, try_jax
 from . import registry
 from .backends import autodiff_grad, compute_lazy, has_autodiff
 from .inputs import Batch, check_counts, check_data, prepare
@@ -333,9 +333,13 @@ class Regularizer:
 
     def _evaluate_recorded(self, batch: Batch) -> tuple[Array, Metrics]:
         """``evaluate``, or on torch tensors that require grad a built-in's closed form
-        recorded as one autograd node (``_fastpath/torch_autograd.py``)."""
+        recorded as one autograd node (``_fastpath/torch_autograd.py``); on JAX a built-in's
+        closed form as its ``jax.custom_jvp`` (``_fastpath/jax_closed_form.py``)."""
         routed = try_autograd(self, batch)
-        return self.evaluate(batch) if routed is None else routed[:2]
+        if routed is not None:
+            return routed[:2]
+        on_jax = try_jax(self, batch)
+        return self.evaluate(batch) if on_jax is None else on_jax
 
     @property
     def has_closed_form_grad(self) -> bool:

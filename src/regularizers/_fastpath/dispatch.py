@@ -17,6 +17,10 @@ included.
 a built-in over a class axis or matrices with a closed form is recorded by autograd as one node
 whose backward is that closed form (``torch_autograd``).
 
+The JAX counterpart, :func:`try_jax`: on JAX arrays and tracers, the elementwise built-ins
+with a closed form evaluate through a ``jax.custom_jvp`` whose JVP is that closed form, with
+reductions formulated for XLA's CPU backend (``jax_closed_form``).
+
 ``disabled()`` turns fast paths off in the current context (thread- and task-local), which is
 how the tests and benchmarks reach the generic path.
 """
@@ -31,7 +35,7 @@ from typing import Any
 
 from .._core import registry
 
-__all__ = ["disabled", "try_autograd", "try_compute"]
+__all__ = ["disabled", "try_autograd", "try_compute", "try_jax"]
 
 ENABLED: ContextVar[bool] = ContextVar("regularizers_fastpath", default=True)
 _PACKAGE = __name__.rsplit(".", 2)[0]  # "regularizers", or the vendored copy's name
@@ -87,6 +91,21 @@ def try_autograd(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None
     from .torch_autograd import value_metrics_and_grad
 
     return value_metrics_and_grad(reg, batch)
+
+
+def try_jax(reg: Any, batch: Any) -> tuple[Any, dict[str, Any]] | None:
+    """``(value, metrics)`` of a built-in on JAX arrays whose ``jax.grad`` is its closed
+    form (``jax_closed_form``), or None: the generic path."""
+    if getattr(batch.xp, "__name__", "") != "jax.numpy":
+        return None
+    cls = type(reg)
+    if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+        return None
+    if not ENABLED.get():
+        return None
+    from .jax_closed_form import ROUTED, value_and_metrics
+
+    return value_and_metrics(reg, batch) if reg.name in ROUTED else None
 
 
 _BUILTIN: set[type] = set()
