@@ -11,6 +11,7 @@ under ``jax.jit``, and the custom_jvp must really be in the traced program.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import hypothesis.extra.numpy as hnp
@@ -292,8 +293,10 @@ def test_what_stays_on_the_generic_path(bk: Harness) -> None:
 def test_eager_concrete_inputs_skip_the_custom_jvp_and_agree(bk: Harness) -> None:
     import jax.numpy as jnp
 
-    x = jnp.asarray(np.linspace(-150.0, 5.0, 5003))
-    for reg in (rg.L1(), rg.L2(), rg.L2(center="mean", clip=(-100.0, 0.0)), rg.L2(center=2.0)):
+    regs = (rg.L1(), rg.L2(), rg.L2(center="mean", clip=(-100.0, 0.0)), rg.L2(center=2.0))
+    # 5003 is prime (flat reductions); 3 * 1024 and 40000 are read as rows (two stages)
+    for n, reg in itertools.product((5003, 3 * 1024, 40000), regs):
+        x = jnp.asarray(np.linspace(-150.0, 5.0, n))
         value, metrics = bk.call(lambda v, reg=reg: reg(v), x)
         with generic_path():
             want_value, want_metrics = bk.call(lambda v, reg=reg: reg(v), x)

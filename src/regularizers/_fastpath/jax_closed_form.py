@@ -193,30 +193,30 @@ def _l2_unmasked(v: Any, lo: Any, hi: Any, center: Any, top: float) -> tuple[Any
     return raw, jnp.maximum(jnp.abs(high), jnp.abs(low))
 
 
-ROW = 1024  # elements per row of the two-stage reductions
-
-
 def _same(u: Any) -> Any:
     return u
 
 
+def _row_length(n: int) -> int | None:
+    """A divisor of ``n`` in [256, 4096], nearest 1024 (None: there is none). The rows must
+    tile ``v`` exactly: a slice of ``v`` before the reshape is copied out in full by XLA."""
+    for k in sorted(range(256, 4097), key=lambda k: abs(k - 1024)):
+        if n % k == 0:
+            return k
+    return None
+
+
 def _rows(v: Any, *reductions: tuple[Callable[[Any], Any], Callable[..., Any]]) -> tuple[Any, ...]:
     """``reduce(f(v))`` for each ``(f, reduce)`` (an elementwise map, and ``jnp.sum``,
-    ``jnp.max`` or ``jnp.min``), in two stages: over rows of ``ROW`` elements (``v`` viewed
-    as ``[n // ROW, ROW]``), then over the per-row results and the tail. Measured on XLA's
-    CPU backend, sibling row reductions of one input run in about one pass over memory,
-    where flat reductions take one pass each."""
-    n = v.shape[0]
-    m = n - n % ROW
-    out = []
-    for f, reduce in reductions:
-        parts = []
-        if m:
-            parts.append(reduce(reduce(f(jnp.reshape(v[:m], (m // ROW, ROW))), axis=-1)))
-        if n - m:
-            parts.append(reduce(f(v[m:])))
-        out.append(parts[0] if len(parts) == 1 else reduce(jnp.stack(parts)))
-    return tuple(out)
+    ``jnp.max`` or ``jnp.min``). Where ``v``'s length has a divisor near 1024, in two stages:
+    over the rows of ``v`` viewed as ``[n // k, k]``, then over the per-row results. Measured
+    on XLA's CPU backend, sibling row reductions of one input run in about one pass over
+    memory, where flat reductions take one pass each."""
+    k = _row_length(v.shape[0])
+    if k is None:
+        return tuple(reduce(f(v)) for f, reduce in reductions)
+    b = jnp.reshape(v, (v.shape[0] // k, k))
+    return tuple(reduce(reduce(f(b), axis=-1)) for f, reduce in reductions)
 
 
 CHUNK = 1 << 13  # elements per step of the centred pass: 32 KiB of float32, in L1/L2 cache
