@@ -21,6 +21,7 @@ from .. import checks
 from .._fastpath.dispatch import (
     try_autograd,
     try_compute,
+    try_jax,
     try_route,
     try_small_value_and_grad,
     try_value_and_grad,
@@ -352,9 +353,11 @@ class Regularizer:
         return value, metrics, batch.pullback(g)
 
     def _evaluate_recorded(self, batch: Batch) -> tuple[Array, Metrics]:
-        """``evaluate`` as autodiff records it (on torch tensors that need a gradient, a
-        built-in has taken ``try_route`` before: ``_fastpath/torch_autograd.py``)."""
-        return self.evaluate(batch)
+        """``evaluate`` as autodiff records it: on JAX a built-in's closed form as its
+        ``jax.custom_jvp`` (``_fastpath/jax_closed_form.py``; on torch tensors that need a
+        gradient, a built-in has taken ``try_route`` before: ``_fastpath/torch_autograd.py``)."""
+        on_jax = try_jax(self, batch)
+        return self.evaluate(batch) if on_jax is None else on_jax
 
     @property
     def has_closed_form_grad(self) -> bool:

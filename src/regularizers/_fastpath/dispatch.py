@@ -16,7 +16,8 @@ included.
 :func:`try_route` is the training path's counterpart: on torch tensors that require grad, a
 built-in with a closed form is recorded by autograd as one node whose backward is that closed
 form (``torch_autograd``), with fused kernels where ``torch_fused.GRAD`` has one;
-:func:`try_autograd` does the same for ``value_and_grad``.
+:func:`try_autograd` does the same for ``value_and_grad``, and :func:`try_jax` gives JAX the
+closed form as a ``jax.custom_jvp`` (``jax_closed_form``).
 
 ``disabled()`` turns fast paths off in the current context (thread- and task-local), which is
 how the tests and benchmarks reach the generic path.
@@ -34,6 +35,7 @@ __all__ = [
     "disabled",
     "try_autograd",
     "try_compute",
+    "try_jax",
     "try_route",
     "try_route_terms",
     "try_small_value_and_grad",
@@ -134,6 +136,21 @@ def try_autograd(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None
     from .torch_autograd import value_metrics_and_grad
 
     return value_metrics_and_grad(reg, batch)
+
+
+def try_jax(reg: Any, batch: Any) -> tuple[Any, dict[str, Any]] | None:
+    """``(value, metrics)`` of a built-in on JAX arrays whose ``jax.grad`` is its closed
+    form (``jax_closed_form``), or None: the generic path."""
+    if getattr(batch.xp, "__name__", "") != "jax.numpy":
+        return None
+    cls = type(reg)
+    if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+        return None
+    if not ENABLED.get():
+        return None
+    from .jax_closed_form import ROUTED, value_and_metrics
+
+    return value_and_metrics(reg, batch) if reg.name in ROUTED else None
 
 
 def try_value_and_grad(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:

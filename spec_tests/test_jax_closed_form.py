@@ -1,0 +1,305 @@
+"""JAX through the built-ins' closed form (``_fastpath/jax_closed_form.py``).
+
+On JAX arrays and tracers, L1, L2, Huber and ElasticNet evaluate through a ``jax.custom_jvp``
+whose JVP is the closed form, with reductions formulated for XLA's CPU backend. Hypothesis
+draws the options (every ``reduce``, clip bounds on the kinks, center, target), arrays and
+ragged lists, dtypes (float16 and bfloat16 included), values on the kinks (0, the clip bounds)
+and beyond (±inf, NaN), masks whose masked entries hold ±inf or NaN, and ``counts``; value,
+metrics and ``jax.grad`` must equal the generic path's (``generic_path()``), eagerly and
+under ``jax.jit``, and the custom_jvp must really be in the traced program.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import regularizers as rg
+from regularizers.testing import generic_path
+
+from . import strategies as S
+
+Harness = Any
+pytestmark = pytest.mark.backends("jax")
+
+REDUCES = ["sum", "mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+KINKS = [0.0, -0.0, -100.0, 1.0, -1.0, -3.5]
+SPECIALS = [np.inf, -np.inf, np.nan, 1e4, -3e4]
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+
+
+@st.composite
+def regularizers(draw: st.DrawFn) -> rg.Regularizer:
+    how = draw(st.sampled_from(REDUCES))
+    opts: dict[str, Any] = {"reduce": how, "target": draw(st.sampled_from(["logprobs", "probs"]))}
+    if how == "seq-mean-token-sum-norm":
+        opts["max_tokens"] = draw(st.sampled_from([1.0, 7.0, 512.0]))
+    kind = draw(st.sampled_from(["l1", "l2", "l2", "huber", "elastic_net"]))
+    if kind == "l1":
+        return rg.L1(**opts)
+    clip = draw(S.clips())
+    if clip is not None and draw(st.integers(0, 2)) == 0:  # a bound on a kink's value
+        clip = draw(st.sampled_from([(-100.0, 0.0), (-1.0, None), (None, -3.5), (0.0, 1.0)]))
+    opts.update(clip=clip, center=draw(S.centers()))
+    if kind == "huber":
+        return rg.Huber(delta=draw(st.sampled_from([1.0, 2.5])), **opts)
+    if kind == "elastic_net":
+        return rg.ElasticNet(l1_ratio=draw(st.sampled_from([0.0, 0.5, 1.0])), **opts)
+    return rg.L2(**opts)
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> tuple[Any, Any, Any]:
+    """``(x, mask, counts)``: a float64 array or ragged list, maybe a mask whose masked
+    entries hold ±inf/NaN, maybe counts."""
+    elements = st.one_of(S.elements(-300.0, 10.0), st.sampled_from(KINKS))
+    if draw(st.integers(0, 3)) == 0:
+        elements = st.one_of(elements, st.sampled_from(SPECIALS))
+    size = st.integers(0, 3000) if draw(st.integers(0, 7)) == 0 else st.integers(0, 30)
+    x: Any
+    if draw(st.booleans()):
+        x = [
+            draw(hnp.arrays("float64", draw(size), elements=elements))
+            for _ in range(draw(st.integers(1, 4)))
+        ]
+    else:
+        shape = draw(st.sampled_from([(draw(size),), (draw(st.integers(1, 4)), 6)]))
+        x = draw(hnp.arrays("float64", shape, elements=elements))
+    mask = None
+    if draw(st.booleans()):
+        mask = draw(S.masks_for(x))
+        hidden = st.sampled_from([np.inf, -np.inf, np.nan])
+        for a, m in zip(_listed(x), _listed(mask), strict=True):
+            off = np.asarray(m) == 0
+            if off.any():
+                a[off] = draw(hnp.arrays("float64", int(off.sum()), elements=hidden))
+    counts = None
+    if draw(st.integers(0, 4)) == 0:
+        counts = {"tokens": draw(st.integers(1, 50)), "sequences": draw(st.integers(1, 6))}
+    return x, mask, counts
+
+
+def _listed(x: Any) -> list[Any]:
+    return x if isinstance(x, list) else [x]
+
+
+def _jax(x: Any, dtype: str) -> Any:
+    import jax.numpy as jnp
+
+    if isinstance(x, list):
+        return [_jax(a, dtype) for a in x]
+    return jnp.asarray(np.asarray(x, dtype=np.float64)).astype(dtype)
+
+
+def _np(a: Any) -> np.ndarray:
+    return np.asarray(a).astype(np.float64)
+
+
+def _tolerance(x: Any, mask: Any, dtype: str, reg: rg.Regularizer) -> tuple[float, float]:
+    flat = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in _listed(x)])
+    if mask is not None:
+        flat = flat[np.concatenate([np.asarray(m).reshape(-1) != 0 for m in _listed(mask)])]
+    with np.errstate(over="ignore"):
+        t = np.exp(flat) if reg.target == "probs" else flat
+    finite = t[np.isfinite(t)]
+    center = getattr(reg, "center", None)
+    big = (np.abs(finite).max() if finite.size else 0.0) + 1.0
+    big += abs(center) if isinstance(center, float) else 0.0
+    rtol = 1e-9 if dtype == "float64" else 2e-5
+    return rtol, rtol * max(t.size, 1) * big * big
+
+
+def _close(got: Any, want: Any, rtol: float, atol: float, what: str) -> None:
+    for a, b in zip(_listed(got), _listed(want), strict=True):
+        a, b = _np(a), _np(b)
+        assert a.shape == b.shape, what
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, equal_nan=True, err_msg=what)
+
+
+def _routed(fn: Any, *args: Any) -> bool:
+    import jax
+
+    # a fresh function: make_jaxpr caches traces by function, and the path is chosen at trace
+    return "custom_jvp_call" in str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
+
+
+@given(reg=regularizers(), case=batches(), dtype=st.sampled_from(DTYPES))
+def test_the_closed_form_route_equals_the_generic_path(
+    bk: Harness, reg: rg.Regularizer, case: Any, dtype: str
+) -> None:
+    import jax
+
+    x, mask, counts = case
+    xs = _jax(x, dtype)
+    kw: dict[str, Any] = {"counts": counts}
+    if mask is not None:
+        kw["mask"] = [bk.asarray(m) for m in mask] if isinstance(mask, list) else bk.asarray(mask)
+
+    def compute(lp: Any) -> Any:
+        return reg.compute(None, lp, **kw)
+
+    def run() -> Any:
+        # fresh functions: jax.jit caches traces by function, and the path is chosen at trace
+        value, metrics = bk.call(lambda lp: compute(lp), xs)
+        grad = jax.grad(lambda lp: compute(lp)[0])
+        return value, metrics, (jax.jit(grad) if bk.jit else grad)(xs)
+
+    with np.errstate(all="ignore"):
+        assert _routed(compute, xs), "the closed-form route was not taken"
+        value, metrics, grads = run()
+        with generic_path():
+            assert not _routed(compute, xs)
+            want_value, want_metrics, want_grads = run()
+    rtol, atol = _tolerance(x, mask, dtype, reg)
+    _close(value, want_value, rtol, atol, "value")
+    assert metrics.keys() == want_metrics.keys()
+    for k in metrics:
+        _close(metrics[k], want_metrics[k], rtol, atol, k)
+    grtol = {"float16": 1e-2, "bfloat16": 2e-2}.get(dtype, rtol)
+    _close(grads, want_grads, grtol, atol, "gradient")
+    for g, a in zip(_listed(grads), _listed(xs), strict=True):
+        assert g.dtype == a.dtype
+        assert g.shape == a.shape
+
+
+@pytest.mark.parametrize(
+    "reg",
+    [rg.L1(), rg.L2(clip=(-100.0, 0.0)), rg.L2(center="mean", clip=(-1.0, 0.0)), rg.Huber()],
+    ids=repr,
+)
+def test_gradients_at_the_kinks_follow_the_spec(bk: Harness, reg: rg.Regularizer) -> None:
+    """sign(0) = 0 and clip bounds inclusive, exactly (JAX's own abs and clip differ)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray([0.0, -0.0, -100.0, 0.0, -1.0, 1.0, -150.0, 3.0])
+    grad = jax.grad(lambda v: reg(v)[0])
+    got = (jax.jit(grad) if bk.jit else grad)(x)
+    if isinstance(reg, rg.L1):
+        want = np.sign(np.asarray(x))
+    elif isinstance(reg, rg.Huber):
+        want = np.clip(np.asarray(x), -1.0, 1.0)
+    elif reg.center == "mean":
+        c = np.clip(np.asarray(x), -1.0, 0.0)
+        inside = (np.asarray(x) >= -1.0) & (np.asarray(x) <= 0.0)
+        d = 2 * (c - c.mean())
+        want = np.where(inside, d - np.where(inside, d, 0).sum() / x.size, 0.0)
+        # the mean's share flows back only where the clip passes the gradient
+    else:
+        c = np.clip(np.asarray(x), -100.0, 0.0)
+        want = np.where((np.asarray(x) >= -100.0) & (np.asarray(x) <= 0.0), 2 * c, 0.0)
+    with generic_path():
+        generic = jax.grad(lambda v: reg(v)[0])(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(generic), rtol=1e-12, atol=1e-12)
+    if not (isinstance(reg, rg.L2) and reg.center == "mean"):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_mode_vmap_and_second_derivatives(bk: Harness) -> None:
+    """jax.jvp and vmap work; second derivatives are JAX's derivative of the closed form,
+    equal to the generic path's away from the kinks."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray([-1.0, -0.25, -150.0, 0.5, -3.0])
+    for reg in (rg.L2(center="mean", clip=(-100.0, 0.0)), rg.L1(), rg.Huber(), rg.L2()):
+
+        def f(v: Any, reg: Any = reg) -> Any:
+            return reg(v)[0]
+
+        tangent = jnp.linspace(0.5, 1.5, 5)
+        with generic_path():
+            want = (jax.jvp(f, (x,), (tangent,)), jax.hessian(f)(x), jax.grad(f)(x))
+            want_fwd2 = jax.jvp(jax.grad(f), (x,), (tangent,))[1]
+        jvp, hess = jax.jvp(f, (x,), (tangent,)), jax.hessian(f)(x)
+        if bk.jit:
+            jvp = jax.jit(lambda v, t, f=f: jax.jvp(f, (v,), (t,)))(x, tangent)
+            hess = jax.jit(jax.hessian(f))(x)
+        np.testing.assert_allclose(jvp[0], want[0][0], rtol=1e-12)
+        np.testing.assert_allclose(jvp[1], want[0][1], rtol=1e-12)
+        np.testing.assert_allclose(hess, want[1], rtol=1e-12, atol=1e-12)
+        fwd2 = jax.jvp(jax.grad(f), (x,), (tangent,))[1]
+        np.testing.assert_allclose(fwd2, want_fwd2, rtol=1e-12, atol=1e-12)
+        batched = jax.vmap(jax.grad(f))(jnp.stack([x, 2 * x]))
+        np.testing.assert_allclose(batched[0], want[2], rtol=1e-12)
+        with generic_path():
+            np.testing.assert_allclose(batched[1], jax.grad(f)(2 * x), rtol=1e-12)
+
+
+def test_vmap_with_a_batched_mask(bk: Harness) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    reg = rg.L2(center="mean", reduce="mean")
+    x = jnp.asarray([[-1.0, 2.0, jnp.nan, 0.0], [3.0, -jnp.inf, 0.5, 1.0]])
+    m = jnp.asarray([[True, True, False, True], [True, False, True, True]])
+
+    def f(v: Any, k: Any) -> Any:
+        return reg(v, mask=k)[0]
+
+    got = jax.vmap(jax.value_and_grad(f))(x, m)
+    with generic_path():
+        want = jax.vmap(jax.value_and_grad(f))(x, m)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
+    assert np.isfinite(np.asarray(got[1])).all()
+
+
+def test_metrics_are_constants_for_autodiff(bk: Harness) -> None:
+    """As on the torch route: metrics are for logging, their derivatives are 0."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray([-1.0, 2.0, 0.5])
+    g = jax.grad(lambda v: rg.L2()(v)[1]["l2_raw"])(x)
+    np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+def test_what_stays_on_the_generic_path(bk: Harness) -> None:
+    """Subclasses, penalties reading other arrays, ``generic_path()``, and counts given as
+    floating tracers (a custom_jvp cannot close over an array being differentiated)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray([-1.0, 2.0, 0.0, -3.0])
+
+    class Mine(rg.L1):
+        pass
+
+    assert not _routed(lambda v: Mine()(v)[0], x)
+    assert not _routed(lambda v: rg.SampledKL(jnp.zeros(4))(v)[0], x)
+    with generic_path():
+        assert not _routed(lambda v: rg.L1()(v)[0], x)
+    assert _routed(lambda v: rg.L1()(v)[0], x)
+
+    def with_counts(v: Any, n: Any) -> Any:
+        return rg.L2(reduce="mean").compute(None, v, counts={"tokens": n})[0]
+
+    assert not _routed(with_counts, x, jnp.asarray(8.0))
+    got = jax.grad(with_counts, argnums=(0, 1))(x, jnp.asarray(8.0))
+    with generic_path():
+        want = jax.grad(with_counts, argnums=(0, 1))(x, jnp.asarray(8.0))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    assert _routed(with_counts, x, 8)  # a number: no tracer
+
+
+def test_eager_concrete_inputs_skip_the_custom_jvp_and_agree(bk: Harness) -> None:
+    import jax.numpy as jnp
+
+    regs = (rg.L1(), rg.L2(), rg.L2(center="mean", clip=(-100.0, 0.0)), rg.L2(center=2.0))
+    # 5003 is prime (flat reductions); 3 * 1024 and 40000 are read as rows (two stages)
+    for n, reg in itertools.product((5003, 3 * 1024, 40000), regs):
+        x = jnp.asarray(np.linspace(-150.0, 5.0, n))
+        value, metrics = bk.call(lambda v, reg=reg: reg(v), x)
+        with generic_path():
+            want_value, want_metrics = bk.call(lambda v, reg=reg: reg(v), x)
+        np.testing.assert_allclose(value, want_value, rtol=1e-12)
+        for k in metrics:
+            np.testing.assert_allclose(metrics[k], want_metrics[k], rtol=1e-12, err_msg=k)
