@@ -24,7 +24,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import regularizers as rg
-from regularizers._fastpath import torch_fused
 from regularizers.testing import generic_path
 
 from . import strategies as S
@@ -136,6 +135,8 @@ def _autograd(reg: Any, data: Any, x: Any, mask: Any, counts: Any) -> Any:
 @contextlib.contextmanager
 def _spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """The names of the fused kernels whose forward and backward ran."""
+    from regularizers._fastpath import torch_fused  # (imports torch: only where it runs)
+
     ran: list[str] = []
     for name, kernel in list(torch_fused.GRAD.items()):
 

@@ -209,7 +209,7 @@ def compute(
             lp = logprobs
             if runs and is_list and _plain(reg, mask):
                 if flat is None:
-                    flat = torch.cat([a.reshape(-1) for a in arrays])
+                    flat = torch.cat([a if a.ndim == 1 else a.reshape(-1) for a in arrays])
                 lp = flat  # the same values, without walking the list again
             batch = reg.prepare(data, lp, mask=mask, counts=counts, call=call)
             if batch._target_arrays is not batch._arrays:  # a Field target: its own gradient
