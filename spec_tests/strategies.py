@@ -497,3 +497,46 @@ def consistency_cases(
 
 
 consistency_cases.event_ndims = (0, 1)  # type: ignore[attr-defined]
+
+
+# ---- batches for the training paths' equality tests (test_fused_grad, test_jax_closed_form) --
+TRAINING_KINKS = [0.0, -0.0, -100.0, 1.0, -1.0, -3.5]
+TRAINING_SPECIALS = [np.inf, -np.inf, np.nan, 1e4, -3e4]
+
+
+@st.composite
+def training_batches(
+    draw: st.DrawFn, masks: tuple[str, ...] = ("none", "none", "array", "field")
+) -> tuple[Any, str, Any, Any]:
+    """``(x, kind, mask, counts)``: a float64 array or a ragged list on the kinks and maybe
+    beyond (±inf, NaN, large), a mask of ``kind`` (``"none"``, ``"array"`` or ``"field"``)
+    whose masked entries may hide ±inf/NaN, and maybe ``counts``."""
+    values = st.one_of(elements(-300.0, 10.0), st.sampled_from(TRAINING_KINKS))
+    if draw(st.integers(0, 3)) == 0:
+        values = st.one_of(values, st.sampled_from(TRAINING_SPECIALS))
+    size = st.integers(0, 2000) if draw(st.integers(0, 9)) == 0 else st.integers(0, 30)
+    x: Any
+    if draw(st.booleans()):
+        x = [
+            draw(hnp.arrays("float64", draw(size), elements=values))
+            for _ in range(draw(st.integers(1, 5)))
+        ]
+    else:
+        shape = draw(st.sampled_from([(draw(size),), (draw(st.integers(1, 4)), 6)]))
+        x = draw(hnp.arrays("float64", shape, elements=values))
+    kind = draw(st.sampled_from(masks))
+    mask = None if kind == "none" else draw(masks_for(x))
+    if mask is not None and draw(st.booleans()):  # what a masked token holds never counts
+        hidden = st.sampled_from([np.inf, -np.inf, np.nan])
+        for a, m in zip(
+            x if isinstance(x, list) else [x],
+            mask if isinstance(mask, list) else [mask],
+            strict=True,
+        ):
+            off = np.asarray(m) == 0
+            if off.any():
+                a[off] = draw(hnp.arrays("float64", int(off.sum()), elements=hidden))
+    counts = None
+    if draw(st.integers(0, 4)) == 0:
+        counts = {"tokens": draw(st.integers(1, 50)), "sequences": draw(st.integers(1, 6))}
+    return x, kind, mask, counts

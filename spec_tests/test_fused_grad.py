@@ -33,8 +33,7 @@ Harness = Any
 pytestmark = pytest.mark.backends("torch")
 CLOSED = [c for c in CLASSES if c.evaluate_with_grad is not rg.Regularizer.evaluate_with_grad]
 REDUCES = ["sum", "mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-KINKS = [0.0, -0.0, -100.0, 1.0, -1.0, -3.5]
-SPECIALS = [np.inf, -np.inf, np.nan, 1e4, -3e4]
+KINKS = S.TRAINING_KINKS
 ROUTED = "ClosedFormBackward"
 
 
@@ -50,30 +49,6 @@ def l1_l2(draw: st.DrawFn) -> rg.Regularizer:
     if clip is not None and draw(st.integers(0, 3)) == 0:  # a bound on a kink's value
         clip = draw(st.sampled_from([(-100.0, 0.0), (-1.0, None), (None, -3.5), (0.5, 1.0)]))
     return rg.L2(clip=clip, center=draw(S.centers()), **opts)
-
-
-@st.composite
-def batches(draw: st.DrawFn) -> tuple[Any, Any, Any]:
-    """``(x, (kind, mask), counts)``: an array or a ragged list, maybe a mask and counts."""
-    elements = st.one_of(S.elements(-300.0, 10.0), st.sampled_from(KINKS))
-    if draw(st.integers(0, 3)) == 0:
-        elements = st.one_of(elements, st.sampled_from(SPECIALS))
-    size = st.integers(0, 2000) if draw(st.integers(0, 9)) == 0 else st.integers(0, 30)
-    x: Any
-    if draw(st.booleans()):
-        x = [
-            draw(hnp.arrays("float64", draw(size), elements=elements))
-            for _ in range(draw(st.integers(1, 5)))
-        ]
-    else:
-        shape = draw(st.sampled_from([(draw(size),), (draw(st.integers(1, 4)), 6)]))
-        x = draw(hnp.arrays("float64", shape, elements=elements))
-    kind = draw(st.sampled_from(["none", "none", "array", "field"]))
-    mask = None if kind == "none" else draw(S.masks_for(x))
-    counts = None
-    if draw(st.integers(0, 4)) == 0:
-        counts = {"tokens": draw(st.integers(1, 50)), "sequences": draw(st.integers(1, 6))}
-    return x, (kind, mask), counts
 
 
 def _listed(x: Any) -> list[Any]:
@@ -157,11 +132,11 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield ran
 
 
-@given(reg=l1_l2(), case=batches(), data=st.data())
+@given(reg=l1_l2(), case=S.training_batches(), data=st.data())
 def test_fused_l1_l2_equal_the_generic_path(
     bk: Harness, reg: rg.Regularizer, case: Any, data: st.DataObject
 ) -> None:
-    x, (kind, mask), counts = case
+    x, kind, mask, counts = case
     dtype = data.draw(st.sampled_from(["float16", "bfloat16", "float32", "float64"]), label="dt")
     xs = _cast(x, dtype)
     d, m = _mask_args(kind, mask)
@@ -197,7 +172,7 @@ def sampled_kls(draw: st.DrawFn) -> rg.SampledKL:
     return rg.SampledKL(rg.Field("ref"), **opts)
 
 
-@given(reg=sampled_kls(), case=batches(), data=st.data())
+@given(reg=sampled_kls(), case=S.training_batches(), data=st.data())
 def test_fused_sampled_kl_equals_the_generic_path(
     bk: Harness, reg: rg.SampledKL, case: Any, data: st.DataObject
 ) -> None:
@@ -205,7 +180,7 @@ def test_fused_sampled_kl_equals_the_generic_path(
     hides it, log-ratios of 0 (where k3 and its slope vanish), half precision."""
     import torch
 
-    x, (kind, mask), counts = case
+    x, kind, mask, counts = case
     if reg.gradient == "unbiased":  # rho = exp(lp - sg(lp)) is NaN at a non-finite lp, where
         # evaluate says NaN and evaluate_with_grad ±inf (see the notes): finite logprobs here
         x = [np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0) for a in _listed(x)]

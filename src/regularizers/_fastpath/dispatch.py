@@ -55,8 +55,7 @@ def try_compute(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     """``(value, metrics)`` by a native path, or None where none applies."""
     if _torch_compiling():  # before anything Dynamo cannot trace (ContextVar.get)
         return None
-    cls = type(reg)
-    if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+    if not _builtin(reg):
         return None
     o = reg._opts  # the options themselves: no descriptor on the hot path
     if o["mask"] is not None or o["reduce"] not in ("sum", "mean") or not ENABLED.get():
@@ -75,8 +74,7 @@ def try_compute(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
 
 
 def _routable(reg: Any) -> bool:
-    cls = type(reg)
-    if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+    if not _builtin(reg):
         return False
     return bool(reg.has_closed_form_grad) and ENABLED.get()
 
@@ -143,8 +141,7 @@ def try_jax(reg: Any, batch: Any) -> tuple[Any, dict[str, Any]] | None:
     form (``jax_closed_form``), or None: the generic path."""
     if getattr(batch.xp, "__name__", "") != "jax.numpy":
         return None
-    cls = type(reg)
-    if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+    if not _builtin(reg):
         return None
     if not ENABLED.get():
         return None
@@ -162,8 +159,7 @@ def try_value_and_grad(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] 
     aggregates with one weight (a kernel returns None otherwise)."""
     if type(batch.values) is not np_ndarray() or batch.event_ndim:
         return None
-    cls = type(reg)
-    if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+    if not _builtin(reg):
         return None
     target = reg._opts["target"]
     if (target != "logprobs" and target != "probs") or not ENABLED.get():
@@ -178,8 +174,7 @@ def try_small_value_and_grad(reg: Any, logprobs: Any) -> tuple[Any, dict[str, An
     ``data``, ``mask`` or ``counts``): the per-call overhead is the cost at that size."""
     if type(logprobs) is not np_ndarray():
         return None
-    cls = type(reg)
-    if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+    if not _builtin(reg):
         return None
     if not ENABLED.get():
         return None
@@ -208,8 +203,7 @@ def try_terms_value_and_grad(
         first = lp[0] if type(lp) in (list, tuple) and lp else lp
         if type(first) is not ndarray:
             continue
-        cls = type(obj)
-        if cls not in _BUILTIN and (cls in _OTHER or not _is_builtin(cls)):
+        if not _builtin(obj):
             continue
         if obj._opts["target"] != "logprobs":
             continue
@@ -247,6 +241,13 @@ class _Never:
 
 _BUILTIN: set[type] = set()
 _OTHER: set[type] = set()
+
+
+def _builtin(reg: Any) -> bool:
+    """Exactly one of this package's registered built-in classes (not a subclass, which may
+    change the maths); a set lookup after the first call per class."""
+    cls = type(reg)
+    return cls in _BUILTIN or (cls not in _OTHER and _is_builtin(cls))
 
 
 def _is_builtin(cls: type) -> bool:
