@@ -397,3 +397,20 @@ def test_torch_compile_fullgraph_with_gradients(bk: Harness) -> None:
     value, _ = torch.compile(lambda a: reg.compute(None, a), fullgraph=True, backend="eager")(x)
     value.backward()
     assert x.grad.tolist() == pytest.approx([12.5, 11.5, 0.0, 13.0])
+
+
+def test_an_input_modified_in_place_before_backward_is_refused(bk: Harness) -> None:
+    """The closed form reads the forward pass's values at backward time, as autograd's saved
+    tensors do; an in-place change in between is an error, as it is for autograd."""
+    import torch
+
+    for reg in (rg.L1(), rg.L2(clip=(-100.0, 0.0)), rg.Entropy()):
+        x = torch.randn(4, 6) if isinstance(reg, rg.Entropy) else torch.randn(6)
+        x.requires_grad_(True)
+        y = x * 1.0  # a non-leaf: in-place changes are allowed on it
+        value, _ = reg(y)
+        assert value.grad_fn.name() == ROUTED
+        with torch.no_grad():
+            y.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified in place"):
+            value.backward()

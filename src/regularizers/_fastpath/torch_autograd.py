@@ -77,11 +77,12 @@ class _Call:
     structure the gradient is split by, and the generic path (for double backward). Kept
     by reference, not saved: packing a ragged batch of 64 tensors costs more than the maths."""
 
-    __slots__ = ("arrays", "generic", "runs", "shape")
+    __slots__ = ("arrays", "generic", "runs", "shape", "versions")
 
     def __init__(self, runs: list[_Run], shape: Any, generic: Any) -> None:
         self.runs, self.shape, self.generic = runs, shape, generic
         self.arrays: tuple[Any, ...] = ()
+        self.versions: list[int] = []
 
 
 class ClosedForm(torch.autograd.Function):
@@ -92,6 +93,7 @@ class ClosedForm(torch.autograd.Function):
     def forward(ctx: Any, call: _Call, values: Any, *arrays: Any) -> Any:
         ctx.call = call
         call.arrays = arrays
+        call.versions = [a._version for a in arrays]  # (what save_for_backward would check)
         ctx.set_materialize_grads(False)
         return tuple(v.clone() for v in values)  # (0-d copies: this node's own outputs)
 
@@ -101,6 +103,12 @@ class ClosedForm(torch.autograd.Function):
         arrays = call.arrays
         if all(go is None for go in gos):
             return (None, None) + (None,) * len(arrays)
+        if [a._version for a in arrays] != call.versions:
+            raise RuntimeError(
+                "a tensor a regularizer was computed from was modified in place before "
+                "backward(); its closed-form gradient reads the values of the forward pass "
+                "(as autograd's saved tensors would, it refuses; clone the tensor first)"
+            )
         if torch.is_grad_enabled():  # create_graph=True: a differentiable first derivative
             return (None, None, *_generic_grads(call, gos))
         total = None
