@@ -10,7 +10,7 @@ generic path does (JAX differentiates that part: the concatenation, the mask, th
   gradient conventions (``abs``, clipping by ``maximum``), since
 - its JVP is the closed form: the tangent of the value is ``Σ g · dv`` with ``g`` =
   d value / d values (``GRAD``, or the penalty's ``evaluate_with_grad``), so ``jax.grad``
-  gets exactly the SPEC's conventions (sign 0 at 0, clip bounds inclusive). A JVP rather
+  gets exactly the documented conventions (sign 0 at 0, clip bounds inclusive). A JVP rather
   than a VJP: reverse mode transposes it (``Σ g · dv`` is linear in ``dv``), ``jax.jvp``
   keeps working, and second derivatives are JAX's derivative of the closed form ``g``,
   which is exact wherever ``g`` is differentiable (everywhere but the kinks, where the
@@ -19,8 +19,9 @@ generic path does (JAX differentiates that part: the concatenation, the mask, th
 Metrics are constants for autodiff on this path (zero tangents), as on the torch route: they
 are for logging. Concrete arrays outside any transformation skip the custom_jvp machinery
 (nothing will differentiate them, and it costs more than the maths when JAX runs eagerly).
-``counts`` given as floating tracers (which a caller might differentiate) take the generic
-path: a custom_jvp cannot close over an array that is being differentiated.
+A call that closes over any other traced array (a mask or ``counts`` passed into ``jit`` as
+arguments, so traced) takes the generic path: a custom_jvp cannot close over a tracer (under
+``jax.grad(jax.jit(f))`` it fails with "No constant handler").
 
 The formulations (measured on XLA's CPU backend, where a reduction fuses elementwise
 ``abs``, ``max``, add and multiply into its loop, but ``clamp`` and ``select`` much less
@@ -58,7 +59,7 @@ def value_and_metrics(reg: Any, batch: Any) -> Out | None:
 
     if not isinstance(batch.values, jax.core.Tracer):
         return forward(batch)
-    if _traced_counts(batch):
+    if _closes_over_tracers(batch):
         return None
 
     @jax.custom_jvp
@@ -80,12 +81,11 @@ def value_and_metrics(reg: Any, batch: Any) -> Out | None:
     return out
 
 
-def _traced_counts(batch: Any) -> bool:
+def _closes_over_tracers(batch: Any) -> bool:
+    """Whether the Batch holds a traced array besides its values (the mask, the counts)."""
     given = batch._counts or {}
-    return any(
-        isinstance(v, jax.core.Tracer) and jnp.issubdtype(v.dtype, jnp.floating)
-        for v in given.values()
-    )
+    held = (batch.mask, batch._count, batch._local, batch._seq_count, *given.values())
+    return any(isinstance(v, jax.core.Tracer) for v in held)
 
 
 def _with_values(batch: Any, values: Any) -> Any:
