@@ -540,3 +540,22 @@ def training_batches(
     if draw(st.integers(0, 4)) == 0:
         counts = {"tokens": draw(st.integers(1, 50)), "sequences": draw(st.integers(1, 6))}
     return x, kind, mask, counts
+
+
+def training_tolerance(x: Any, dtype: str, reg: Any, mask: Any = None) -> tuple[float, float]:
+    """``(rtol, atol)`` for comparing a training path with the generic path on ``x`` (an
+    array or a list; only the counted entries when ``mask`` is given): the rounding of a
+    sum of squares of the largest finite magnitude (plus a numeric center) in ``dtype``."""
+    parts = x if isinstance(x, list) else [x]
+    flat = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in parts])
+    if mask is not None:
+        masks = mask if isinstance(mask, list) else [mask]
+        flat = flat[np.concatenate([np.asarray(m).reshape(-1) != 0 for m in masks])]
+    with np.errstate(over="ignore"):
+        t = np.exp(flat) if getattr(reg, "target", None) == "probs" else flat
+    finite = t[np.isfinite(t)]
+    center = getattr(reg, "center", None)
+    big = (np.abs(finite).max() if finite.size else 0.0) + 1.0
+    big += abs(center) if isinstance(center, float) else 0.0
+    rtol = 1e-9 if dtype == "float64" else 2e-5
+    return rtol, rtol * max(t.size, 1) * big * big

@@ -75,18 +75,6 @@ def _mask_args(kind: str, mask: Any) -> tuple[Any, Any]:
     return ({"w": m}, rg.Field("w")) if kind == "field" else (None, m)
 
 
-def _tolerance(x: Any, dtype: str, reg: Any) -> tuple[float, float]:
-    flat = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in _listed(x)])
-    with np.errstate(over="ignore"):
-        t = np.exp(flat) if getattr(reg, "target", None) == "probs" else flat
-    finite = t[np.isfinite(t)]
-    center = getattr(reg, "center", None)
-    big = (np.abs(finite).max() if finite.size else 0.0) + 1.0
-    big += abs(center) if isinstance(center, float) else 0.0
-    rtol = 1e-9 if dtype == "float64" else 2e-5
-    return rtol, rtol * max(t.size, 1) * big * big
-
-
 def _close(got: Any, want: Any, rtol: float, atol: float, what: str) -> None:
     for a, b in zip(_listed(got), _listed(want), strict=True):
         a = a.detach().double().numpy()
@@ -153,7 +141,7 @@ def test_fused_l1_l2_equal_the_generic_path(
     assert metrics.keys() == want_metrics.keys()
     assert all(not v.requires_grad for v in metrics.values())
     assert [g.dtype for g in grads] == [g.dtype for g in want_grads]
-    rtol, atol = _tolerance(x, dtype, reg)
+    rtol, atol = S.training_tolerance(x, dtype, reg)
     grtol = {"float16": 1e-2, "bfloat16": 1e-1}.get(dtype, rtol)
     _close(value, want_value, rtol, atol, "value")
     for k in metrics:
@@ -208,7 +196,7 @@ def test_fused_sampled_kl_equals_the_generic_path(
         with generic_path():
             want_value, want_metrics, want_grads = _autograd(reg, d, xs, m, counts)
     assert metrics.keys() == want_metrics.keys()
-    rtol, atol = _tolerance([*_listed(x), *ref] if finite else x, dtype, reg)
+    rtol, atol = S.training_tolerance([*_listed(x), *ref] if finite else x, dtype, reg)
     atol = max(atol, 1e-30) * (1e6 if reg.estimator == "k3" else 1.0)  # e^-d of a large -d
     grtol = {"float16": 1e-2, "bfloat16": 1e-1}.get(dtype, rtol)
     _close(value, want_value, rtol, atol, "value")
@@ -287,7 +275,7 @@ def test_a_pipelines_terms_share_one_node_equal_to_the_generic_path(
         loss, metrics, grads = run()
         with generic_path():
             want_loss, want_metrics, want_grads = run()
-    rtol, atol = max(_tolerance(xs, dtype, t.regularizer) for t in pipe.terms)
+    rtol, atol = max(S.training_tolerance(xs, dtype, t.regularizer) for t in pipe.terms)
     atol *= len(pipe.terms)
     _close(loss, want_loss, rtol, atol, "loss")
     assert metrics.keys() == want_metrics.keys()

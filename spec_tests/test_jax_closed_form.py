@@ -67,20 +67,6 @@ def _np(a: Any) -> np.ndarray:
     return np.asarray(a).astype(np.float64)
 
 
-def _tolerance(x: Any, mask: Any, dtype: str, reg: rg.Regularizer) -> tuple[float, float]:
-    flat = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in _listed(x)])
-    if mask is not None:
-        flat = flat[np.concatenate([np.asarray(m).reshape(-1) != 0 for m in _listed(mask)])]
-    with np.errstate(over="ignore"):
-        t = np.exp(flat) if reg.target == "probs" else flat
-    finite = t[np.isfinite(t)]
-    center = getattr(reg, "center", None)
-    big = (np.abs(finite).max() if finite.size else 0.0) + 1.0
-    big += abs(center) if isinstance(center, float) else 0.0
-    rtol = 1e-9 if dtype == "float64" else 2e-5
-    return rtol, rtol * max(t.size, 1) * big * big
-
-
 def _close(got: Any, want: Any, rtol: float, atol: float, what: str) -> None:
     for a, b in zip(_listed(got), _listed(want), strict=True):
         a, b = _np(a), _np(b)
@@ -128,7 +114,7 @@ def test_the_closed_form_route_equals_the_generic_path(
         with generic_path():
             assert not _routed(compute, xs)
             want_value, want_metrics, want_grads = run()
-    rtol, atol = _tolerance(x, mask, dtype, reg)
+    rtol, atol = S.training_tolerance(x, dtype, reg, mask)
     _close(value, want_value, rtol, atol, "value")
     assert metrics.keys() == want_metrics.keys()
     for k in metrics:
