@@ -2,13 +2,14 @@
 
 ``compute`` on torch tensors that require grad runs through one ``ClosedForm`` autograd node
 (``_fastpath/torch_autograd.py``) whose backward is the closed form: L1 and L2 by fused
-kernels (``torch_fused.GRAD``), every other built-in by its ``evaluate_with_grad``; a
+kernels (``torch_fused.GRAD``: L1, L2, Huber, ElasticNet, SampledKL, SampledEntropy), every
+other built-in by its ``evaluate_with_grad``; a
 Pipeline's built-in terms over one input share one node. Hypothesis draws the options (every
 ``reduce``, clip, center, target), masks (arrays, lists, Fields), ``counts``, ragged lists,
 dtypes (float16 and bfloat16 included) and values on the kinks (0, the clip bounds, Huber's
 δ) and beyond (±inf, NaN). Value, metrics and gradients must equal the generic path's
-(:func:`regularizers.testing.generic_path`), NaN where it is NaN, and the route (and, for L1
-and L2, the fused kernel) must really have run.
+(:func:`regularizers.testing.generic_path`), NaN where it is NaN, and the route (and, where
+one applies, the fused kernel) must really have run.
 """
 
 from __future__ import annotations
@@ -38,13 +39,22 @@ ROUTED = "ClosedFormBackward"
 
 
 @st.composite
-def l1_l2(draw: st.DrawFn) -> rg.Regularizer:
+def elementwise(draw: st.DrawFn) -> rg.Regularizer:
+    """The elementwise built-ins with a fused kernel, over the options it covers (Huber's and
+    ElasticNet's center and clip are the generic kernel's, drawn by the test below)."""
     how = draw(st.sampled_from(REDUCES))
     opts: dict[str, Any] = {"reduce": how, "target": draw(st.sampled_from(["logprobs", "probs"]))}
     if how == "seq-mean-token-sum-norm":
         opts["max_tokens"] = draw(st.sampled_from([1.0, 7.0, 512.0]))
-    if draw(st.booleans()):
+    kind = draw(st.sampled_from(["L1", "L2", "Huber", "ElasticNet", "SampledEntropy"]))
+    if kind == "L1":
         return rg.L1(**opts)
+    if kind == "Huber":
+        return rg.Huber(delta=draw(st.sampled_from([1.0, 0.5, 3.5, 100.0])), **opts)
+    if kind == "ElasticNet":
+        return rg.ElasticNet(l1_ratio=draw(st.sampled_from([0.0, 0.3, 0.5, 1.0])), **opts)
+    if kind == "SampledEntropy":
+        return rg.SampledEntropy(mode=draw(st.sampled_from(["maximize", "minimize"])), **opts)
     clip = draw(S.clips())
     if clip is not None and draw(st.integers(0, 3)) == 0:  # a bound on a kink's value
         clip = draw(st.sampled_from([(-100.0, 0.0), (-1.0, None), (None, -3.5), (0.5, 1.0)]))
@@ -120,8 +130,8 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield ran
 
 
-@given(reg=l1_l2(), case=S.training_batches(), data=st.data())
-def test_fused_l1_l2_equal_the_generic_path(
+@given(reg=elementwise(), case=S.training_batches(), data=st.data())
+def test_fused_elementwise_kernels_equal_the_generic_path(
     bk: Harness, reg: rg.Regularizer, case: Any, data: st.DataObject
 ) -> None:
     x, kind, mask, counts = case
@@ -241,7 +251,7 @@ def test_every_built_in_equals_the_generic_path(
 def pipelines(draw: st.DrawFn) -> rg.Pipeline:
     terms = []
     for i in range(draw(st.integers(2, 3))):
-        reg = draw(st.one_of(l1_l2(), st.builds(rg.Huber, delta=st.sampled_from([0.5, 1.0]))))
+        reg = draw(elementwise())
         if draw(st.booleans()):
             reg = type(reg)(**{**reg.options(), "mask": rg.Field("w")})
         terms.append(rg.Term(reg, draw(st.sampled_from([1.0, 1e-3, -0.5])), name=f"t{i}"))

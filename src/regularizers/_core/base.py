@@ -233,8 +233,12 @@ class Regularizer:
         mask: object = UNSET,
         counts: Mapping[str, Any] | None = None,
         call: str = "compute(data, logprobs)",
+        _zero: Any = None,
     ) -> Batch:
-        """The :class:`~regularizers.Batch` of one call (validated, flattened, masked)."""
+        """The :class:`~regularizers.Batch` of one call (validated, flattened, masked).
+
+        ``_zero`` is internal: a native path's exact replacement for the ``where`` that sets
+        uncounted tokens to 0 (see ``_core.inputs.prepare``)."""
         m = self._opts["mask"] if mask is UNSET else checks.mask("mask", mask)
         batch = prepare(
             data,
@@ -247,6 +251,7 @@ class Regularizer:
             event_ndim=self.event_ndim,
             axis=getattr(self, "axis", -1),
             call=call,
+            zero=_zero,
         )
         valid = self.valid_tokens(batch)
         return batch if valid is None else batch.restrict(valid)

@@ -107,10 +107,23 @@ def as_arrays(logprobs: object, what: str = "logprobs") -> list[Array]:
     return [logprobs]
 
 
+# the namespace of the array types whose namespace depends on nothing but the type (resolving
+# it costs ~10 us a call, as much as a kernel on a small array)
+_NAMESPACES: dict[type, Namespace] = {}
+_BY_TYPE = (("torch", "Tensor"), ("numpy", "ndarray"))
+
+
 def namespace_of(arrays: list[Array], what: str = "logprobs") -> Namespace:
     kind = type(arrays[0])
     if len(arrays) > 1 and all([type(a) is kind for a in arrays]):  # noqa: C419
         arrays = arrays[:1]  # one array type is one library: resolve it once
+    if len(arrays) == 1:
+        xp = _NAMESPACES.get(kind)
+        if xp is not None:
+            return xp
+        if (kind.__module__, kind.__name__) in _BY_TYPE:
+            xp = _NAMESPACES[kind] = array_namespace(arrays[0])
+            return xp
     try:
         return array_namespace(*arrays)
     except TypeError:
@@ -177,6 +190,9 @@ def _values_of(value: Any, xp: Namespace, like: Array, what: str) -> list[Array]
         raise ValueError(f"{what} is empty; at least one array is needed")
     per_datum = isinstance(value, (list, tuple)) and not isinstance(value[0], numbers.Number)
     values = list(value) if per_datum else [value]
+    kind = type(like)
+    if all([type(v) is kind for v in values]):  # noqa: C419
+        return values  # arrays of the caller's own kind (what _to_namespace keeps as they are)
     return [
         _to_namespace(v, xp, like, f"{what}[{i}]" if per_datum else what)
         for i, v in enumerate(values)
@@ -278,6 +294,7 @@ class Batch:
         "_target_arrays",
         "_token_shapes",
         "_watch",
+        "_zero",
         "counts_given",
         "device",
         "dtype",
@@ -316,6 +333,7 @@ class Batch:
     _seq_count: Any
     _per_seq: Any
     _watch: list[str] | None
+    _zero: Any
 
     def __init__(self, **kw: Any) -> None:
         for k, v in kw.items():
@@ -323,6 +341,8 @@ class Batch:
         self._per_seq = None
         if "_watch" not in kw:
             self._watch = None
+        if "_zero" not in kw:
+            self._zero = None
 
     def constant_values(self, values: Array, watch: list[str]) -> Batch:
         """This Batch with ``values`` replaced (e.g. by a copy cut out of an autodiff graph);
@@ -358,6 +378,8 @@ class Batch:
         """``a`` (per token, or shaped like ``values``) with uncounted tokens set to 0."""
         if self.mask is None:
             return a
+        if self._zero is not None:  # a native path's exact equivalent (see prepare's zero)
+            return self._zero(a, self.mask)
         m = self.mask if a.ndim <= 1 else self._expand(self.mask)
         return self.xp.where(m, a, self.xp.zeros((), dtype=a.dtype, device=self.device))
 
@@ -433,6 +455,9 @@ class Batch:
 
     def _flatten(self, arrays: list[Array]) -> Array:
         xp, k = self.xp, self.event_ndim
+        if not k and self._moved is None:  # per-token values: 1-D arrays as they are
+            rows = [a if a.ndim == 1 else reshape(xp, a, (-1,)) for a in arrays]
+            return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
         rows = []
         for a in arrays:
             if self._moved is not None:
@@ -670,8 +695,16 @@ def prepare(
     event_ndim: int = 0,
     axis: int = -1,
     call: str = "compute(data, logprobs)",
+    zero: Any = None,
 ) -> Batch:
-    """Validate and flatten one call's inputs."""
+    """Validate and flatten one call's inputs.
+
+    ``zero(a, mask, fresh=False)``, where given, replaces :meth:`Batch.where_counted`'s
+    ``where`` (``a`` with the rows of uncounted tokens set to 0) by a native path's exact
+    equivalent, which may write into ``a`` where ``fresh`` says it is this call's own array:
+    the torch training path passes one that is cheaper on the CPU
+    (``torch_fused.zero_uncounted``).
+    """
     check_data(data, logprobs, call)
     arrays = as_arrays(logprobs)
     xp = namespace_of(arrays)
@@ -706,10 +739,13 @@ def prepare(
                 f"the arrays of logprobs have different class sizes {sorted(events)}; every "
                 "array needs the same"
             )
-    token_shapes = [tuple(_moved_shape(a, moved)[: a.ndim - event_ndim]) for a in target_arrays]
+    if moved is None and not event_ndim:  # (the common case, one comprehension per datum)
+        token_shapes = [tuple(a.shape) for a in target_arrays]
+    else:
+        token_shapes = [tuple(_moved_shape(a, moved)[: a.ndim - event_ndim]) for a in target_arrays]
 
     if is_list:
-        lengths = tuple([_size(s) for s in token_shapes])
+        lengths = tuple([int(s[0]) if len(s) == 1 else _size(s) for s in token_shapes])
     elif len(token_shapes[0]) >= 2:
         lengths = (_size(token_shapes[0][1:]),) * int(token_shapes[0][0])
     else:
@@ -738,10 +774,12 @@ def prepare(
         _counts=counts,
         _local=None,
         _seq_count=None,
+        _zero=zero,
     )
     t = batch._flatten(target_arrays)
+    fresh = len(target_arrays) > 1  # a new array of this call's own (a concatenation)
     if is_low_precision(xp, t.dtype):
-        t = xp.astype(t, xp.float32)
+        t, fresh = xp.astype(t, xp.float32), True
     object.__setattr__(batch, "dtype", t.dtype)
 
     if isinstance(mask, ByIdentity):
@@ -769,20 +807,22 @@ def prepare(
         if len(kinds) == 1:  # one dtype: one concatenation, then one comparison
             flat = [m if m.ndim == 1 else reshape(xp, m, (-1,)) for m in mask_arrays]
             mask_flat = flat[0] if len(flat) == 1 else xp.concat(flat)
-            if not xp.isdtype(mask_flat.dtype, "bool"):
-                mask_flat = mask_flat != 0
+            if not xp.isdtype(mask_flat.dtype, "bool"):  # nonzero (NaN too) is counted
+                mask_flat = xp.astype(mask_flat, xp.bool)  # (several times cheaper than != 0)
         else:
             flat = [
-                reshape(xp, m if xp.isdtype(m.dtype, "bool") else m != 0, (-1,))
+                reshape(xp, m if xp.isdtype(m.dtype, "bool") else xp.astype(m, xp.bool), (-1,))
                 for m in mask_arrays
             ]
             mask_flat = xp.concat(flat)
         object.__setattr__(batch, "mask", mask_flat)
         count = _count(xp, mask_flat, t.dtype)
         # before any transform: exp(NaN) would otherwise reach the gradient as 0 · NaN
-        t = batch.where_counted(t)
+        t = batch.where_counted(t) if zero is None else zero(t, mask_flat, fresh)
     if target == "probs":
-        t = batch.where_counted(xp.exp(t))
+        t = xp.exp(t)
+        if batch.mask is not None:
+            t = batch.where_counted(t) if zero is None else zero(t, batch.mask, True)
     object.__setattr__(batch, "values", t)
 
     object.__setattr__(batch, "_local", count)

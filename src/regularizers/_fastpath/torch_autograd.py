@@ -44,6 +44,7 @@ import torch
 
 from .._core.typing import Array, Metrics
 from .common import disabled
+from .torch_fused import zero_uncounted
 
 __all__ = ["ClosedForm", "Generic", "compute", "value_metrics_and_grad"]
 
@@ -55,7 +56,7 @@ class Generic:
     def forward(reg: Any, batch: Any) -> tuple[Any, Metrics, Any]:
         value, metrics, g = reg.evaluate_with_grad(batch)
         if batch.mask is not None:  # tokens a penalty's valid_tokens excluded keep values
-            g = _zero_uncounted(g, batch.mask)
+            g = zero_uncounted(g, batch.mask)
         return value, metrics, g
 
     @staticmethod
@@ -77,10 +78,11 @@ class _Call:
     structure the gradient is split by, and the generic path (for double backward). Kept
     by reference, not saved: packing a ragged batch of 64 tensors costs more than the maths."""
 
-    __slots__ = ("arrays", "generic", "runs", "shape", "versions")
+    __slots__ = ("arrays", "direct", "generic", "runs", "shape", "versions")
 
-    def __init__(self, runs: list[_Run], shape: Any, generic: Any) -> None:
+    def __init__(self, runs: list[_Run], shape: Any, generic: Any, direct: bool = False) -> None:
         self.runs, self.shape, self.generic = runs, shape, generic
+        self.direct = direct  # 1-D tensors of the compute dtype: the split views are the grads
         self.arrays: tuple[Any, ...] = ()
         self.versions: list[int] = []
 
@@ -118,7 +120,27 @@ class ClosedForm(torch.autograd.Function):
                 if run.batch.target == "probs":  # d exp(x) / dx = exp(x), values = exp(x)
                     g = g * run.batch.values
                 total = g if total is None else total.add_(g)
+        assert total is not None  # (some go is not None)
+        if call.direct:  # (a gradient for a tensor that needs none is dropped by autograd)
+            return (None, None, *torch.split(total, call.shape.lengths))
         return (None, None, *_pieces(call.shape, total, ctx.needs_input_grad[2:]))
+
+
+def _base_apply() -> Any:
+    """``ClosedForm.apply`` without its Python prologue (which unwraps functorch's dead
+    wrappers argument by argument: ~10 us for a 64-tensor batch), where torch's class layout
+    allows; the route is never taken under the ``torch.func`` transforms, which that prologue
+    is for (see :func:`_functorch_active`)."""
+    single = getattr(torch.autograd.function, "_SingleLevelFunction", None)
+    base = getattr(torch._C, "_FunctionBase", None)
+    if single is None or base is None or not issubclass(ClosedForm, base):
+        return ClosedForm.apply
+    if getattr(ClosedForm, "setup_context", None) is not getattr(single, "setup_context", None):
+        return ClosedForm.apply
+    return super(single, ClosedForm).apply
+
+
+_apply = _base_apply()
 
 
 def _generic_grads(call: _Call, gos: tuple[Any, ...]) -> list[Any]:
@@ -168,22 +190,6 @@ def _functorch_active() -> bool:
     return bool(active()) if active is not None else False
 
 
-def _zero_uncounted(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``g`` with the rows of uncounted tokens set to 0: in place where ``g`` is a fresh
-    array of its own (no second gradient-sized array), else by ``where``. Never ``g * mask``:
-    what an uncounted token holds may be inf or NaN."""
-    keep = mask.reshape((-1,) + (1,) * (g.ndim - 1))
-    if g._base is None and g.is_contiguous() and g.ndim >= 1 and g.shape[0] == mask.shape[0]:
-        return g.masked_fill_(~keep, 0)
-    return torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
-
-
-def _wants_graph(arrays: list[Any]) -> bool:
-    return torch.is_grad_enabled() and any(
-        [type(a) is torch.Tensor and a.requires_grad for a in arrays]  # noqa: C419
-    )
-
-
 def _plain(reg: Any, mask: Any) -> bool:
     """A term that reads no sequence structure of a list (no mask, "sum" or "mean", one
     value per element): it may be prepared on the list's concatenation, made once."""
@@ -204,9 +210,10 @@ def compute(
     must be recorded (see the module docstring). Terms over a class axis go one per call."""
     is_list = type(logprobs) in (list, tuple)
     arrays = list(logprobs) if is_list else [logprobs]
-    if not _wants_graph(arrays) or _functorch_active():
+    if not torch.is_grad_enabled() or _functorch_active():
         return None
-    if any([type(a) is not torch.Tensor for a in arrays]):  # noqa: C419
+    kinds = {type(a) for a in arrays}
+    if kinds != {torch.Tensor} or not any([a.requires_grad for a in arrays]):  # noqa: C419
         return None
     watch: list[str] = []
     runs: list[_Run] = []
@@ -219,7 +226,7 @@ def compute(
                 if flat is None:
                     flat = torch.cat([a if a.ndim == 1 else a.reshape(-1) for a in arrays])
                 lp = flat  # the same values, without walking the list again
-            batch = reg.prepare(data, lp, mask=mask, counts=counts, call=call)
+            batch = reg.prepare(data, lp, mask=mask, counts=counts, call=call, _zero=zero_uncounted)
             if batch._target_arrays is not batch._arrays:  # a Field target: its own gradient
                 return None
             object.__setattr__(batch, "_watch", watch)
@@ -239,8 +246,16 @@ def compute(
         with disabled():
             return [reg.compute(data, lp, mask=mask, counts=counts)[0] for reg, mask in terms]
 
-    node = _Call(runs, runs[0].batch, generic)
-    values = ClosedForm.apply(node, [v for v, _ in results], *arrays)  # type: ignore[no-untyped-call]
+    first = runs[0].batch
+    direct = (
+        is_list
+        and first._moved is None
+        and first.event_ndim == 0
+        and {a.dtype for a in arrays} == {first.dtype}
+        and all([a.ndim == 1 for a in arrays])  # noqa: C419
+    )
+    node = _Call(runs, first, generic, direct)
+    values = _apply(node, [v for v, _ in results], *arrays)
     return [(v, metrics) for v, (_, metrics) in zip(values, results, strict=True)]
 
 
@@ -314,7 +329,7 @@ def compute_plain(reg: Any, x: Any, kernel: Any) -> tuple[Array, Metrics] | None
             return [reg.compute(None, arrays[0])[0]]
 
     node = _Call([_Run(reg, flat, kernel, state)], flat, generic)
-    (out,) = ClosedForm.apply(node, [value], x)  # type: ignore[no-untyped-call]
+    (out,) = _apply(node, [value], x)
     return out, metrics
 
 
@@ -336,7 +351,7 @@ def value_metrics_and_grad(reg: Any, batch: Any) -> tuple[Array, Metrics, Array]
         return [reg.evaluate(batch.constant_values(arrays[0], []))[0]]
 
     node = _Call([_Run(reg, _Values(values), _Saved, g)], _Values(values), generic)
-    (out,) = ClosedForm.apply(node, [value], values)  # type: ignore[no-untyped-call]
+    (out,) = _apply(node, [value], values)
     return out, metrics, g
 
 
