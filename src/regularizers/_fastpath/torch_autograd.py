@@ -44,7 +44,7 @@ import torch
 
 from .._core.typing import Array, Metrics
 from .common import disabled
-from .torch_fused import zero_uncounted
+from .torch_fused import PLAIN, zero_uncounted
 
 __all__ = ["ClosedForm", "Generic", "compute", "value_metrics_and_grad"]
 
@@ -215,6 +215,8 @@ def compute(
     kinds = {type(a) for a in arrays}
     if kinds != {torch.Tensor} or not any([a.requires_grad for a in arrays]):  # noqa: C419
         return None
+    dtypes = {a.dtype for a in arrays}
+    floats = dtypes <= _FLOAT_SET  # (else prepare names the datum that is not)
     watch: list[str] = []
     runs: list[_Run] = []
     results: list[tuple[Any, Metrics]] = []
@@ -222,7 +224,10 @@ def compute(
     with torch.no_grad():
         for reg, mask in terms:
             lp = logprobs
-            if runs and is_list and _plain(reg, mask):
+            # a term that reads nothing but the values is prepared on the concatenation
+            # (one array to validate, not 64), and so is any later one that reads no sequence
+            # structure, without walking the list again
+            if is_list and _plain(reg, mask) and (runs or (floats and reg.name in PLAIN)):
                 if flat is None:
                     flat = torch.cat([a if a.ndim == 1 else a.reshape(-1) for a in arrays])
                 lp = flat  # the same values, without walking the list again
@@ -251,15 +256,28 @@ def compute(
         is_list
         and first._moved is None
         and first.event_ndim == 0
-        and {a.dtype for a in arrays} == {first.dtype}
+        and dtypes == {first.dtype}
         and all([a.ndim == 1 for a in arrays])  # noqa: C419
     )
-    node = _Call(runs, first, generic, direct)
+    shape = _Split(arrays) if is_list and not first._is_list else first
+    node = _Call(runs, shape, generic, direct)
     values = _apply(node, [v for v, _ in results], *arrays)
     return [(v, metrics) for v, (_, metrics) in zip(values, results, strict=True)]
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_SET = frozenset(_FLOATS)
+
+
+class _Split:
+    """The structure of a list input prepared on its concatenation: what :func:`_pieces`
+    reads of a Batch to split the gradient back per tensor."""
+
+    __slots__ = ("_arrays", "_is_list", "_moved", "lengths")
+
+    def __init__(self, arrays: list[Any]) -> None:
+        self._arrays, self._is_list, self._moved = arrays, True, None
+        self.lengths = tuple([a.numel() for a in arrays])
 
 
 class _Flat:
