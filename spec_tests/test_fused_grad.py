@@ -354,6 +354,39 @@ def test_double_backward_differentiates_the_generic_path(bk: Harness, reg: Any) 
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize(
+    "reg",
+    [rg.L2(), rg.Huber(delta=0.5), rg.Orthogonality(), rg.ElasticNet(l1_ratio=0.3, center="mean")],
+    ids=repr,
+)
+def test_parameters_take_the_route(bk: Harness, reg: Any) -> None:
+    """A model's weights (``nn.Parameter``, one or a list) are regularized through the closed
+    form as plain tensors are, with the generic path's value, metrics and gradients."""
+    import torch
+
+    def run(routed: bool) -> Any:
+        rng = np.random.default_rng(0)
+        ws = [
+            torch.nn.Parameter(torch.from_numpy(rng.normal(size=(4, 3)))),
+            torch.nn.Parameter(torch.from_numpy(rng.normal(size=(2, 4, 3)))),
+        ]
+        out = []
+        for lp in (ws[0], ws):
+            with contextlib.nullcontext() if routed else generic_path():
+                value, metrics = reg(lp)
+            assert (value.grad_fn.name() == ROUTED) == routed
+            out.append((value, metrics, torch.autograd.grad(value, ws[: len(_listed(lp))])))
+        return out
+
+    for (v, m, g), (wv, wm, wg) in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(v, wv)
+        assert m.keys() == wm.keys()
+        for k in m:
+            torch.testing.assert_close(m[k], wm[k])
+        for a, b in zip(g, wg, strict=True):
+            torch.testing.assert_close(a, b)
+
+
 def test_retain_graph_runs_the_backward_twice(bk: Harness) -> None:
     import torch
 

@@ -73,6 +73,10 @@ def try_compute(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     return None if fast is None else fast(reg, logprobs)
 
 
+# torch.Tensor and nn.Parameter (weights regularized as they are): the route's tensor types
+_TORCH_MODULES = ("torch", "torch.nn.parameter")
+
+
 def _routable(reg: Any) -> bool:
     if not _builtin(reg):
         return False
@@ -86,7 +90,7 @@ def try_route(
     node whose backward is ``reg``'s closed form (``torch_autograd``), or None: record the
     generic path."""
     first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
-    if type(first).__module__ != "torch" or _torch_compiling() or not _routable(reg):
+    if type(first).__module__ not in _TORCH_MODULES or _torch_compiling() or not _routable(reg):
         return None
     from .torch_autograd import compute, compute_plain
     from .torch_fused import GRAD, PLAIN
@@ -115,7 +119,7 @@ def try_route_terms(
     node for all of them, whose backward sums their closed forms and splits the gradient
     back per tensor once. None where any of them needs the generic path."""
     first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
-    if type(first).__module__ != "torch" or _torch_compiling():
+    if type(first).__module__ not in _TORCH_MODULES or _torch_compiling():
         return None
     if not all([_routable(reg) and reg.event_ndim == 0 for reg, _ in terms]):  # noqa: C419
         return None

@@ -192,9 +192,19 @@ def _functorch_active() -> bool:
 
 def _plain(reg: Any, mask: Any) -> bool:
     """A term that reads no sequence structure of a list (no mask, "sum" or "mean", one
-    value per element): it may be prepared on the list's concatenation, made once."""
+    value per element, no other array of the call): it may be prepared on the list's
+    concatenation, made once."""
     m = reg._opts["mask"] if type(mask).__name__ == "_Unset" else mask
-    return m is None and reg.event_ndim == 0 and reg._opts["reduce"] in ("sum", "mean")
+    if m is not None or reg.event_ndim != 0 or reg._opts["reduce"] not in ("sum", "mean"):
+        return False
+    return all([_scalar_option(v) for v in reg._opts.values()])  # noqa: C419
+
+
+def _scalar_option(v: Any) -> bool:
+    """An option that reads no data (not a Field, nor arrays given per datum)."""
+    if v is None or isinstance(v, (str, int, float)):
+        return True
+    return isinstance(v, tuple) and all([x is None or isinstance(x, (int, float)) for x in v])  # noqa: C419
 
 
 def compute(
@@ -213,7 +223,7 @@ def compute(
     if not torch.is_grad_enabled() or _functorch_active():
         return None
     kinds = {type(a) for a in arrays}
-    if kinds != {torch.Tensor} or not any([a.requires_grad for a in arrays]):  # noqa: C419
+    if not kinds <= _TENSORS or not any([a.requires_grad for a in arrays]):  # noqa: C419
         return None
     dtypes = {a.dtype for a in arrays}
     floats = dtypes <= _FLOAT_SET  # (else prepare names the datum that is not)
@@ -267,6 +277,7 @@ def compute(
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLOAT_SET = frozenset(_FLOATS)
+_TENSORS = frozenset([torch.Tensor, torch.nn.Parameter])
 
 
 class _Split:
