@@ -354,6 +354,36 @@ def test_double_backward_differentiates_the_generic_path(bk: Harness, reg: Any) 
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("metric", ["mse", "l1"])
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_consistency_kernel_equals_the_generic_path(bk: Harness, metric: str, reduce: str) -> None:
+    """-inf in both arrays (not counted: its -inf - -inf is set to 0), -inf in one (+inf), a
+    masked NaN and inf in the paired array, a zero difference (l1's kink)."""
+    import torch
+
+    inf, nan = float("inf"), float("nan")
+    x = [[-1.0, -inf, -inf, 0.5, 2.0, -3.0], [0.0, -2.0]]
+    y = [[-1.5, -inf, 0.0, 0.5, nan, inf], [1.0, -2.0]]
+    m = [[1.0, 1.0, 1.0, 1.0, 0.0, 0.0], [1.0, 1.0]]
+    data = {"y": [torch.tensor(a, dtype=torch.float64) for a in y]}
+    data["m"] = [torch.tensor(a, dtype=torch.float64) for a in m]
+    reg = rg.Consistency(rg.Field("y"), metric=metric, reduce=reduce, mask=rg.Field("m"))
+    with pytest.MonkeyPatch.context() as mp, _spy(mp) as ran:
+        got = _autograd(reg, data, [torch.tensor(a, dtype=torch.float64) for a in x], None, None)
+        assert got[0].grad_fn.name() == ROUTED
+    assert ran[:1] == ["consistency.forward"], ran
+    assert ran[-1] == "grad", ran
+    with generic_path():
+        want = _autograd(reg, data, [torch.tensor(a, dtype=torch.float64) for a in x], None, None)
+    torch.testing.assert_close(got[0], want[0])
+    assert got[1].keys() == want[1].keys()
+    for k in got[1]:
+        torch.testing.assert_close(got[1][k], want[1][k])
+    for a, b in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(a, b)
+    assert float(got[0].detach()) == float("inf")  # the -inf against 0
+
+
 @pytest.mark.parametrize(
     "reg",
     [rg.L2(), rg.Huber(delta=0.5), rg.Orthogonality(), rg.ElasticNet(l1_ratio=0.3, center="mean")],

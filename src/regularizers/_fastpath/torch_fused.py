@@ -527,6 +527,40 @@ class SampledEntropyGrad:
         return g if batch.mask is None else zero_uncounted(g, batch.mask, True)
 
 
+class ConsistencyGrad:
+    """Consistency, metric "mse" or "l1": ``d = x - y`` once, 0 at uncounted tokens (an
+    element -inf in both arrays is one: its ``-inf - -inf`` is set to 0 with the rest), then
+    ``d²`` or ``|d|`` and the slope ``2d`` or ``sign(d)``."""
+
+    @staticmethod
+    def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
+        how = reg._opts["metric"]
+        w = _weight(batch)
+        if w is None or how not in ("mse", "l1") or batch.values.ndim != 1:
+            return None
+        y = batch.field(reg._opts["paired"], role="paired", counted=False)
+        d = batch.values - y
+        if batch.mask is not None:
+            d = zero_uncounted(d, batch.mask, True)
+        p = d * d if how == "mse" else d.abs()
+        raw = p.sum()
+        peak = p.amax() if batch.size else batch.zero()  # (p >= 0, 0 where uncounted)
+        metrics = {
+            "consistency_raw": raw,
+            "consistency_mean": batch.per_token(raw),
+            "consistency_max": peak,
+        }
+        return _scaled(w, raw), metrics, (w, d)
+
+    @staticmethod
+    def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
+        w, d = state
+        s = _scaled(w, scale.to(batch.dtype))
+        if reg._opts["metric"] == "mse":
+            return d * (2.0 * s)
+        return _sign(d).mul_(s)
+
+
 GRAD: dict[str, Any] = {
     "l1_sparsity": L1Grad,
     "l2_weight_decay": L2Grad,
@@ -534,6 +568,7 @@ GRAD: dict[str, Any] = {
     "huber": HuberGrad,
     "elastic_net": ElasticNetGrad,
     "sampled_entropy": SampledEntropyGrad,
+    "consistency": ConsistencyGrad,
 }
 PLAIN = ("l1_sparsity", "l2_weight_decay", "huber", "elastic_net", "sampled_entropy")
 # (the kernels that read nothing but the values and the options: the Batch-free call)

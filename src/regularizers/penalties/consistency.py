@@ -99,8 +99,8 @@ class Consistency(OverClasses, name="consistency"):
 
     def valid_tokens(self, batch: Batch) -> Array:
         xp, x, y = batch.xp, batch.values, self._paired(batch)
-        if self.metric in ELEMENTWISE:
-            return xp.logical_not(xp.logical_and(x == -xp.inf, y == -xp.inf))
+        if self.metric in ELEMENTWISE:  # not -inf in both: max(x, y) > -inf (NaN counts)
+            return xp.maximum(x, y) != -xp.inf
         return valid_rows(batch, x, y)
 
     def _run(self, batch: Batch, grad: bool) -> tuple[Array, Metrics, Array | None]:
