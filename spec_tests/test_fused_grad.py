@@ -384,6 +384,37 @@ def test_consistency_kernel_equals_the_generic_path(bk: Harness, metric: str, re
     assert float(got[0].detach()) == float("inf")  # the -inf against 0
 
 
+@pytest.mark.parametrize("special", [None, float("inf"), float("nan")])
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_gradient_penalty_kernel_equals_the_generic_path(
+    bk: Harness, special: Any, reduce: str
+) -> None:
+    """A zero row (slope 0), a masked row holding inf, ragged datums, the class axis first;
+    with a counted row holding inf or NaN the kernel hands over to the generic one."""
+    import torch
+
+    inf = float("inf")
+    x = [[[3.0, 0.0, 0.0], [4.0, 0.0, inf], [0.5, 1.0, 0.0]], [[-1.0], [2.0], [0.0]]]
+    if special is not None:
+        x[1][1][0] = special
+    m = [[1.0, 1.0, 0.0], [1.0]]
+    data = {"m": [torch.tensor(a, dtype=torch.float64) for a in m]}
+    reg = rg.GradientPenalty(target_norm=0.5, axis=0, reduce=reduce, mask=rg.Field("m"))
+    lp = [torch.tensor(a, dtype=torch.float64) for a in x]
+    with pytest.MonkeyPatch.context() as mp, _spy(mp) as ran:
+        got = _autograd(reg, data, lp, None, None)
+        assert got[0].grad_fn.name() == ROUTED
+    assert (ran[:1] == ["gradient_penalty.forward"]) == (special is None), ran
+    with generic_path():
+        want = _autograd(reg, data, lp, None, None)
+    torch.testing.assert_close(got[0], want[0], equal_nan=True)
+    assert got[1].keys() == want[1].keys()
+    for k in got[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], equal_nan=True)
+    for a, b in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
 @pytest.mark.parametrize(
     "reg",
     [rg.L2(), rg.Huber(delta=0.5), rg.Orthogonality(), rg.ElasticNet(l1_ratio=0.3, center="mean")],

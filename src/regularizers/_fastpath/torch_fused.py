@@ -561,6 +561,43 @@ class ConsistencyGrad:
         return _sign(d).mul_(s)
 
 
+class GradientPenaltyGrad:
+    """GradientPenalty: the row norms by one fused reduction (no squared ``[n, D]``
+    temporary), ``p = (‖g‖ - c)²`` per row, and the slope ``2 (‖g‖ - c) g / ‖g‖`` (0 on a
+    zero row). A norm that is not finite (a row holding inf or NaN, or one beyond the
+    dtype's range unscaled) hands the call to the generic kernel, whose scaled norms and
+    conventions cover it: its sum, read on the host (no device sync on the CPU), tells."""
+
+    @staticmethod
+    def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
+        w, v = _weight(batch), batch.values
+        if w is None or v.ndim != 2 or v.device.type != "cpu" or not batch.size:
+            return None
+        norm = torch.linalg.vector_norm(v, dim=-1)
+        total = norm.sum()
+        if not math.isfinite(total.item()):
+            return None
+        d = norm - float(reg._opts["target_norm"])
+        p = d * d
+        if batch.mask is not None:  # (an uncounted row holds 0: its p is c²)
+            p = zero_uncounted(p, batch.mask, True)
+        raw = p.sum()
+        metrics = {
+            "gradient_penalty_raw": raw,
+            "gradient_penalty_mean": batch.per_token(raw),
+            "gradient_penalty_max": p.amax(),  # (p >= 0, 0 where uncounted)
+            "grad_norm_mean": batch._divide(total, batch.count),
+        }
+        return _scaled(w, raw), metrics, (w, norm, d)
+
+    @staticmethod
+    def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
+        w, norm, d = state
+        inv = torch.where(norm > 0, norm.reciprocal(), torch.zeros((), dtype=norm.dtype))
+        factor = (d * inv).mul_(2.0 * _scaled(w, scale.to(batch.dtype)))
+        return batch.values * factor[:, None]  # (an uncounted row holds 0: so is its slope)
+
+
 GRAD: dict[str, Any] = {
     "l1_sparsity": L1Grad,
     "l2_weight_decay": L2Grad,
@@ -569,6 +606,7 @@ GRAD: dict[str, Any] = {
     "elastic_net": ElasticNetGrad,
     "sampled_entropy": SampledEntropyGrad,
     "consistency": ConsistencyGrad,
+    "gradient_penalty": GradientPenaltyGrad,
 }
 PLAIN = ("l1_sparsity", "l2_weight_decay", "huber", "elastic_net", "sampled_entropy")
 # (the kernels that read nothing but the values and the options: the Batch-free call)
