@@ -415,6 +415,35 @@ def test_gradient_penalty_kernel_equals_the_generic_path(
         torch.testing.assert_close(a, b, equal_nan=True)
 
 
+@pytest.mark.parametrize("special", [None, float("nan")])
+@pytest.mark.parametrize("mode", ["rows", "columns"])
+def test_orthogonality_kernel_equals_the_generic_path(bk: Harness, special: Any, mode: str) -> None:
+    """Cosine kind: a zero row, parallel rows (|cos| rounding above 1 is clipped), a masked
+    matrix holding inf, a NaN in a counted one."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(4, 3, 5))
+    w[0, 1] = 0.0  # a zero row
+    w[1, 2] = 3.0 * w[1, 0]  # parallel rows
+    w[3, 0, 0] = np.inf  # masked below
+    if special is not None:
+        w[2, 1, 1] = special
+    x = torch.from_numpy(w if mode == "rows" else np.swapaxes(w, 1, 2).copy())
+    data = {"m": torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)}
+    reg = rg.Orthogonality(mode=mode, reduce="mean", mask=rg.Field("m"))
+    with pytest.MonkeyPatch.context() as mp, _spy(mp) as ran:
+        got = _autograd(reg, data, x, None, None)
+        assert got[0].grad_fn.name() == ROUTED
+    assert ran[:1] == ["orthogonality.forward"], ran
+    with generic_path():
+        want = _autograd(reg, data, x, None, None)
+    torch.testing.assert_close(got[0], want[0], equal_nan=True)
+    for k in got[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], equal_nan=True)
+    torch.testing.assert_close(got[2][0], want[2][0], equal_nan=True)
+
+
 @pytest.mark.parametrize(
     "reg",
     [rg.L2(), rg.Huber(delta=0.5), rg.Orthogonality(), rg.ElasticNet(l1_ratio=0.3, center="mean")],
