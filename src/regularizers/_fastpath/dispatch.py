@@ -169,18 +169,37 @@ def try_value_and_grad(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] 
     return value_and_grad(reg, batch)
 
 
-def try_small_value_and_grad(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any], Any] | None:
-    """``value_and_grad`` of one small NumPy array, before any Batch is made (the call has no
-    ``data``, ``mask`` or ``counts``): the per-call overhead is the cost at that size."""
-    if type(logprobs) is not np_ndarray():
+def try_small_value_and_grad(
+    reg: Any, data: object, logprobs: Any
+) -> tuple[Any, dict[str, Any], Any] | None:
+    """``value_and_grad`` of NumPy arrays before any Batch is made (the call has no ``mask=``
+    or ``counts=``; ``data`` may hold the fields the penalty reads): the whole call in
+    whole-array NumPy (``numpy_direct``), or, for one small array without ``data``, L1 and
+    L2 with any option (``numpy_blocked``). At small sizes the per-call overhead is the
+    cost; on a ragged batch, the Batch's copies are."""
+    first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
+    if type(first) is not np_ndarray():
         return None
     if not _builtin(reg):
         return None
     if not ENABLED.get():
         return None
-    from . import numpy_blocked  # (imported once; then a lookup in sys.modules' entry)
+    modules = _NUMPY or _numpy_modules()
+    got: tuple[Any, dict[str, Any], Any] | None = modules[1].value_and_grad(reg, data, logprobs)
+    if got is None and data is None and logprobs is first:
+        got = modules[0].small_value_and_grad(reg, logprobs)
+    return got
 
-    return numpy_blocked.small_value_and_grad(reg, logprobs)
+
+_NUMPY: list[Any] = []
+
+
+def _numpy_modules() -> list[Any]:
+    """``[numpy_blocked, numpy_direct]``, imported on first use (they import NumPy)."""
+    from . import numpy_blocked, numpy_direct
+
+    _NUMPY[:] = [numpy_blocked, numpy_direct]
+    return _NUMPY
 
 
 def try_terms_value_and_grad(
