@@ -185,10 +185,10 @@ def try_small_value_and_grad(
     if not ENABLED.get():
         return None
     modules = _NUMPY or _numpy_modules()
-    got: tuple[Any, dict[str, Any], Any] | None = modules[1].value_and_grad(reg, data, logprobs)
-    if got is None and data is None and logprobs is first:
+    got: tuple[Any, dict[str, Any], Any] | None = None
+    if data is None and logprobs is first:  # one array: L1 and L2 in the fewest calls
         got = modules[0].small_value_and_grad(reg, logprobs)
-    return got
+    return got or modules[1].value_and_grad(reg, data, logprobs)
 
 
 _NUMPY: list[Any] = []
@@ -236,7 +236,16 @@ def try_terms_value_and_grad(
             groups.setdefault(inp, []).append((name, obj, weight))
     for inp, group in groups.items():
         from .numpy_blocked import terms_value_and_grad
+        from .numpy_direct import terms
 
+        try:
+            direct = None if counts is not None else terms(group, data, inputs[inp])
+        except Exception:
+            direct = None
+        if direct is not None:  # the whole group from one flat copy, without a Batch
+            results.update(direct[0])
+            grads[inp] = direct[1]
+            continue
         try:
             got = terms_value_and_grad(group, data, inputs[inp], counts)
         except Exception:

@@ -28,6 +28,8 @@ from .._core.options import ByIdentity, Field
 __all__ = ["KERNELS", "value_and_grad"]
 
 _FLOATS = (np.float16, np.float32, np.float64)
+_F32 = np.dtype(np.float32)
+_TOPS: dict[Any, float] = {}  # the largest finite value of each dtype (np.finfo is slow)
 _ROWS = 1 << 16  # elements of [rows, V] per block of a class-axis kernel (inside the L2 cache)
 
 
@@ -177,6 +179,53 @@ def _scaled(g: np.ndarray, w: Any) -> np.ndarray:
 Result = tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]
 
 
+def _finite(value: float, c: _Call) -> Any:
+    """A bound, center or δ in the compute dtype, clamped to its finite range (``scalar``)."""
+    top = _TOPS.get(c.dtype)
+    if top is None:
+        top = _TOPS[c.dtype] = float(np.finfo(c.dtype).max)
+    return c.dtype.type(min(max(float(value), -top), top))
+
+
+def _deviation(reg: Any, c: _Call) -> np.ndarray:
+    """``u = clip(t) - center`` (``deviation`` of the L2 family), 0 at uncounted tokens (where
+    every penalty of the family is 0 with slope 0)."""
+    o = reg._opts
+    clip, center = o["clip"], o["center"]
+    u = c.x
+    if clip is not None:
+        lo, hi = (None if b is None else _finite(b, c) for b in clip)
+        if hi is not None:
+            u = np.minimum(u, hi)
+        if lo is not None:
+            u = np.maximum(u, lo)
+    if center == "mean":
+        total = c.total(u)
+        u = u - total / max(c.count, 1)  # the local mean (no counts= on this path)
+    elif center is not None:
+        u = u - _finite(center, c)
+    if c.m is not None and u is not c.x:
+        c.zero_uncounted(u)
+    return u
+
+
+def _deviation_grad(reg: Any, c: _Call, g: np.ndarray) -> np.ndarray:
+    """``center_grad`` and ``clip_grad`` of the L2 family on ``g`` = w · dp/du (in place)."""
+    o = reg._opts
+    if o["center"] == "mean":
+        g -= np.add.reduce(g, axis=None) / max(c.count, 1)  # uncounted tokens hold 0
+        c.zero_uncounted(g)
+    clip = o["clip"]
+    if clip is not None:
+        lo, hi = (None if b is None else _finite(b, c) for b in clip)
+        x = c.x
+        if lo is not None:
+            np.copyto(g, 0.0, where=x < lo)
+        if hi is not None:
+            np.copyto(g, 0.0, where=x > hi)
+    return g
+
+
 def _plain(reg: Any) -> bool:
     o = reg._opts
     return o["clip"] is None and o["center"] is None
@@ -190,9 +239,7 @@ def l1(reg: Any, c: _Call, w: Any) -> Result | None:
 
 
 def l2(reg: Any, c: _Call, w: Any) -> Result | None:
-    if not _plain(reg):
-        return None
-    x = c.x
+    x = _deviation(reg, c)
     raw = np.dot(x, x)
     if x.shape[0]:
         top, low = np.maximum.reduce(x), np.minimum.reduce(x)
@@ -200,29 +247,31 @@ def l2(reg: Any, c: _Call, w: Any) -> Result | None:
     else:
         peak = c.dtype.type(0.0)
     g = x * c.dtype.type(2.0 if w is None else 2.0 * w)
+    if not _plain(reg):
+        g = _deviation_grad(reg, c, g)
     return _value(raw, w), _metrics(l2_raw=raw, l2_mean=c.mean(raw), l2_max=peak), g
 
 
 def huber(reg: Any, c: _Call, w: Any) -> Result | None:
-    if not _plain(reg):
-        return None
-    x, dt = c.x, c.dtype.type
-    top = float(np.finfo(c.dtype).max)
-    d = dt(min(max(float(reg._opts["delta"]), -top), top))
+    x = _deviation(reg, c)
+    d = _finite(reg._opts["delta"], c)
     a = np.abs(x)
-    near = a <= d
-    q = np.where(near, x, 0)
-    p = np.where(near, 0.5 * (q * q), d * (a - 0.5 * d))
+    q = np.minimum(a, d)  # p = q (|u| - q / 2): ½u² where |u| <= δ, δ(|u| - ½δ) beyond
+    p = np.multiply(q, 0.5)
+    np.subtract(a, p, out=p)
+    p *= q
     raw = np.add.reduce(p, axis=None)
-    g = _scaled(np.clip(x, -d, d), w)
+    g = np.minimum(np.maximum(x, -d), d)  # clip(u, -δ, δ)
+    if w is not None:
+        g *= w
+    if not _plain(reg):
+        g = _deviation_grad(reg, c, g)
     metrics = _metrics(huber_raw=raw, huber_mean=c.mean(raw), huber_max=c.peak(p, True))
     return _value(raw, w), metrics, g
 
 
 def elastic_net(reg: Any, c: _Call, w: Any) -> Result | None:
-    if not _plain(reg):
-        return None
-    x = c.x
+    x = _deviation(reg, c)
     alpha = float(reg._opts["l1_ratio"])
     l1_, l2_ = np.abs(x), x * x
     if alpha == 1.0:
@@ -240,13 +289,16 @@ def elastic_net(reg: Any, c: _Call, w: Any) -> Result | None:
     else:
         g = alpha * sign
         g += (2.0 - 2.0 * alpha) * x
+    g = _scaled(g, w)
+    if not _plain(reg):
+        g = _deviation_grad(reg, c, g)
     metrics = _metrics(
         elastic_net_raw=raw,
         elastic_net_mean=c.mean(raw),
         l1_raw=np.add.reduce(l1_, axis=None),
         l2_raw=np.add.reduce(l2_, axis=None),
     )
-    return _value(raw, w), metrics, _scaled(g, w)
+    return _value(raw, w), metrics, g
 
 
 def sampled_kl(reg: Any, c: _Call, w: Any) -> Result | None:
@@ -286,7 +338,7 @@ def sampled_entropy(reg: Any, c: _Call, w: Any) -> Result | None:
         return None
     x = c.x
     total = np.add.reduce(x, axis=None)  # Σ rho·lp, rho = 1 (its value) where lp is finite
-    if not np.isfinite(total):
+    if total - total != 0:  # (a NumPy scalar: cheaper than np.isfinite)
         return None  # ±inf or NaN somewhere: rho = exp(lp - lp) is NaN there
     g = x + 1.0  # rho·(lp + 1)
     if o["mode"] == "maximize":
@@ -335,6 +387,12 @@ def _blocks(n: int, v: int) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Σ a·b per row (one temporary; einsum's call costs more on small blocks)."""
+    out: np.ndarray = np.add.reduce(a * b, axis=-1)
+    return out
+
+
 def _rows_finish(
     c: _Call, w: Any, prefix: str, p: np.ndarray, g: np.ndarray, **means: np.ndarray
 ) -> Result:
@@ -373,12 +431,12 @@ def entropy(reg: Any, c: _Call, w: Any) -> Result | None:
         logp = z - (top + np.log(s))
         e /= s  # p
         hb = h[sl]
-        np.einsum("ij,ij->i", e, logp, out=hb)
-        np.negative(hb, out=hb)
+        np.negative(_rowdot(e, logp), out=hb)
         logp += hb[:, None]  # log p + H
         e *= logp
         np.negative(e, out=e)  # -p (log p + H)
-    if not np.isfinite(c.total(h)):
+    total = c.total(h)
+    if total - total != 0:
         return None  # -inf classes, all -inf rows, NaN or +inf: the general path
     return _rows_finish(c, w, "entropy", h, g)
 
@@ -410,10 +468,11 @@ def kl(reg: Any, c: _Call, w: Any) -> Result | None:
         diff = z - y
         diff -= shift
         kb = k[sl]
-        np.einsum("ij,ij->i", e, diff, out=kb)
+        kb[...] = _rowdot(e, diff)
         diff -= kb[:, None]
         e *= diff  # p (log p - log q - KL)
-    if not np.isfinite(c.total(k)):
+    total = c.total(k)
+    if total - total != 0:
         return None
     return _rows_finish(c, w, "kl", k, g)
 
@@ -434,7 +493,8 @@ def z_loss(reg: Any, c: _Call, w: Any) -> Result | None:
         lse = top + np.log(s)
         lz[sl] = lse[:, 0]
         e *= (2.0 * lse) / s  # 2 log Z · softmax(z)
-    if not np.isfinite(c.total(lz)):
+    total = c.total(lz)
+    if total - total != 0:
         return None
     return _rows_finish(c, w, "z_loss", lz * lz, g, log_z_mean=lz)
 
@@ -444,7 +504,7 @@ def gradient_penalty(reg: Any, c: _Call, w: Any) -> Result | None:
         return None
     x = c.x
     v = x.shape[1]
-    sq = np.einsum("ij,ij->i", x, x)
+    sq = _rowdot(x, x)
     info = np.finfo(c.dtype)
     # no square overflowed, and none that underflowed matters (no counted row is 0 or tiny):
     # else the general path, which scales each row by its largest |g| first
@@ -475,16 +535,8 @@ KERNELS: dict[str, tuple[int, Any]] = {
 }
 
 
-def value_and_grad(reg: Any, data: Any, logprobs: Any) -> Result | None:
-    """``(value, metrics, g)`` of ``reg.value_and_grad(data, logprobs)`` (no ``mask=`` or
-    ``counts=`` given to the call), or None: the general path."""
-    entry = KERNELS.get(reg.name)
-    if entry is None:
-        return None
-    o = reg._opts
-    how = o["reduce"]
-    if (how != "sum" and how != "mean") or o["target"] != "logprobs":
-        return None
+def _parse(data: Any, logprobs: Any) -> tuple[list[np.ndarray], bool] | None:
+    """The arrays of ``logprobs`` (NumPy floats of one dtype) and whether it is a list."""
     if data is not None and type(data) is not dict:
         return None
     if type(logprobs) is np.ndarray:
@@ -498,27 +550,97 @@ def value_and_grad(reg: Any, data: Any, logprobs: Any) -> Result | None:
     dtype = arrays[0].dtype
     if dtype.type not in _FLOATS:
         return None
-    event, kernel = entry
-    if event and reg.name == "consistency":
-        return None
-    c = _Call()
-    c.arrays, c.is_list, c.data, c.event = arrays, is_list, data, event
     if is_list and not all([a.dtype == dtype for a in arrays]):  # noqa: C419
         return None
+    return arrays, is_list
+
+
+def _call(reg: Any, event: int, parsed: tuple[list[np.ndarray], bool], data: Any, x: Any) -> Any:
+    """The :class:`_Call` of ``reg`` over the parsed input (``x``: its flat values in the
+    compute dtype, if already made), or None where the general path must run."""
+    arrays, is_list = parsed
+    c = _Call()
+    c.arrays, c.is_list, c.data, c.event = arrays, is_list, data, event
     if event:
         width = arrays[0].shape[-1] if arrays[0].ndim else None
         if not width or any(a.ndim < 1 or a.shape[-1] != width for a in arrays):
             return None  # no class axis, an empty one, or different sizes: general path
-    c.dtype = np.dtype(np.float32) if dtype == np.float16 else dtype
-    x = c._flat(arrays)
-    if x.dtype != c.dtype:
-        x = x.astype(c.dtype)
+    dtype = arrays[0].dtype
+    c.dtype = _F32 if dtype.type is np.float16 else dtype
+    if x is None:
+        x = c._flat(arrays)
+        if x.dtype != c.dtype:
+            x = x.astype(c.dtype)
     c.n = x.shape[0]
-    if not c.read_mask(o["mask"]):
+    if not c.read_mask(reg._opts["mask"]):
         return None
     if c.m is not None:
         x = np.where(c._mask_like(x), x, 0)
     c.x = x
+    return c
+
+
+def terms(
+    group: list[tuple[str, Any, float]], data: Any, logprobs: Any
+) -> tuple[dict[str, tuple[Any, dict[str, Any]]], list[np.ndarray]] | None:
+    """A Pipeline's elementwise terms over one NumPy input (no ``counts=``): each term's
+    ``(value, metrics)`` and the gradient of Σ weight · value as one array per array of
+    ``logprobs``, from one flat copy of the input; None unless every term has a kernel
+    here that takes it."""
+    parsed = _parse(data, logprobs)
+    if parsed is None:
+        return None
+    results: dict[str, tuple[Any, dict[str, Any]]] = {}
+    out: Any = None
+    x: Any = None
+    c: Any = None
+    for name, reg, weight in group:
+        entry = KERNELS.get(reg.name)
+        o = reg._opts
+        how = o["reduce"]
+        if entry is None or entry[0] or (how != "sum" and how != "mean"):
+            return None
+        if o["target"] != "logprobs":
+            return None
+        c = _call(reg, 0, parsed, data, x)
+        if c is None:
+            return None
+        if x is None:
+            x = c.x if c.m is None else None  # the unmasked flat input, shared
+        got = entry[1](reg, c, c.weight(how))
+        if got is None:
+            return None
+        value, metrics, g = got
+        results[name] = (value, metrics)
+        if out is None:
+            out = g
+            if weight != 1.0:
+                out *= weight
+        else:
+            out += g * weight
+    if c is None:
+        return None
+    grads = c.grads(out)
+    return results, grads if c.is_list else [grads]
+
+
+def value_and_grad(reg: Any, data: Any, logprobs: Any) -> Result | None:
+    """``(value, metrics, g)`` of ``reg.value_and_grad(data, logprobs)`` (no ``mask=`` or
+    ``counts=`` given to the call), or None: the general path."""
+    entry = KERNELS.get(reg.name)
+    if entry is None:
+        return None
+    o = reg._opts
+    how = o["reduce"]
+    if (how != "sum" and how != "mean") or o["target"] != "logprobs":
+        return None
+    parsed = _parse(data, logprobs)
+    if parsed is None:
+        return None
+    event, kernel = entry
+    c = _call(reg, event, parsed, data, None)
+    if c is None:
+        return None
     w = c.weight(how)
     if event:
         with np.errstate(all="ignore"):
