@@ -17,7 +17,11 @@ included.
 built-in with a closed form is recorded by autograd as one node whose backward is that closed
 form (``torch_autograd``), with fused kernels where ``torch_fused.GRAD`` has one;
 :func:`try_autograd` does the same for ``value_and_grad``, and :func:`try_jax` gives JAX the
-closed form as a ``jax.custom_jvp`` (``jax_closed_form``).
+closed form as a ``jax.custom_jvp`` (``jax_closed_form``). On NumPy, ``value_and_grad`` takes
+:func:`try_small_value_and_grad` before any Batch is made (``numpy_direct``: the whole call
+in whole-array NumPy, fields of ``data`` and a Field mask included), then
+:func:`try_value_and_grad` (``numpy_blocked``'s kernels on a prepared Batch); a Pipeline's
+terms take :func:`try_terms_value_and_grad`.
 
 ``disabled()`` turns fast paths off in the current context (thread- and task-local), which is
 how the tests and benchmarks reach the generic path.

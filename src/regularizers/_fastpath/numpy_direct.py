@@ -642,7 +642,7 @@ def value_and_grad(reg: Any, data: Any, logprobs: Any) -> Result | None:
     if c is None:
         return None
     w = c.weight(how)
-    if event:
+    if event or kernel is consistency:  # may meet -inf - -inf before declining: no warning
         with np.errstate(all="ignore"):
             got = kernel(reg, c, w)
     else:
