@@ -370,7 +370,7 @@ def test_pipeline_fuses_its_numpy_terms(bk: Harness) -> None:
 
 # ---- the whole-call path (numpy_direct): every penalty it has a kernel for ---------------------
 ELEMENTWISE = ("l1", "l2", "huber", "elastic_net", "sampled_kl", "sampled_entropy", "consistency")
-OVER_ROWS = ("entropy", "kl", "z_loss", "gradient_penalty")
+OVER_ROWS = ("entropy", "kl", "z_loss", "gradient_penalty", "orthogonality")
 
 
 @st.composite
@@ -425,8 +425,15 @@ def direct_regularizers(draw: st.DrawFn) -> tuple[rg.Regularizer, bool]:
         reg = rg.KL(other, **extra, **opts)
     elif kind == "z_loss":
         reg = rg.ZLoss(**opts)
-    else:
+    elif kind == "gradient_penalty":
         reg = rg.GradientPenalty(target_norm=draw(st.sampled_from([0.0, 1.0, 2.5])), **opts)
+    else:
+        covered = covered and plain and mask == "none"  # (a mask: the general path)
+        reg = rg.Orthogonality(
+            mode=draw(st.sampled_from(["rows", "columns"])),
+            kind="cosine" if plain else "frobenius",
+            **opts,
+        )
     return reg, covered
 
 
@@ -437,7 +444,7 @@ def direct_inputs(draw: st.DrawFn, reg: rg.Regularizer) -> tuple[Any, dict[str, 
     ``mask=...`` given at construction or None, and whether every counted value is finite.
     Uncounted entries may hold ±inf or NaN: they must stay inert."""
     dtype = draw(st.sampled_from(["float16", "float32", "float64"]))
-    rows = reg.event_ndim == 1
+    rows = reg.event_ndim  # 1: rows [T, V]; 2: matrices [N, r, k]
     nonfinite = draw(st.integers(0, 4)) == 0
     kinks = [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 3.0]
     elements = st.one_of(S.elements(-30.0, 10.0), st.sampled_from(kinks))
@@ -445,9 +452,12 @@ def direct_inputs(draw: st.DrawFn, reg: rg.Regularizer) -> tuple[Any, dict[str, 
         elements = st.one_of(elements, st.sampled_from(SPECIALS))
     count = draw(st.integers(1, 4)) if draw(st.booleans()) else 0  # 0: one array
     width = draw(st.integers(1, 6))
+    height = draw(st.integers(1, 4))
 
     def shape() -> tuple[int, ...]:
         n = draw(st.integers(0, 12))
+        if rows == 2:
+            return (n % 4, height, width) if count or n % 2 else (height, width)
         if rows:
             return (n, width)
         return draw(st.sampled_from([(n,), (n // 3 + 1, 3)])) if count == 0 else (n,)
@@ -455,7 +465,7 @@ def direct_inputs(draw: st.DrawFn, reg: rg.Regularizer) -> tuple[Any, dict[str, 
     shapes = [shape() for _ in range(max(count, 1))]
     xs = [draw(hnp.arrays("float64", s, elements=elements)).astype(dtype) for s in shapes]
     ys = [draw(hnp.arrays("float64", s, elements=elements)).astype(dtype) for s in shapes]
-    if rows and draw(st.integers(0, 3)) == 0 and xs[0].shape[0]:
+    if rows == 1 and draw(st.integers(0, 3)) == 0 and xs[0].shape[0]:
         xs[0][0] = -np.inf  # a row of all -inf (not counted for a distribution)
     mask_dtype = draw(st.sampled_from(["bool", "float32", "int8"]))
     masks = [draw(hnp.arrays(mask_dtype, s[: len(s) - rows])) for s in shapes]
@@ -478,6 +488,10 @@ def direct_inputs(draw: st.DrawFn, reg: rg.Regularizer) -> tuple[Any, dict[str, 
         )
     if finite and reg.name == "gradient_penalty":  # rows of norm 0 take the general path
         finite = all((np.abs(c) > 0).any(axis=-1).all() for c in counted)
+    if finite and reg.name == "orthogonality":  # so do zero rows, and a single row
+        axis = -1 if reg.mode == "rows" else -2
+        finite = all((np.abs(c) > 0).any(axis=axis).all() for c in counted)
+        finite = finite and xs[0].shape[-2 if reg.mode == "rows" else -1] >= 2
     return x, data, (masks if count else masks[0]), finite
 
 

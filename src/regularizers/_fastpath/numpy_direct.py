@@ -19,6 +19,7 @@ that declines after reading its input has only cost time.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -89,8 +90,8 @@ class _Call:
 
     def _flat(self, arrays: list[np.ndarray]) -> np.ndarray:
         if self.event:
-            v = self.arrays[0].shape[-1]
-            rows = [a.reshape(-1, v) for a in arrays]
+            tail = self.arrays[0].shape[-self.event :]
+            rows = [a.reshape(-1, *tail) for a in arrays]
             return rows[0] if len(rows) == 1 else np.concatenate(rows)
         return arrays[0].reshape(-1) if len(arrays) == 1 else np.concatenate(arrays, axis=None)
 
@@ -150,7 +151,7 @@ class _Call:
         out = []
         start = 0
         for a in arrays:
-            k = a.size // a.shape[-1] if self.event else a.size
+            k = a.size // math.prod(a.shape[-self.event :]) if self.event else a.size
             piece = g if len(arrays) == 1 else g[start : start + k]
             start += k
             if piece.shape != a.shape:
@@ -520,6 +521,45 @@ def gradient_penalty(reg: Any, c: _Call, w: Any) -> Result | None:
     return _rows_finish(c, w, "gradient_penalty", p, g, grad_norm_mean=norm)
 
 
+def orthogonality(reg: Any, c: _Call, w: Any) -> Result | None:
+    """Mean |cos| between the rows (or columns) of each matrix; matrices ``[N, r, k]``."""
+    o = reg._opts
+    if o["kind"] != "cosine" or c.m is not None:
+        return None
+    x = c.x
+    a = x if o["mode"] == "rows" else x.transpose(0, 2, 1)
+    r = a.shape[1]
+    if r < 2:
+        return None
+    sq = np.add.reduce(a * a, axis=-1)  # [N, r]
+    total = np.add.reduce(sq, axis=None)
+    if total - total != 0 or (sq.size and not sq.min() > 0):
+        return None  # a zero row, or ±inf or NaN: the general path (its double where)
+    inv = 1.0 / np.sqrt(sq)
+    col, row = inv[:, :, None], inv[:, None, :]
+    cos = np.matmul(a, a.transpose(0, 2, 1))
+    cos *= col
+    cos *= row
+    mag = np.abs(cos)
+    pairs = float(r * (r - 1))  # ordered pairs: each distinct pair counted twice
+    diag = np.arange(r)
+    clipped = np.minimum(mag, 1.0)
+    clipped[:, diag, diag] = 0.0
+    p = np.add.reduce(clipped, axis=(-2, -1)) / pairs
+    sgn = np.sign(cos)
+    np.copyto(sgn, 0.0, where=mag > 1.0)  # the clip holds |c| at 1: slope 0
+    sgn[:, diag, diag] = 0.0
+    sgn /= pairs
+    u = a * col
+    along = np.add.reduce(sgn * cos, axis=-1)[:, :, None]
+    g = np.matmul(sgn, u)
+    g -= along * u
+    g *= 2.0 * col
+    if o["mode"] != "rows":
+        g = np.ascontiguousarray(g.transpose(0, 2, 1))
+    return _rows_finish(c, w, "orthogonality", p, g)
+
+
 KERNELS: dict[str, tuple[int, Any]] = {
     "l1_sparsity": (0, l1),
     "l2_weight_decay": (0, l2),
@@ -532,6 +572,7 @@ KERNELS: dict[str, tuple[int, Any]] = {
     "kl": (1, kl),
     "z_loss": (1, z_loss),
     "gradient_penalty": (1, gradient_penalty),
+    "orthogonality": (2, orthogonality),
 }
 
 
@@ -562,8 +603,8 @@ def _call(reg: Any, event: int, parsed: tuple[list[np.ndarray], bool], data: Any
     c = _Call()
     c.arrays, c.is_list, c.data, c.event = arrays, is_list, data, event
     if event:
-        width = arrays[0].shape[-1] if arrays[0].ndim else None
-        if not width or any(a.ndim < 1 or a.shape[-1] != width for a in arrays):
+        tail = arrays[0].shape[-event:] if arrays[0].ndim >= event else ()
+        if not math.prod(tail) or any(a.ndim < event or a.shape[-event:] != tail for a in arrays):
             return None  # no class axis, an empty one, or different sizes: general path
     dtype = arrays[0].dtype
     c.dtype = _F32 if dtype.type is np.float16 else dtype
