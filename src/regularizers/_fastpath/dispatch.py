@@ -190,12 +190,13 @@ def try_small_value_and_grad(
         return None
     modules = _NUMPY or _numpy_modules()
     got: tuple[Any, dict[str, Any], Any] | None = None
-    if data is None and logprobs is first:  # one array: L1 and L2 in the fewest calls
+    if data is None and logprobs is first and reg.name in _SMALL:  # the fewest calls
         got = modules[0].small_value_and_grad(reg, logprobs)
     return got or modules[1].value_and_grad(reg, data, logprobs)
 
 
 _NUMPY: list[Any] = []
+_SMALL = ("l1_sparsity", "l2_weight_decay")  # numpy_blocked.small_value_and_grad's
 
 
 def _numpy_modules() -> list[Any]:

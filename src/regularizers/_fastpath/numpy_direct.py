@@ -431,11 +431,10 @@ def entropy(reg: Any, c: _Call, w: Any) -> Result | None:
         s = np.add.reduce(e, axis=-1, keepdims=True)
         logp = z - (top + np.log(s))
         e /= s  # p
-        hb = h[sl]
-        np.negative(_rowdot(e, logp), out=hb)
-        logp += hb[:, None]  # log p + H
+        minus = _rowdot(e, logp)  # -H
+        np.negative(minus, out=h[sl])
+        np.subtract(minus[:, None], logp, out=logp)  # -(log p + H)
         e *= logp
-        np.negative(e, out=e)  # -p (log p + H)
     total = c.total(h)
     if total - total != 0:
         return None  # -inf classes, all -inf rows, NaN or +inf: the general path
