@@ -370,7 +370,7 @@ def test_pipeline_fuses_its_numpy_terms(bk: Harness) -> None:
 
 # ---- the whole-call path (numpy_direct): every penalty it has a kernel for ---------------------
 ELEMENTWISE = ("l1", "l2", "huber", "elastic_net", "sampled_kl", "sampled_entropy", "consistency")
-OVER_ROWS = ("entropy", "kl", "z_loss", "gradient_penalty", "orthogonality")
+OVER_ROWS = ("entropy", "kl", "jsd", "z_loss", "gradient_penalty", "orthogonality")
 
 
 @st.composite
@@ -423,6 +423,10 @@ def direct_regularizers(draw: st.DrawFn) -> tuple[rg.Regularizer, bool]:
         extra = {} if plain else {"direction": "forward"}
         covered = covered and plain
         reg = rg.KL(other, **extra, **opts)
+    elif kind == "jsd":
+        extra = {} if plain else {"temperature": 2.0}
+        covered = covered and plain
+        reg = rg.JSD(other, beta=draw(st.sampled_from([0.5, 0.1, 0.9])), **extra, **opts)
     elif kind == "z_loss":
         reg = rg.ZLoss(**opts)
     elif kind == "gradient_penalty":
@@ -567,7 +571,7 @@ def test_direct_kernels_follow_the_conventions(bk: Harness) -> None:
     )
     assert np.isnan(float(v))  # the NaN mask entry counts, and holds -inf - NaN
     z = np.array([[0.0, -np.inf, 1.0], [-np.inf, -np.inf, -np.inf]], dtype=np.float32)
-    for reg in (rg.Entropy(), rg.ZLoss(), rg.KL(rg.Field("y"))):
+    for reg in (rg.Entropy(), rg.ZLoss(), rg.KL(rg.Field("y")), rg.JSD(rg.Field("y"))):
         v, _, g = reg.value_and_grad({"y": np.zeros_like(z)}, z)
         assert np.isfinite(float(v))
         assert np.isfinite(g).all()

@@ -477,6 +477,51 @@ def kl(reg: Any, c: _Call, w: Any) -> Result | None:
     return _rows_finish(c, w, "kl", k, g)
 
 
+def _log_softmax(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(log p, p)`` of rows ``z`` (finite rows: the caller checks the result)."""
+    top = np.maximum.reduce(z, axis=-1, keepdims=True)
+    e = np.subtract(z, top)
+    np.exp(e, out=e)
+    s = np.add.reduce(e, axis=-1, keepdims=True)
+    e /= s
+    np.log(s, out=s)
+    s += top
+    return z - s, e
+
+
+def jsd(reg: Any, c: _Call, w: Any) -> Result | None:
+    o = reg._opts
+    if o["temperature"] != 1.0 or not _axis_last(reg, c):
+        return None
+    r = c.field(o["reference"])
+    if r is None:
+        return None
+    beta = float(o["beta"])
+    log_b, log_1b = math.log(beta), math.log1p(-beta)
+    x = c.x
+    n, v = x.shape
+    k = np.empty(n, dtype=c.dtype)
+    g = np.empty_like(x)
+    for sl in _blocks(n, v):
+        logp, p = _log_softmax(x[sl])
+        logq, q = _log_softmax(r[sl])
+        logm = np.logaddexp(logq + log_b, logp + log_1b)
+        np.subtract(logq, logm, out=logq)
+        kl_q = _rowdot(q, logq)
+        np.subtract(logp, logm, out=logp)
+        kl_p = _rowdot(p, logp)
+        kb = k[sl]
+        np.multiply(kl_q, beta, out=kb)
+        kb += (1.0 - beta) * kl_p
+        logp -= kl_p[:, None]
+        logp *= p
+        np.multiply(logp, 1.0 - beta, out=g[sl])  # (1 - β) p (log p - log m - KL(p‖m))
+    total = c.total(k)
+    if total - total != 0:
+        return None  # -inf classes (0 · -inf), rows of all -inf, NaN or +inf: general path
+    return _rows_finish(c, w, "jsd", k, g)
+
+
 def z_loss(reg: Any, c: _Call, w: Any) -> Result | None:
     if not _axis_last(reg, c):
         return None
@@ -569,6 +614,7 @@ KERNELS: dict[str, tuple[int, Any]] = {
     "consistency": (0, consistency),
     "entropy": (1, entropy),
     "kl": (1, kl),
+    "jsd": (1, jsd),
     "z_loss": (1, z_loss),
     "gradient_penalty": (1, gradient_penalty),
     "orthogonality": (2, orthogonality),
