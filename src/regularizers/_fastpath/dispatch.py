@@ -272,6 +272,23 @@ class _Never:
     pass
 
 
+def np_scalar_types() -> frozenset[type]:
+    """NumPy's array and float scalar types (NumPy is imported: the caller has its arrays)."""
+    if not _NP_TYPES:
+        import numpy
+
+        _NP_TYPES.append(frozenset([numpy.ndarray, numpy.float16, numpy.float32, numpy.float64]))
+    return _NP_TYPES[0]
+
+
+def as_numpy_0d(v: Any) -> Any:
+    """A NumPy float scalar or 0-d array as a 0-d array (``numpy.asarray``: no copy)."""
+    return sys.modules["numpy"].asarray(v)
+
+
+_NP_TYPES: list[frozenset[type]] = []
+
+
 _BUILTIN: set[type] = set()
 _OTHER: set[type] = set()
 
