@@ -512,10 +512,14 @@ def test_direct_path_equals_the_generic_path(
     if reg.mask is None and data.draw(st.booleans(), label="mask option"):
         reg = type(reg)(**{**reg.options(), "mask": mask})  # an array given at construction
         covered = False
+    before = [a.copy() for a in as_list(x)] + [a.copy() for v in d.values() for a in as_list(v)]
     with pytest.MonkeyPatch.context() as patch:
         ran = spy(patch)
         with np.errstate(all="ignore"):
             fast = reg.value_and_grad(d or None, x)
+    after = list(as_list(x)) + [a for v in d.values() for a in as_list(v)]
+    for a, b in zip(before, after, strict=True):  # nothing a caller passes is modified
+        np.testing.assert_array_equal(a, b)
     if covered and finite:  # (one array of L1 or L2 without data: the small path first)
         assert ran in (["direct"], ["small"]), "the whole-call kernel did not run"
     event("direct" if "direct" in ran else "general")
