@@ -587,11 +587,13 @@ def orthogonality(reg: Any, c: _Call, w: Any) -> Result | None:
     mag = np.abs(cos)
     pairs = float(r * (r - 1))  # ordered pairs: each distinct pair counted twice
     diag = np.arange(r)
-    clipped = np.minimum(mag, 1.0)
+    over = bool(np.maximum.reduce(mag, axis=None) > 1.0)  # (rounding: |c| <= 1 exactly)
+    clipped = np.minimum(mag, 1.0) if over else mag
     clipped[:, diag, diag] = 0.0
     p = np.add.reduce(clipped, axis=(-2, -1)) / pairs
     sgn = np.sign(cos)
-    np.copyto(sgn, 0.0, where=mag > 1.0)  # the clip holds |c| at 1: slope 0
+    if over:
+        np.copyto(sgn, 0.0, where=mag > 1.0)  # the clip holds |c| at 1: slope 0
     sgn[:, diag, diag] = 0.0
     sgn /= pairs
     u = a * col
