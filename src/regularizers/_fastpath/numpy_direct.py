@@ -587,7 +587,9 @@ def orthogonality(reg: Any, c: _Call, w: Any) -> Result | None:
     mag = np.abs(cos)
     pairs = float(r * (r - 1))  # ordered pairs: each distinct pair counted twice
     diag = np.arange(r)
-    over = bool(np.maximum.reduce(mag, axis=None) > 1.0)  # (rounding: |c| <= 1 exactly)
+    over = bool(
+        np.maximum.reduce(mag, axis=None, initial=0.0) > 1.0
+    )  # (rounding: |c| <= 1 exactly)
     clipped = np.minimum(mag, 1.0) if over else mag
     clipped[:, diag, diag] = 0.0
     p = np.add.reduce(clipped, axis=(-2, -1)) / pairs
