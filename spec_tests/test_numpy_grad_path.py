@@ -16,12 +16,13 @@ from typing import Any
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 import regularizers as rg
 from regularizers._fastpath import dispatch as _fastpath
 from regularizers._fastpath import numpy_blocked as _native
+from regularizers._fastpath import numpy_direct as _direct
 from regularizers.testing import generic_path
 
 from . import strategies as S
@@ -131,6 +132,24 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return got
 
     monkeypatch.setattr(_native, "small_value_and_grad", small_recorded)
+    direct = _direct.value_and_grad
+
+    def direct_recorded(*args: Any) -> Any:
+        got = direct(*args)
+        if got is not None:
+            ran.append("direct")
+        return got
+
+    monkeypatch.setattr(_direct, "value_and_grad", direct_recorded)
+    terms = _direct.terms
+
+    def terms_recorded(*args: Any) -> Any:
+        got = terms(*args)
+        if got is not None:
+            ran.extend(["direct"] * len(got[0]))
+        return got
+
+    monkeypatch.setattr(_direct, "terms", terms_recorded)
     return ran
 
 
@@ -212,7 +231,7 @@ def test_fused_value_and_grad_equals_the_generic_path(
         with np.errstate(all="ignore"):
             fast = reg.value_and_grad(None, x, **kw)
     if single_weight(reg, x, mask):
-        assert ran in ([reg.name], ["small"]), "the fused kernel did not run"
+        assert ran in ([reg.name], ["small"], ["direct"]), "the fused kernel did not run"
     with np.errstate(all="ignore"), generic_path():
         generic = reg.value_and_grad(None, x, **kw)
     check_equal(reg, x, fast, generic)
@@ -240,6 +259,9 @@ def test_the_fused_paths_are_taken(bk: Harness, monkeypatch: pytest.MonkeyPatch)
     for reg in (rg.L1(), rg.L2(clip=(-100.0, 0.0), center="mean"), rg.Huber(), rg.ElasticNet()):
         ran.clear()
         reg.value_and_grad(None, x)
+        assert ran == ["direct"]
+        ran.clear()
+        reg.value_and_grad(None, x, mask=[np.ones(3), np.ones(1)])
         assert ran == [reg.name]
         ran.clear()
         with generic_path():
@@ -259,7 +281,10 @@ def test_the_fused_paths_are_taken(bk: Harness, monkeypatch: pytest.MonkeyPatch)
     assert ran == ["small"]
     assert float(v) == 5.0
     assert g.tolist() == [-3.0, -1.0, 1.0, 3.0]
-    assert _fastpath.try_small_value_and_grad(rg.L1(mask=np.ones(4)), np.ones(4)) is None
+    assert _fastpath.try_small_value_and_grad(rg.L1(target="probs"), None, np.ones(4)) is None
+    ran.clear()
+    rg.L1(mask=rg.Field("m")).value_and_grad({"m": np.ones(4)}, np.ones(4))
+    assert ran == ["direct"]
 
 
 def test_kinks_follow_the_conventions(bk: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -315,7 +340,10 @@ def test_pipeline_fused_terms_equal_the_generic_path(bk: Harness, data: st.DataO
             patch.setattr(_native, "BLOCK", block)
         with np.errstate(all="ignore"):
             loss, metrics, grad = pipe.value_and_grad(d or None, x, counts=counts)
-    expected = [r.name for r in regs if single_weight(r, x, None if r.mask is None else mask)]
+    if counts is None and all(r.reduce in ("sum", "mean") for r in regs):
+        expected = ["direct"] * len(regs)  # the whole group without a Batch (numpy_direct)
+    else:
+        expected = [r.name for r in regs if single_weight(r, x, None if r.mask is None else mask)]
     assert sorted(ran) == sorted(expected), "the fused kernels did not run"
     with np.errstate(all="ignore"), generic_path():
         loss2, metrics2, grad2 = pipe.value_and_grad(d or None, x, counts=counts)
@@ -338,3 +366,220 @@ def test_pipeline_fuses_its_numpy_terms(bk: Harness) -> None:
         np.testing.assert_allclose(a, b, rtol=1e-6)
     with generic_path():
         assert _fastpath.try_terms_value_and_grad(parts, None, {"logprobs": x}, None) == ({}, {})
+
+
+# ---- the whole-call path (numpy_direct): every penalty it has a kernel for ---------------------
+ELEMENTWISE = ("l1", "l2", "huber", "elastic_net", "sampled_kl", "sampled_entropy", "consistency")
+OVER_ROWS = ("entropy", "kl", "jsd", "z_loss", "gradient_penalty", "orthogonality")
+
+
+@st.composite
+def direct_regularizers(draw: st.DrawFn) -> tuple[rg.Regularizer, bool]:
+    """A regularizer with a ``numpy_direct`` kernel, with the options that kernel covers
+    (``covered``) or others (which must fall back to the general path)."""
+    kind = draw(st.sampled_from(ELEMENTWISE + OVER_ROWS))
+    how = draw(st.sampled_from(REDUCES) if draw(st.integers(0, 3)) == 0 else st.just("sum"))
+    how = "mean" if how == "sum" and draw(st.booleans()) else how
+    opts: dict[str, Any] = {"reduce": how}
+    if how == "seq-mean-token-sum-norm":
+        opts["max_tokens"] = draw(st.sampled_from([1.0, 7.0]))
+    mask = draw(st.sampled_from(["none", "field", "field", "array"]))
+    if mask == "field":
+        opts["mask"] = rg.Field("m")
+    covered = how in ("sum", "mean") and mask != "array"
+    other = rg.Field("y")
+    plain = draw(st.integers(0, 3)) > 0  # mostly the options a kernel covers
+    if kind == "l1":
+        reg: rg.Regularizer = rg.L1(**opts)
+    elif kind in ("l2", "huber", "elastic_net"):
+        if not plain:
+            opts["clip"] = draw(S.clips())
+            opts["center"] = draw(S.centers())
+        if kind == "l2":
+            reg = rg.L2(**opts)
+        elif kind == "huber":
+            reg = rg.Huber(delta=draw(st.sampled_from([0.5, 1.0, 3.0])), **opts)
+        else:
+            reg = rg.ElasticNet(l1_ratio=draw(st.sampled_from([0.0, 0.3, 0.5, 1.0])), **opts)
+    elif kind == "sampled_kl":
+        est = draw(st.sampled_from(["k1", "abs", "k2", "k3"]))
+        grad = draw(st.sampled_from(["estimator", "unbiased"])) if est in ("k1", "k3") else None
+        extra: dict[str, Any] = {} if grad is None else {"gradient": grad}
+        if not plain:
+            extra["log_ratio_clip"] = (-1.0, 0.5)
+            covered = False
+        reg = rg.SampledKL(other, estimator=est, **extra, **opts)
+    elif kind == "sampled_entropy":
+        reg = rg.SampledEntropy(mode=draw(st.sampled_from(["maximize", "minimize"])), **opts)
+    elif kind == "consistency":
+        metric = draw(st.sampled_from(["mse", "l1"] if plain else ["cosine", "kl"]))
+        covered = covered and plain
+        reg = rg.Consistency(other, metric=metric, **opts)
+    elif kind == "entropy":
+        extra = {} if plain else {"mode": "maximize", "normalize": True}
+        covered = covered and plain
+        reg = rg.Entropy(**extra, **opts)
+    elif kind == "kl":
+        extra = {} if plain else {"direction": "forward"}
+        covered = covered and plain
+        reg = rg.KL(other, **extra, **opts)
+    elif kind == "jsd":
+        extra = {} if plain else {"temperature": 2.0}
+        covered = covered and plain
+        reg = rg.JSD(other, beta=draw(st.sampled_from([0.5, 0.1, 0.9])), **extra, **opts)
+    elif kind == "z_loss":
+        reg = rg.ZLoss(**opts)
+    elif kind == "gradient_penalty":
+        reg = rg.GradientPenalty(target_norm=draw(st.sampled_from([0.0, 1.0, 2.5])), **opts)
+    else:
+        covered = covered and plain and mask == "none"  # (a mask: the general path)
+        reg = rg.Orthogonality(
+            mode=draw(st.sampled_from(["rows", "columns"])),
+            kind="cosine" if plain else "frobenius",
+            **opts,
+        )
+    return reg, covered
+
+
+@st.composite
+def direct_inputs(draw: st.DrawFn, reg: rg.Regularizer) -> tuple[Any, dict[str, Any], Any, bool]:
+    """``(x, data, mask, finite)``: one array or a ragged list (rows ``[T, V]`` over a class
+    axis), the fields the penalty reads (``data["y"]``, ``data["m"]``), a mask for
+    ``mask=...`` given at construction or None, and whether every counted value is finite.
+    Uncounted entries may hold ±inf or NaN: they must stay inert."""
+    dtype = draw(st.sampled_from(["float16", "float32", "float64"]))
+    rows = reg.event_ndim  # 1: rows [T, V]; 2: matrices [N, r, k]
+    nonfinite = draw(st.integers(0, 4)) == 0
+    kinks = [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 3.0]
+    elements = st.one_of(S.elements(-30.0, 10.0), st.sampled_from(kinks))
+    if nonfinite:
+        elements = st.one_of(elements, st.sampled_from(SPECIALS))
+    count = draw(st.integers(1, 4)) if draw(st.booleans()) else 0  # 0: one array
+    width = draw(st.integers(1, 6))
+    height = draw(st.integers(1, 4))
+
+    def shape() -> tuple[int, ...]:
+        n = draw(st.integers(0, 12))
+        if rows == 2:
+            return (n % 4, height, width) if count or n % 2 else (height, width)
+        if rows:
+            return (n, width)
+        return draw(st.sampled_from([(n,), (n // 3 + 1, 3)])) if count == 0 else (n,)
+
+    shapes = [shape() for _ in range(max(count, 1))]
+    xs = [draw(hnp.arrays("float64", s, elements=elements)).astype(dtype) for s in shapes]
+    ys = [draw(hnp.arrays("float64", s, elements=elements)).astype(dtype) for s in shapes]
+    if rows == 1 and draw(st.integers(0, 3)) == 0 and xs[0].shape[0]:
+        xs[0][0] = -np.inf  # a row of all -inf (not counted for a distribution)
+    mask_dtype = draw(st.sampled_from(["bool", "float32", "int8"]))
+    masks = [draw(hnp.arrays(mask_dtype, s[: len(s) - rows])) for s in shapes]
+    if draw(st.booleans()):
+        poison = draw(st.sampled_from(SPECIALS))
+        for a, m in zip(xs, masks, strict=True):
+            a[~m.astype(bool)] = poison  # uncounted entries: ±inf or NaN, never read
+    data: dict[str, Any] = {}
+    if getattr(reg, "reference", None) is not None or getattr(reg, "paired", None) is not None:
+        data["y"] = ys if count else ys[0]
+    if isinstance(reg.mask, rg.Field):
+        data["m"] = masks if count else masks[0]
+    x = xs if count else xs[0]
+    counted = [a if reg.mask is None else a[m.astype(bool)] for a, m in zip(xs, masks, strict=True)]
+    finite = all(np.isfinite(c).all() for c in counted)
+    if finite and data.get("y") is not None:
+        finite = all(
+            np.isfinite(y if reg.mask is None else y[m.astype(bool)]).all()
+            for y, m in zip(ys, masks, strict=True)
+        )
+    if finite and reg.name == "gradient_penalty":  # rows of norm 0 take the general path
+        finite = all((np.abs(c) > 0).any(axis=-1).all() for c in counted)
+    if finite and reg.name == "orthogonality":  # so do zero rows, and a single row
+        axis = -1 if reg.mode == "rows" else -2
+        finite = all((np.abs(c) > 0).any(axis=axis).all() for c in counted)
+        finite = finite and xs[0].shape[-2 if reg.mode == "rows" else -1] >= 2
+    return x, data, (masks if count else masks[0]), finite
+
+
+@given(picked=direct_regularizers(), data=st.data())
+def test_direct_path_equals_the_generic_path(
+    bk: Harness, picked: tuple[rg.Regularizer, bool], data: st.DataObject
+) -> None:
+    """The whole-call kernels (``numpy_direct``: no Batch) give the general path's value,
+    metrics and gradient, over every penalty they cover, with masks read from ``data``,
+    half precision, ragged lists and non-finite values; they run where their options are
+    covered and the counted values are finite, and decline (to the general path) otherwise."""
+    reg, covered = picked
+    x, d, mask, finite = data.draw(direct_inputs(reg), label="x, data, mask")
+    if reg.mask is None and data.draw(st.booleans(), label="mask option"):
+        reg = type(reg)(**{**reg.options(), "mask": mask})  # an array given at construction
+        covered = False
+    before = [a.copy() for a in as_list(x)] + [a.copy() for v in d.values() for a in as_list(v)]
+    with pytest.MonkeyPatch.context() as patch:
+        ran = spy(patch)
+        with np.errstate(all="ignore"):
+            fast = reg.value_and_grad(d or None, x)
+    after = list(as_list(x)) + [a for v in d.values() for a in as_list(v)]
+    for a, b in zip(before, after, strict=True):  # nothing a caller passes is modified
+        np.testing.assert_array_equal(a, b)
+    if covered and finite:  # (one array of L1 or L2 without data: the small path first)
+        assert ran in (["direct"], ["small"]), "the whole-call kernel did not run"
+    event("direct" if "direct" in ran else "general")
+    with np.errstate(all="ignore"), generic_path():
+        generic = reg.value_and_grad(d or None, x)
+    check_equal_direct(x, fast, generic)
+
+
+def check_equal_direct(x: Any, fast: Any, generic: Any) -> None:
+    (fv, fm, fg), (gv, gm, gg) = fast, generic
+    assert type(fv) is np.ndarray
+    assert fv.shape == ()
+    assert fv.dtype == gv.dtype
+    assert fm.keys() == gm.keys()
+    flat = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in as_list(x)])
+    finite = flat[np.isfinite(flat)]
+    big = (np.abs(finite).max() if finite.size else 0.0) + 1.0
+    rtol = 1e-9 if gv.dtype == np.float64 else 2e-5
+    atol = rtol * max(flat.size, 1) * big * big
+    for name, a, b in [("value", fv, gv), *((k, fm[k], gm[k]) for k in gm)]:
+        assert type(a) is np.ndarray, name
+        assert a.shape == (), name
+        assert a.dtype == b.dtype, name
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, equal_nan=True, err_msg=name)
+    assert isinstance(fg, list) == isinstance(gg, list)
+    for a, b, src in zip(as_list(fg), as_list(gg), as_list(x), strict=True):
+        assert type(a) is np.ndarray
+        assert a.shape == b.shape == src.shape
+        assert a.dtype == b.dtype == src.dtype
+        g_rtol = 4e-3 if src.dtype == np.float16 else 1e-9 if src.dtype == np.float64 else 2e-5
+        np.testing.assert_allclose(
+            a.astype(np.float64),
+            b.astype(np.float64),
+            rtol=g_rtol,
+            atol=g_rtol * 16 * big,
+            equal_nan=True,
+            err_msg="gradient",
+        )
+
+
+def test_direct_kernels_follow_the_conventions(bk: Harness) -> None:
+    """Kinks (sign 0 at 0, Huber's ±δ), uncounted ±inf/NaN inert, -inf classes and rows of
+    all -inf handed to the general path (no NaN), a zero gradient row at GradientPenalty's
+    g = 0, and a float mask read as ``!= 0`` (NaN counts)."""
+    x = np.array([0.0, -1.0, 1.0, np.nan, -np.inf], dtype=np.float32)
+    m = np.array([1.0, 1.0, 1.0, 0.0, 0.0], dtype=np.float32)
+    _, _, g = rg.L1(mask=rg.Field("m")).value_and_grad({"m": m}, x)
+    assert g.tolist() == [0.0, -1.0, 1.0, 0.0, 0.0]
+    _, _, g = rg.Huber(mask=rg.Field("m")).value_and_grad({"m": m}, x)
+    assert g.tolist() == [0.0, -1.0, 1.0, 0.0, 0.0]
+    v, _, g = rg.SampledKL(rg.Field("y"), mask=rg.Field("m")).value_and_grad(
+        {"y": np.full(5, np.nan, dtype=np.float32), "m": np.array([0, 0, 0, 0, np.nan])}, x
+    )
+    assert np.isnan(float(v))  # the NaN mask entry counts, and holds -inf - NaN
+    z = np.array([[0.0, -np.inf, 1.0], [-np.inf, -np.inf, -np.inf]], dtype=np.float32)
+    for reg in (rg.Entropy(), rg.ZLoss(), rg.KL(rg.Field("y")), rg.JSD(rg.Field("y"))):
+        v, _, g = reg.value_and_grad({"y": np.zeros_like(z)}, z)
+        assert np.isfinite(float(v))
+        assert np.isfinite(g).all()
+        assert not g[1].any()
+    v, _, g = rg.GradientPenalty().value_and_grad(None, np.zeros((2, 3), dtype=np.float32))
+    assert float(v) == 2.0
+    assert not g.any()

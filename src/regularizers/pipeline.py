@@ -27,7 +27,12 @@ from ._core.backends import autodiff_grad, has_autodiff, stop_gradient
 from ._core.base import UNSET, Regularizer, floats_and_values
 from ._core.inputs import as_0d, as_arrays, namespace_of
 from ._core.typing import Array
-from ._fastpath.dispatch import try_route_terms, try_terms_value_and_grad
+from ._fastpath.dispatch import (
+    as_numpy_0d,
+    np_scalar_types,
+    try_route_terms,
+    try_terms_value_and_grad,
+)
 
 __all__ = ["Pipeline", "Term"]
 
@@ -471,8 +476,13 @@ class Pipeline:
                     grads[key] = [xp.zeros_like(a) for a in as_arrays(value)]
         if self.track_grad_norms:
             metrics.update(self._grad_norms(xp, parts, results, grads, like))
+        numpy = np_scalar_types() if array_api_compat.is_numpy_namespace(xp) else None
         metrics = {
-            k: as_0d(xp, stop_gradient(xp, v)) if is_array_api_obj(v) else v
+            k: as_numpy_0d(v)  # (no copy: what as_0d gives, without the namespace's wrapper)
+            if numpy is not None and type(v) in numpy
+            else as_0d(xp, stop_gradient(xp, v))
+            if is_array_api_obj(v)
+            else v
             for k, v in metrics.items()
         }
         loss = as_0d(xp, loss)

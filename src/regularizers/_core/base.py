@@ -342,8 +342,8 @@ class Regularizer:
         """
         if not self.has_closed_form_grad:
             return self._value_and_autodiff_grad(data, logprobs, mask, counts)
-        if mask is UNSET and counts is None and data is None:
-            small = try_small_value_and_grad(self, logprobs)
+        if mask is UNSET and counts is None:
+            small = try_small_value_and_grad(self, data, logprobs)
             if small is not None:
                 return small
         batch = self.prepare(

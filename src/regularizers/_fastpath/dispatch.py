@@ -17,7 +17,11 @@ included.
 built-in with a closed form is recorded by autograd as one node whose backward is that closed
 form (``torch_autograd``), with fused kernels where ``torch_fused.GRAD`` has one;
 :func:`try_autograd` does the same for ``value_and_grad``, and :func:`try_jax` gives JAX the
-closed form as a ``jax.custom_jvp`` (``jax_closed_form``).
+closed form as a ``jax.custom_jvp`` (``jax_closed_form``). On NumPy, ``value_and_grad`` takes
+:func:`try_small_value_and_grad` before any Batch is made (``numpy_direct``: the whole call
+in whole-array NumPy, fields of ``data`` and a Field mask included), then
+:func:`try_value_and_grad` (``numpy_blocked``'s kernels on a prepared Batch); a Pipeline's
+terms take :func:`try_terms_value_and_grad`.
 
 ``disabled()`` turns fast paths off in the current context (thread- and task-local), which is
 how the tests and benchmarks reach the generic path.
@@ -173,18 +177,38 @@ def try_value_and_grad(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] 
     return value_and_grad(reg, batch)
 
 
-def try_small_value_and_grad(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any], Any] | None:
-    """``value_and_grad`` of one small NumPy array, before any Batch is made (the call has no
-    ``data``, ``mask`` or ``counts``): the per-call overhead is the cost at that size."""
-    if type(logprobs) is not np_ndarray():
+def try_small_value_and_grad(
+    reg: Any, data: object, logprobs: Any
+) -> tuple[Any, dict[str, Any], Any] | None:
+    """``value_and_grad`` of NumPy arrays before any Batch is made (the call has no ``mask=``
+    or ``counts=``; ``data`` may hold the fields the penalty reads): the whole call in
+    whole-array NumPy (``numpy_direct``), or, for one small array without ``data``, L1 and
+    L2 with any option (``numpy_blocked``). At small sizes the per-call overhead is the
+    cost; on a ragged batch, the Batch's copies are."""
+    first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
+    if type(first) is not np_ndarray():
         return None
     if not _builtin(reg):
         return None
     if not ENABLED.get():
         return None
-    from . import numpy_blocked  # (imported once; then a lookup in sys.modules' entry)
+    modules = _NUMPY or _numpy_modules()
+    got: tuple[Any, dict[str, Any], Any] | None = None
+    if data is None and logprobs is first and reg.name in _SMALL:  # the fewest calls
+        got = modules[0].small_value_and_grad(reg, logprobs)
+    return got or modules[1].value_and_grad(reg, data, logprobs)
 
-    return numpy_blocked.small_value_and_grad(reg, logprobs)
+
+_NUMPY: list[Any] = []
+_SMALL = ("l1_sparsity", "l2_weight_decay")  # numpy_blocked.small_value_and_grad's
+
+
+def _numpy_modules() -> list[Any]:
+    """``[numpy_blocked, numpy_direct]``, imported on first use (they import NumPy)."""
+    from . import numpy_blocked, numpy_direct
+
+    _NUMPY[:] = [numpy_blocked, numpy_direct]
+    return _NUMPY
 
 
 def try_terms_value_and_grad(
@@ -221,7 +245,16 @@ def try_terms_value_and_grad(
             groups.setdefault(inp, []).append((name, obj, weight))
     for inp, group in groups.items():
         from .numpy_blocked import terms_value_and_grad
+        from .numpy_direct import terms
 
+        try:
+            direct = None if counts is not None else terms(group, data, inputs[inp])
+        except Exception:
+            direct = None
+        if direct is not None:  # the whole group from one flat copy, without a Batch
+            results.update(direct[0])
+            grads[inp] = direct[1]
+            continue
         try:
             got = terms_value_and_grad(group, data, inputs[inp], counts)
         except Exception:
@@ -241,6 +274,23 @@ def np_ndarray() -> type:
 
 class _Never:
     pass
+
+
+def np_scalar_types() -> frozenset[type]:
+    """NumPy's array and float scalar types (NumPy is imported: the caller has its arrays)."""
+    if not _NP_TYPES:
+        import numpy
+
+        _NP_TYPES.append(frozenset([numpy.ndarray, numpy.float16, numpy.float32, numpy.float64]))
+    return _NP_TYPES[0]
+
+
+def as_numpy_0d(v: Any) -> Any:
+    """A NumPy float scalar or 0-d array as a 0-d array (``numpy.asarray``: no copy)."""
+    return sys.modules["numpy"].asarray(v)
+
+
+_NP_TYPES: list[frozenset[type]] = []
 
 
 _BUILTIN: set[type] = set()
