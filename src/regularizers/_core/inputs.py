@@ -286,6 +286,7 @@ class Batch:
         "_count",
         "_counts",
         "_data",
+        "_den",
         "_is_list",
         "_local",
         "_moved",
@@ -332,6 +333,7 @@ class Batch:
     _local: Any
     _seq_count: Any
     _per_seq: Any
+    _den: Any
     _watch: list[str] | None
     _zero: Any
 
@@ -339,6 +341,7 @@ class Batch:
         for k, v in kw.items():
             object.__setattr__(self, k, v)
         self._per_seq = None
+        self._den = None
         if "_watch" not in kw:
             self._watch = None
         if "_zero" not in kw:
@@ -532,6 +535,10 @@ class Batch:
         """``total / by``, and 0 (not NaN) when ``by`` is 0."""
         if isinstance(by, (int, float)):
             return total / max(by, 1)
+        if by is self._count:  # what every *_mean metric divides by: clamped once per call
+            if self._den is None:
+                object.__setattr__(self, "_den", self.xp.maximum(by, self.xp.ones_like(by)))
+            return total / self._den
         return total / self.xp.maximum(by, self.xp.ones_like(by))
 
     # ---- reductions over counted tokens ------------------------------------------------------

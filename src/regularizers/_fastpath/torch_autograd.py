@@ -200,6 +200,14 @@ def _plain(reg: Any, mask: Any) -> bool:
     return all([_scalar_option(v) for v in reg._opts.values()])  # noqa: C419
 
 
+def _shapes(batch: Any, arrays: list[Any]) -> list[tuple[int, ...]]:
+    """The shapes of the input's tensors: the Batch's own record where it is the list's
+    (reading ``a.shape`` of 64 tensors again costs as much as a small kernel)."""
+    if batch._is_list and batch._target_arrays is batch._arrays:
+        return batch._token_shapes  # type: ignore[no-any-return]
+    return [a.shape for a in arrays]
+
+
 def _scalar_option(v: Any) -> bool:
     """An option that reads no data (not a Field, nor arrays given per datum)."""
     if v is None or isinstance(v, (str, int, float)):
@@ -223,7 +231,7 @@ def compute(
     if not torch.is_grad_enabled() or _functorch_active():
         return None
     kinds = {type(a) for a in arrays}
-    if not kinds <= _TENSORS or not any([a.requires_grad for a in arrays]):  # noqa: C419
+    if not kinds <= _TENSORS or not any(a.requires_grad for a in arrays):  # (stops at one)
         return None
     dtypes = {a.dtype for a in arrays}
     floats = dtypes <= _FLOAT_SET  # (else prepare names the datum that is not)
@@ -267,7 +275,7 @@ def compute(
         and first._moved is None
         and first.event_ndim == 0
         and dtypes == {first.dtype}
-        and all([a.ndim == 1 for a in arrays])  # noqa: C419
+        and all([len(s) == 1 for s in _shapes(first, arrays)])  # noqa: C419
     )
     shape = _Split(arrays) if is_list and not first._is_list else first
     node = _Call(runs, shape, generic, direct)
