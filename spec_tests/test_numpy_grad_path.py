@@ -123,33 +123,22 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             return got
 
         monkeypatch.setitem(_native.GRAD, name, recorded)
-    small = _native.small_value_and_grad
 
-    def small_recorded(*args: Any) -> Any:
-        got = small(*args)
-        if got is not None:
-            ran.append("small")
-        return got
+    def recording(f: Any, label: str, per_term: bool) -> Any:
+        def path(*args: Any) -> Any:
+            got = f(*args)
+            if got is not None:  # (a Pipeline's terms: one result per term)
+                ran.extend([label] * (len(got[0]) if per_term else 1))
+            return got
 
-    monkeypatch.setattr(_native, "small_value_and_grad", small_recorded)
-    direct = _direct.value_and_grad
+        return path
 
-    def direct_recorded(*args: Any) -> Any:
-        got = direct(*args)
-        if got is not None:
-            ran.append("direct")
-        return got
-
-    monkeypatch.setattr(_direct, "value_and_grad", direct_recorded)
-    terms = _direct.terms
-
-    def terms_recorded(*args: Any) -> Any:
-        got = terms(*args)
-        if got is not None:
-            ran.extend(["direct"] * len(got[0]))
-        return got
-
-    monkeypatch.setattr(_direct, "terms", terms_recorded)
+    small = recording(_native.small_value_and_grad, "small", False)
+    monkeypatch.setattr(_native, "small_value_and_grad", small)
+    monkeypatch.setattr(
+        _direct, "value_and_grad", recording(_direct.value_and_grad, "direct", False)
+    )
+    monkeypatch.setattr(_direct, "terms", recording(_direct.terms, "direct", True))
     return ran
 
 
@@ -525,39 +514,7 @@ def test_direct_path_equals_the_generic_path(
     event("direct" if "direct" in ran else "general")
     with np.errstate(all="ignore"), generic_path():
         generic = reg.value_and_grad(d or None, x)
-    check_equal_direct(x, fast, generic)
-
-
-def check_equal_direct(x: Any, fast: Any, generic: Any) -> None:
-    (fv, fm, fg), (gv, gm, gg) = fast, generic
-    assert type(fv) is np.ndarray
-    assert fv.shape == ()
-    assert fv.dtype == gv.dtype
-    assert fm.keys() == gm.keys()
-    flat = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in as_list(x)])
-    finite = flat[np.isfinite(flat)]
-    big = (np.abs(finite).max() if finite.size else 0.0) + 1.0
-    rtol = 1e-9 if gv.dtype == np.float64 else 2e-5
-    atol = rtol * max(flat.size, 1) * big * big
-    for name, a, b in [("value", fv, gv), *((k, fm[k], gm[k]) for k in gm)]:
-        assert type(a) is np.ndarray, name
-        assert a.shape == (), name
-        assert a.dtype == b.dtype, name
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, equal_nan=True, err_msg=name)
-    assert isinstance(fg, list) == isinstance(gg, list)
-    for a, b, src in zip(as_list(fg), as_list(gg), as_list(x), strict=True):
-        assert type(a) is np.ndarray
-        assert a.shape == b.shape == src.shape
-        assert a.dtype == b.dtype == src.dtype
-        g_rtol = 4e-3 if src.dtype == np.float16 else 1e-9 if src.dtype == np.float64 else 2e-5
-        np.testing.assert_allclose(
-            a.astype(np.float64),
-            b.astype(np.float64),
-            rtol=g_rtol,
-            atol=g_rtol * 16 * big,
-            equal_nan=True,
-            err_msg="gradient",
-        )
+    check_equal(reg, x, fast, generic)
 
 
 def test_direct_kernels_follow_the_conventions(bk: Harness) -> None:

@@ -388,6 +388,15 @@ def _blocks(n: int, v: int) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def _exp_shifted(z: np.ndarray, out: np.ndarray | None = None) -> tuple[Any, Any, Any]:
+    """``(top, e, s)`` of rows ``z``: the row max, ``exp(z - top)`` (into ``out`` where
+    given) and its row sum (so that softmax is ``e / s`` and logsumexp ``top + log s``)."""
+    top = np.maximum.reduce(z, axis=-1, keepdims=True)
+    e = np.subtract(z, top) if out is None else np.subtract(z, top, out=out)
+    np.exp(e, out=e)
+    return top, e, np.add.reduce(e, axis=-1, keepdims=True)
+
+
 def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Σ a·b per row (one temporary; einsum's call costs more on small blocks)."""
     out: np.ndarray = np.add.reduce(a * b, axis=-1)
@@ -425,10 +434,7 @@ def entropy(reg: Any, c: _Call, w: Any) -> Result | None:
     g = np.empty_like(x)
     for sl in _blocks(n, v):
         z = x[sl]
-        top = np.maximum.reduce(z, axis=-1, keepdims=True)
-        e = np.subtract(z, top, out=g[sl])
-        np.exp(e, out=e)
-        s = np.add.reduce(e, axis=-1, keepdims=True)
+        top, e, s = _exp_shifted(z, g[sl])
         logp = z - (top + np.log(s))
         e /= s  # p
         minus = _rowdot(e, logp)  # -H
@@ -454,10 +460,7 @@ def kl(reg: Any, c: _Call, w: Any) -> Result | None:
     g = np.empty_like(x)
     for sl in _blocks(n, v):
         z, y = x[sl], r[sl]
-        top = np.maximum.reduce(z, axis=-1, keepdims=True)
-        e = np.subtract(z, top, out=g[sl])
-        np.exp(e, out=e)
-        s = np.add.reduce(e, axis=-1, keepdims=True)
+        top, e, s = _exp_shifted(z, g[sl])
         e /= s  # p
         ytop = np.maximum.reduce(y, axis=-1, keepdims=True)
         q = np.exp(y - ytop)
@@ -479,10 +482,7 @@ def kl(reg: Any, c: _Call, w: Any) -> Result | None:
 
 def _log_softmax(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(log p, p)`` of rows ``z`` (finite rows: the caller checks the result)."""
-    top = np.maximum.reduce(z, axis=-1, keepdims=True)
-    e = np.subtract(z, top)
-    np.exp(e, out=e)
-    s = np.add.reduce(e, axis=-1, keepdims=True)
+    top, e, s = _exp_shifted(z)
     e /= s
     np.log(s, out=s)
     s += top
@@ -531,10 +531,7 @@ def z_loss(reg: Any, c: _Call, w: Any) -> Result | None:
     g = np.empty_like(x)
     for sl in _blocks(n, v):
         z = x[sl]
-        top = np.maximum.reduce(z, axis=-1, keepdims=True)
-        e = np.subtract(z, top, out=g[sl])
-        np.exp(e, out=e)
-        s = np.add.reduce(e, axis=-1, keepdims=True)
+        top, e, s = _exp_shifted(z, g[sl])
         lse = top + np.log(s)
         lz[sl] = lse[:, 0]
         e *= (2.0 * lse) / s  # 2 log Z · softmax(z)
