@@ -535,11 +535,15 @@ class Batch:
         """``total / by``, and 0 (not NaN) when ``by`` is 0."""
         if isinstance(by, (int, float)):
             return total / max(by, 1)
-        if by is self._count:  # what every *_mean metric divides by: clamped once per call
-            if self._den is None:
-                object.__setattr__(self, "_den", self.xp.maximum(by, self.xp.ones_like(by)))
-            return total / self._den
-        return total / self.xp.maximum(by, self.xp.ones_like(by))
+        return total / self._clamped(by)
+
+    def _clamped(self, by: Array) -> Array:
+        """``max(by, 1)``; for the count, what every ``*_mean`` divides by, once per call."""
+        if by is not self._count:
+            return self.xp.maximum(by, self.xp.ones_like(by))
+        if self._den is None:
+            object.__setattr__(self, "_den", self.xp.maximum(by, self.xp.ones_like(by)))
+        return self._den
 
     # ---- reductions over counted tokens ------------------------------------------------------
     def sum(self, p: Array) -> Array:
@@ -590,8 +594,9 @@ class Batch:
         how = self.reduce
         if how == "sum":
             return 1.0
-        if how == "mean":
-            return self._divide(self.constant(1.0), self.count)
+        if how == "mean":  # (a number, or 1 / the clamped count: no 0-d constant to make)
+            n = self.count
+            return 1.0 / max(n, 1) if isinstance(n, int) else 1.0 / self._clamped(n)
         s = self.sequences
         if how == "seq-mean-token-sum":
             return self._divide(self.constant(1.0), s)
