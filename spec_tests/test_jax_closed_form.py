@@ -6,7 +6,10 @@ draws the options (every ``reduce``, clip bounds on the kinks, center, target), 
 ragged lists, dtypes (float16 and bfloat16 included), values on the kinks (0, the clip bounds)
 and beyond (±inf, NaN), masks whose masked entries hold ±inf or NaN, and ``counts``; value,
 metrics and ``jax.grad`` must equal the generic path's (``generic_path()``), eagerly and
-under ``jax.jit``, and the custom_jvp must really be in the traced program.
+under ``jax.jit``, and the custom_jvp must really be in the traced program. ZLoss, KL and
+GradientPenalty, traced, take a closed form per row: their drawn cases (-inf classes and
+rows, zero rows, masks hiding ±inf/NaN, counts, half precision) equal the generic path with
+the mask and the reference as traced arguments.
 """
 
 from __future__ import annotations

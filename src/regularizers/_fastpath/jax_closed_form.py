@@ -26,11 +26,16 @@ arguments, so traced) takes the generic path: a custom_jvp cannot close over a t
 The formulations (measured on XLA's CPU backend, where a reduction fuses elementwise
 ``abs``, ``max``, add and multiply into its loop, but ``clamp`` and ``select`` much less
 well, and where any full-size intermediate is written to memory at several times the cost of
-a read): each reduction reads the input once with its elementwise work fused in. Clipping is
-``-max(-max(v, lo), -hi)``: exact, NaN-propagating, and not rewritten into a ``clamp``
-(``jnp.clip``, or ``min(max())``, would be). ``l2_max`` comes from ``max |d|`` or from the
-extrema of the input, never from a squared array; a pass centred on a mean known only at run
-time loops over cache-sized blocks (:func:`_chunked`).
+a read): each reduction reads the input once with its elementwise work fused in, and every
+elementwise operation in it adds measurably to its time. Clipping is ``min(max(v, lo), hi)``
+on bounds read at run time (:func:`clip`): exact, NaN-propagating, and not rewritten into a
+``clamp`` (``jnp.clip``, or constant bounds, would be), which is not fused into reductions.
+``l2_max`` comes from ``max |d|`` or from the extrema of the input, never from a squared
+array; a pass centred on a mean known only at run time loops over cache-sized blocks
+(:func:`_chunked`).
+
+ZLoss, KL and GradientPenalty, traced, take a closed form per row (``ROWS``, below), with
+the mask, ``reduce`` and ``counts`` outside the custom_jvp: they may be traced.
 """
 
 from __future__ import annotations
@@ -121,11 +126,19 @@ def _counted(batch: Any, a: Any) -> Any:
 
 
 def clip(v: Any, lo: float | None, hi: float | None) -> Any:
-    """``v`` clipped to ``[lo, hi]`` (NaN stays NaN), in a form XLA fuses into reductions."""
+    """``v`` clipped to ``[lo, hi]`` (NaN stays NaN), in a form XLA fuses into reductions:
+    ``maximum`` and ``minimum``, one operation per bound. With both bounds the pair reads
+    them as run-time values (``optimization_barrier``): bounds XLA sees as constants turn
+    the pair into a ``clamp``, which its CPU backend does not fuse into a reduction."""
+    if lo is not None and hi is not None:
+        low, high = jax.lax.optimization_barrier(
+            (jnp.asarray(lo, v.dtype), jnp.asarray(hi, v.dtype))
+        )
+        return jnp.minimum(jnp.maximum(v, low), high)
     if lo is not None:
-        v = jnp.maximum(v, jnp.asarray(lo, v.dtype))
+        return jnp.maximum(v, jnp.asarray(lo, v.dtype))
     if hi is not None:
-        v = -jnp.maximum(-v, jnp.asarray(-hi, v.dtype))
+        return jnp.minimum(v, jnp.asarray(hi, v.dtype))
     return v
 
 
