@@ -131,9 +131,8 @@ def clip(v: Any, lo: float | None, hi: float | None) -> Any:
     them as run-time values (``optimization_barrier``): bounds XLA sees as constants turn
     the pair into a ``clamp``, which its CPU backend does not fuse into a reduction."""
     if lo is not None and hi is not None:
-        low, high = jax.lax.optimization_barrier(
-            (jnp.asarray(lo, v.dtype), jnp.asarray(hi, v.dtype))
-        )
+        bounds = (jnp.asarray(lo, v.dtype), jnp.asarray(hi, v.dtype))
+        low, high = jax.lax.optimization_barrier(bounds)  # type: ignore[no-untyped-call]
         return jnp.minimum(jnp.maximum(v, low), high)
     if lo is not None:
         return jnp.maximum(v, jnp.asarray(lo, v.dtype))
