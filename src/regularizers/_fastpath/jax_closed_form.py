@@ -46,8 +46,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .._core.distributions import kl_rows, log_normalize
 from .._core.ops import clamp, row_norm_parts
+from .._core.rows import kl_rows, log_normalize
 
 __all__ = ["GRAD", "PRIMAL", "ROUTED", "value_and_metrics"]
 
