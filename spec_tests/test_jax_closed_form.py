@@ -6,7 +6,10 @@ draws the options (every ``reduce``, clip bounds on the kinks, center, target), 
 ragged lists, dtypes (float16 and bfloat16 included), values on the kinks (0, the clip bounds)
 and beyond (±inf, NaN), masks whose masked entries hold ±inf or NaN, and ``counts``; value,
 metrics and ``jax.grad`` must equal the generic path's (``generic_path()``), eagerly and
-under ``jax.jit``, and the custom_jvp must really be in the traced program.
+under ``jax.jit``, and the custom_jvp must really be in the traced program. ZLoss, KL and
+GradientPenalty, traced, take a closed form per row: their drawn cases (-inf classes and
+rows, zero rows, masks hiding ±inf/NaN, counts, half precision) equal the generic path with
+the mask and the reference as traced arguments.
 """
 
 from __future__ import annotations
@@ -282,3 +285,133 @@ def test_grad_of_jit_with_a_traced_mask_and_counts(bk: Harness) -> None:
         with generic_path():
             want = jax.grad(loss.__wrapped__)(x, w, 4.0)  # type: ignore[attr-defined]
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
+# ---- penalties over rows: ZLoss, KL, GradientPenalty -------------------------------------------
+ROWS = [rg.ZLoss, rg.KL, rg.GradientPenalty]
+
+
+def _hide(x: Any, mask: Any, hidden: float) -> Any:
+    """``x`` (NumPy) with every masked token's row set to ``hidden`` (±inf or NaN)."""
+    if isinstance(x, list):
+        return [_hide(a, m, hidden) for a, m in zip(x, mask, strict=True)]
+    out = np.array(x, dtype=np.float64)
+    out[~np.asarray(mask, dtype=bool)] = hidden
+    return out
+
+
+def _rows_run(bk: Harness, reg: Any, x: Any, data: Any, mask: Any, counts: Any) -> Any:
+    import jax
+
+    def compute(lp: Any, d: Any, m: Any) -> Any:
+        kw = {} if m is None else {"mask": m}
+        return reg.compute(d, lp, counts=counts, **kw)
+
+    # fresh functions: jax.jit caches traces by function, and the path is chosen at trace;
+    # the data and the mask are arguments, so traced under jit
+    value, metrics = bk.call(lambda lp, d, m: compute(lp, d, m), x, data, mask)
+    grad = jax.grad(lambda lp, d, m: compute(lp, d, m)[0])
+    grads = (jax.jit(grad) if bk.jit else grad)(x, data, mask)
+    return value, metrics, grads, _routed(compute, x, data, mask)
+
+
+def _scaled_close(got: Any, want: Any, rtol: float, what: str) -> None:
+    arrays = [_np(w) for w in _listed(want)]
+    finite = [np.abs(a[np.isfinite(a)]) for a in arrays]
+    scale = max([1.0] + [float(f.max()) for f in finite if f.size])
+    _close(got, want, rtol, rtol * scale, what)
+
+
+@pytest.mark.parametrize("cls", ROWS, ids=[c.__name__ for c in ROWS])
+@given(data=st.data())
+def test_the_per_row_closed_forms_equal_the_generic_path(
+    bk: Harness, cls: type, data: st.DataObject
+) -> None:
+    """The drawn cases of the class (-inf classes and rows of all -inf, zero rows, ragged
+    lists, stacked batches, every ``reduce``, masks), with masked tokens holding ±inf or
+    NaN, ``counts``, and half precision: value, metrics and ``jax.grad`` equal the generic
+    path's, with the mask and the reference as traced arguments under ``jit``."""
+    case = data.draw(S.cases(cls), label="case")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    x, ref = case.x, case.data
+    if case.mask is not None and data.draw(st.booleans(), label="hide"):
+        x = _hide(x, case.mask, data.draw(st.sampled_from([np.inf, -np.inf, np.nan])))
+    counts = data.draw(st.sampled_from([None, {"tokens": 7, "sequences": 3}]), label="counts")
+    xs = _jax(x, dtype)
+    d = None if ref is None else {k: _jax(v, dtype) for k, v in ref.items()}
+    m = None if case.mask is None else _jax(case.mask, "bool")
+    with np.errstate(all="ignore"):
+        value, metrics, grads, routed = _rows_run(bk, case.reg, xs, d, m, counts)
+        assert routed, "the route"
+        with generic_path():
+            want_value, want_metrics, want_grads, generic = _rows_run(
+                bk, case.reg, xs, d, m, counts
+            )
+            assert not generic
+    rtol = {"float64": 1e-9, "float32": 1e-4}.get(dtype, 1e-2)
+    _scaled_close(value, want_value, rtol, "value")
+    assert metrics.keys() == want_metrics.keys()
+    for k in metrics:
+        _scaled_close(metrics[k], want_metrics[k], rtol, k)
+    _scaled_close(grads, want_grads, rtol * 10, "gradient")
+    for g, a in zip(_listed(grads), _listed(xs), strict=True):
+        assert g.dtype == a.dtype
+        assert g.shape == a.shape
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gradient_penalty_rows_beyond_the_plain_sum_of_squares(bk: Harness, dtype: str) -> None:
+    """Rows whose Σ g² overflows or underflows, zero rows, ±inf and NaN take the scaled
+    norm (``row_norms``), with its conventions: the generic path's value and metrics, and
+    the gradient of its closed form (``value_and_grad``; JAX's derivative of the generic
+    maths is NaN where ``p`` itself overflows, the closed form is not)."""
+    import jax
+    import jax.numpy as jnp
+
+    big = 1e30 if dtype == "float32" else 1e300
+    tiny = 1e-30 if dtype == "float32" else 1e-300
+    rows = [
+        [[3.0, 4.0], [1.0, -2.0]],
+        [[big, big], [1.0, 2.0]],
+        [[big, 0.0], [1.0, 2.0]],
+        [[tiny, -tiny], [1.0, 2.0]],
+        [[0.0, 0.0], [1.0, 2.0]],
+        [[np.inf, 1.0], [1.0, 2.0]],
+        [[np.nan, 1.0], [1.0, 2.0]],
+    ]
+    for reg, r in itertools.product(
+        (rg.GradientPenalty(), rg.GradientPenalty(target_norm=0.0, reduce="mean")), rows
+    ):
+        x = jnp.asarray(r, dtype=dtype)
+        vg = jax.value_and_grad(lambda v, reg=reg: reg(v)[0])
+        with np.errstate(all="ignore"):
+            value, metrics = bk.call(lambda v, reg=reg: reg(v), x)
+            _, grad = (jax.jit(vg) if bk.jit else vg)(x)
+            with generic_path():
+                want_value, want_metrics, want_grad = reg.value_and_grad(None, x)
+        rtol = 1e-6 if dtype == "float32" else 1e-13
+        np.testing.assert_allclose(_np(value), _np(want_value), rtol=rtol, err_msg=str(r))
+        for k in metrics:
+            np.testing.assert_allclose(_np(metrics[k]), _np(want_metrics[k]), rtol=rtol, err_msg=k)
+        np.testing.assert_allclose(_np(grad), _np(want_grad), rtol=rtol, atol=0, err_msg=str(r))
+
+
+def test_a_differentiated_reference_gets_the_generic_derivative(bk: Harness) -> None:
+    """KL's reference is an argument of the custom_jvp: differentiated (rare), its
+    derivative is JAX's derivative of the same maths, as on the generic path."""
+    import jax
+    import jax.numpy as jnp
+
+    z = jnp.asarray([[0.5, -1.0, 2.0], [1.0, -jnp.inf, 0.0]])
+    r = jnp.asarray([[0.0, 0.25, 1.0], [-1.0, -jnp.inf, 3.0]])
+    for how in ("reverse", "forward", "symmetric"):
+
+        def f(a: Any, b: Any, how: str = how) -> Any:
+            return rg.KL(b, direction=how, temperature=1.5)(a)[0]
+
+        g = jax.grad(f, argnums=(0, 1))
+        got = (jax.jit(g) if bk.jit else g)(z, r)
+        with generic_path():
+            want = jax.grad(f, argnums=(0, 1))(z, r)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)

@@ -34,11 +34,11 @@ from typing import Any
 import array_api_compat
 
 from .. import checks
-from .backends import stop_gradient
 from .base import Regularizer
 from .inputs import Batch
 from .options import option
-from .typing import Array, Metrics, Namespace
+from .rows import const, kl_rows, log_normalize, log_softmax
+from .typing import Array, Metrics
 
 __all__ = [
     "BLOCK",
@@ -129,11 +129,6 @@ class OverClasses(Regularizer):
 
 
 # ---- arrays ---------------------------------------------------------------------------------
-def const(xp: Namespace, value: float, like: Array) -> Array:
-    """A 0-d array of ``like``'s dtype and device (``inf`` allowed)."""
-    return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like))
-
-
 def valid_rows(batch: Batch, *rows: Array) -> Array:
     """``[n]`` bool: tokens none of whose ``rows`` (``[n, V]`` arrays) are all -inf.
 
@@ -151,85 +146,6 @@ def valid_rows(batch: Batch, *rows: Array) -> Array:
         ok = here if ok is None else xp.logical_and(ok, here)
     assert ok is not None
     return ok
-
-
-def log_normalize(xp: Namespace, z: Array) -> tuple[Array, Array]:
-    """``(z - lse, lse)`` of rows ``z`` along the last axis: the raw log-softmax (-inf at
-    -inf classes) and the log-sum-exp, shaped ``[..., 1]`` (0 for a row of all -inf), NaN-free.
-
-    The shift by the row's max is a constant for autodiff (the value does not depend on it),
-    so no gradient flows through ``max``.
-    """
-    zero, one = const(xp, 0.0, z), const(xp, 1.0, z)
-    m = stop_gradient(xp, xp.max(z, axis=-1, keepdims=True))
-    m = xp.where(m == -xp.inf, zero, m)  # a row of all -inf: no shift (and no -inf - -inf)
-    s = xp.sum(xp.exp(z - m), axis=-1, keepdims=True)  # exp(-inf) = 0, derivative 0
-    s = xp.where(s == zero, one, s)  # only a row of all -inf sums to 0
-    lse = m + xp.log(s)
-    return z - lse, lse
-
-
-def log_softmax(
-    xp: Namespace, z: Array, *, probs: bool = True
-) -> tuple[Array, Array | None, Array, Array]:
-    """``(log p, p, lse, keep)`` of rows ``z`` along the last axis, NaN-free.
-
-    ``keep = z != -inf`` (NaN is kept, and propagates); ``log p`` is **0** where not
-    ``keep``, so that ``p · log p`` is 0 · 0 there; ``p`` (None unless ``probs``) is
-    ``exp(log p)``, exactly 0 at -inf classes (so autodiff keeps ``p`` once, not
-    ``exp(z - max)`` besides); ``lse`` as :func:`log_normalize`.
-    """
-    raw, lse = log_normalize(xp, z)
-    keep = z != -xp.inf
-    logp = xp.where(keep, raw, const(xp, 0.0, z))
-    return logp, (xp.exp(raw) if probs else None), lse, keep
-
-
-def _gap(xp: Namespace, here: Array, there: Array) -> Array:
-    """``[c]``: some class is kept in ``here`` but -inf in ``there`` (a support gap)."""
-    return xp.any(xp.logical_and(here, xp.logical_not(there)), axis=-1)
-
-
-def kl_rows(
-    xp: Namespace, z: Array, r: Array, direction: str, temperature: float, grad: bool
-) -> tuple[Array, Array | None]:
-    """Per-row KL between ``p = softmax(z/T)`` (the model) and ``q = softmax(r/T)``.
-
-    ``"reverse"``: KL(p‖q); ``"forward"``: KL(q‖p); ``"symmetric"``: their mean. Returns the
-    ``[c]`` values and (``grad``) d value / d ``z``: reverse ``p ⊙ (log p - log q - KL)/T``,
-    forward ``(p - q)/T``. A row with a support gap (the first distribution > 0 where the
-    second is 0) is +inf, with gradient 0.
-    """
-    logp, p, _, kp = log_softmax(xp, z / temperature if temperature != 1.0 else z)
-    rt = r / temperature if temperature != 1.0 else r
-    logq, q, _, kq = log_softmax(xp, rt, probs=direction != "reverse")  # (q: forward only)
-    assert p is not None
-    inf, zero = const(xp, math.inf, z), const(xp, 0.0, z)
-    values: list[Array] = []
-    grads: list[Array] = []
-    if direction in ("reverse", "symmetric"):
-        diff = logp - logq  # safe logs: 0 · finite where p = 0, finite where p > 0 off a gap
-        finite = xp.sum(p * diff, axis=-1)
-        gap = _gap(xp, kp, kq)
-        values.append(xp.where(gap, inf, finite))
-        if grad:
-            g = p * (diff - xp.reshape(finite, (-1, 1)))
-            grads.append(xp.where(xp.reshape(gap, (-1, 1)), zero, g))
-    if direction in ("forward", "symmetric"):
-        assert q is not None
-        finite = xp.sum(q * (logq - logp), axis=-1)
-        gap = _gap(xp, kq, kp)
-        values.append(xp.where(gap, inf, finite))
-        if grad:
-            grads.append(xp.where(xp.reshape(gap, (-1, 1)), zero, p - q))
-    if len(values) == 2:
-        value = 0.5 * (values[0] + values[1])
-        g_all = 0.5 * (grads[0] + grads[1]) if grad else None
-    else:
-        value, g_all = values[0], (grads[0] if grad else None)
-    if g_all is not None and temperature != 1.0:
-        g_all = g_all / temperature
-    return value, g_all
 
 
 # ---- blocks of rows -------------------------------------------------------------------------

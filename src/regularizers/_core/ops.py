@@ -17,7 +17,7 @@ import array_api_compat
 
 from .typing import Array, Namespace
 
-__all__ = ["abs_", "clamp", "clip_", "inside_clip", "scalar"]
+__all__ = ["abs_", "clamp", "clip_", "inside_clip", "row_norm_parts", "row_norms", "scalar"]
 
 
 def scalar(xp: Namespace, value: float, like: Array) -> Array:
@@ -60,3 +60,38 @@ def inside_clip(xp: Namespace, x: Array, lo: float | None, hi: float | None) -> 
         above = x > scalar(xp, hi, x)
         outside = above if outside is None else xp.logical_or(outside, above)
     return None if outside is None else xp.logical_not(outside)
+
+
+def row_norms(xp: Namespace, g: Array) -> tuple[Array, Array]:
+    """``(‖g‖₂ per row, g / ‖g‖₂)`` over the last axis; a zero row has norm 0 and unit 0.
+
+    Scaled by the row's largest magnitude ``a``: ``‖g‖ = a ‖g / a‖`` with ``‖g / a‖`` in
+    ``[1, √D]``, so nothing overflows or underflows on the way. Zero rows take ``a = 1`` and
+    ``sqrt(1)`` inside (the double ``where``): their norm is 0 with derivative 0 under any
+    autodiff, never ``0 · inf``. The derivative through ``a`` itself is 0 (the norm is
+    homogeneous), so autodiff sees ``g / ‖g‖``. A row holding NaN has norm NaN, one holding
+    ±inf norm inf and unit NaN (no direction), without a floating-point warning on the way.
+    """
+    if g.shape[0] == 0:  # no rows (a static shape): Dask mishandles reducing empty chunks
+        return xp.sum(g, axis=-1), g  # [0] and [0, D], still in autodiff's graph
+    norm, scale, r = row_norm_parts(xp, g)
+    h = g / xp.expand_dims(scale, axis=-1)
+    one = xp.ones_like(r)
+    finite = xp.expand_dims(xp.isfinite(r), axis=-1)
+    safe_r = xp.expand_dims(xp.where(xp.isfinite(r), r, one), axis=-1)
+    nan = xp.asarray(xp.nan, dtype=g.dtype, device=array_api_compat.device(g))
+    return norm, xp.where(finite, h / safe_r, nan)
+
+
+def row_norm_parts(xp: Namespace, g: Array) -> tuple[Array, Array, Array]:
+    """``(‖g‖, a, r)`` per row of a non-empty ``g``, as :func:`row_norms` makes them: the
+    row's scale ``a`` (its largest magnitude; 1 on a zero or non-finite row) and
+    ``r = ‖g / a‖`` (1 on a zero row), so that the unit vector is ``(g / a) / r``."""
+    a = xp.max(abs_(xp, g), axis=-1)
+    nonzero = a != 0  # NaN counts as nonzero, so it propagates
+    one = xp.ones_like(a)
+    scale = xp.where(xp.logical_and(nonzero, xp.isfinite(a)), a, one)  # inf / inf: never
+    h = g / xp.expand_dims(scale, axis=-1)
+    r = xp.sqrt(xp.where(nonzero, xp.sum(h * h, axis=-1), one))
+    norm = xp.where(nonzero, a * r, xp.zeros_like(a))
+    return norm, scale, r

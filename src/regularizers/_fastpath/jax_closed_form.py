@@ -26,11 +26,16 @@ arguments, so traced) takes the generic path: a custom_jvp cannot close over a t
 The formulations (measured on XLA's CPU backend, where a reduction fuses elementwise
 ``abs``, ``max``, add and multiply into its loop, but ``clamp`` and ``select`` much less
 well, and where any full-size intermediate is written to memory at several times the cost of
-a read): each reduction reads the input once with its elementwise work fused in. Clipping is
-``-max(-max(v, lo), -hi)``: exact, NaN-propagating, and not rewritten into a ``clamp``
-(``jnp.clip``, or ``min(max())``, would be). ``l2_max`` comes from ``max |d|`` or from the
-extrema of the input, never from a squared array; a pass centred on a mean known only at run
-time loops over cache-sized blocks (:func:`_chunked`).
+a read): each reduction reads the input once with its elementwise work fused in, and every
+elementwise operation in it adds measurably to its time. Clipping is ``min(max(v, lo), hi)``
+on bounds read at run time (:func:`clip`): exact, NaN-propagating, and not rewritten into a
+``clamp`` (``jnp.clip``, or constant bounds, would be), which is not fused into reductions.
+``l2_max`` comes from ``max |d|`` or from the extrema of the input, never from a squared
+array; a pass centred on a mean known only at run time loops over cache-sized blocks
+(:func:`_chunked`).
+
+ZLoss, KL and GradientPenalty, traced, take a closed form per row (``ROWS``, below), with
+the mask, ``reduce`` and ``counts`` outside the custom_jvp: they may be traced.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .._core.ops import clamp
+from .._core.ops import clamp, row_norm_parts
+from .._core.rows import kl_rows, log_normalize
 
 __all__ = ["GRAD", "PRIMAL", "ROUTED", "value_and_metrics"]
 
@@ -50,6 +56,10 @@ Out = tuple[Any, dict[str, Any]]
 
 def value_and_metrics(reg: Any, batch: Any) -> Out | None:
     """``(value, metrics)`` whose derivative is the closed form, or None: the generic path."""
+    per_row = ROWS.get(reg.name)
+    if per_row is not None:  # traced only: eagerly, the generic path's blocks bound memory
+        traced = isinstance(batch.values, jax.core.Tracer) and batch.size > 0
+        return per_row(reg, batch) if traced else None
     primal = PRIMAL.get(reg.name)
 
     def forward(b: Any) -> Out:
@@ -116,11 +126,18 @@ def _counted(batch: Any, a: Any) -> Any:
 
 
 def clip(v: Any, lo: float | None, hi: float | None) -> Any:
-    """``v`` clipped to ``[lo, hi]`` (NaN stays NaN), in a form XLA fuses into reductions."""
+    """``v`` clipped to ``[lo, hi]`` (NaN stays NaN), in a form XLA fuses into reductions:
+    ``maximum`` and ``minimum``, one operation per bound. With both bounds the pair reads
+    them as run-time values (``optimization_barrier``): bounds XLA sees as constants turn
+    the pair into a ``clamp``, which its CPU backend does not fuse into a reduction."""
+    if lo is not None and hi is not None:
+        bounds = (jnp.asarray(lo, v.dtype), jnp.asarray(hi, v.dtype))
+        low, high = jax.lax.optimization_barrier(bounds)  # type: ignore[no-untyped-call]
+        return jnp.minimum(jnp.maximum(v, low), high)
     if lo is not None:
-        v = jnp.maximum(v, jnp.asarray(lo, v.dtype))
+        return jnp.maximum(v, jnp.asarray(lo, v.dtype))
     if hi is not None:
-        v = -jnp.maximum(-v, jnp.asarray(-hi, v.dtype))
+        return jnp.minimum(v, jnp.asarray(hi, v.dtype))
     return v
 
 
@@ -258,7 +275,137 @@ def _l2_grad(reg: Any, b: Any) -> Any:
 
 GRAD: dict[str, Callable[[Any, Any], Any]] = {"l1_sparsity": _l1_grad, "l2_weight_decay": _l2_grad}
 
+
+# ---- penalties over rows: a closed form per token ---------------------------------------------
+# ZLoss, KL and GradientPenalty, traced: the per-token penalty of every row at once is a
+# ``jax.custom_jvp`` of the rows (and of the reference, an argument like the values, so
+# nothing traced is closed over), whose JVP is the penalty's own per-row closed form
+# (``d p_i = Σ_v g_iv dz_iv``), and everything after it (the mask, ``reduce``, ``counts``,
+# the metrics) is the generic Batch code, which JAX differentiates as usual. Under ``jit``
+# this is one program over the whole ``[n, V]`` input: no blocks (the generic path's
+# :func:`blockwise` slices the input and pads the gradient of every block back to full
+# size, which XLA runs as copies), and a backward pass that is one product per element.
+# The rows' conventions are the generic path's own functions (``log_normalize``,
+# ``kl_rows``, ``row_norms``): -inf classes and all -inf rows stay NaN-free, and a row the
+# mask drops gets a cotangent 0 times a finite slope.
+def _symbolic_zero(t: Any) -> bool:
+    return isinstance(t, jax.custom_derivatives.SymbolicZero)
+
+
+def _tangent(t: Any, like: Any) -> Any:
+    return jnp.zeros_like(like) if _symbolic_zero(t) else t
+
+
+@jax.custom_jvp
+def _z_loss_rows(z: Any) -> tuple[Any, Any]:
+    """``(log Z², log Z)`` per row."""
+    _, lse = log_normalize(jnp, z)
+    log_z = jnp.reshape(lse, (-1,))
+    return log_z * log_z, log_z
+
+
+@_z_loss_rows.defjvp
+def _z_loss_rows_jvp(primals: Any, tangents: Any) -> Any:
+    (z,), (dz,) = primals, tangents
+    raw, lse = log_normalize(jnp, z)
+    log_z = jnp.reshape(lse, (-1,))
+    d_log_z = jnp.sum(jnp.exp(raw) * dz, axis=-1)  # softmax · dz
+    return (log_z * log_z, log_z), ((2.0 * log_z) * d_log_z, d_log_z)
+
+
+def z_loss(reg: Any, batch: Any) -> Out:
+    p, log_z = _z_loss_rows(batch.values)
+    raw = batch.sum(p)
+    metrics = batch.metrics("z_loss", p, total=raw)
+    metrics["log_z_mean"] = batch.mean(log_z)
+    return batch.aggregate(p, total=raw), metrics
+
+
+def _kl_rows(how: str, t: float) -> Callable[[Any, Any], Any]:
+    """The per-row KL of ``(z, r)``: its JVP in ``z`` is ``kl_rows``'s closed form; a
+    reference being differentiated too (rare) gets JAX's derivative of the same maths."""
+
+    def plain(z: Any, r: Any) -> Any:
+        return kl_rows(jnp, z, r, how, t, False)[0]
+
+    @jax.custom_jvp
+    def rows(z: Any, r: Any) -> Any:
+        return plain(z, r)
+
+    def jvp(primals: Any, tangents: Any) -> Any:
+        (z, r), (dz, dr) = primals, tangents
+        if not _symbolic_zero(dr):
+            return jax.jvp(plain, (z, r), (_tangent(dz, z), dr))
+        value, g = kl_rows(jnp, z, r, how, t, True)
+        if _symbolic_zero(dz):
+            return value, jnp.zeros_like(value)
+        return value, jnp.sum(g * dz, axis=-1)
+
+    rows.defjvp(jvp, symbolic_zeros=True)
+    return rows
+
+
+def kl(reg: Any, batch: Any) -> Out:
+    ref = batch.field(reg.reference, role="reference", counted=False)
+    p = _kl_rows(reg.direction, reg.temperature)(batch.values, ref)
+    raw = batch.sum(p)
+    return batch.aggregate(p, total=raw), batch.metrics("kl", p, total=raw)
+
+
+def _sum_squares(g: Any) -> tuple[Any, Any]:
+    """``Σ g²`` per row, and whether every row's is finite and far enough above the
+    underflow range that ``sqrt`` of it is the norm to rounding (no row is 0, ±inf or NaN:
+    those and extreme magnitudes take ``row_norms``'s scaled form)."""
+    s = jnp.sum(g * g, axis=-1)
+    info = jnp.finfo(g.dtype)  # type: ignore[no-untyped-call]
+    low = float(info.tiny) / float(info.eps) ** 2  # terms lost to underflow: < eps² of Σ
+    return s, jnp.all(jnp.logical_and(jnp.isfinite(s), s >= low))
+
+
+def _norm_factors(g: Any) -> tuple[Any, Any, Any]:
+    """``(‖g‖, a, b)`` per row with ``g / ‖g‖ = (g / a) · b``: ``sqrt(Σ g²)`` (one pass)
+    where that is the norm to rounding for every row, else ``row_norms``'s scaled pieces
+    (no overflow or underflow; the unit is 0 on a zero row and NaN on an infinite one)."""
+    s, plain = _sum_squares(g)
+
+    def quick() -> tuple[Any, Any, Any]:
+        norm = jnp.sqrt(s)
+        return norm, norm, jnp.ones_like(norm)
+
+    def careful() -> tuple[Any, Any, Any]:
+        norm, scale, r = row_norm_parts(jnp, g)  # r >= 1 where finite
+        finite = jnp.isfinite(r)
+        return norm, scale, jnp.where(finite, 1.0 / jnp.where(finite, r, 1.0), jnp.nan)
+
+    return jax.lax.cond(plain, quick, careful)  # type: ignore[no-any-return]
+
+
+@jax.custom_jvp
+def _norms(g: Any) -> Any:
+    """The Euclidean norm of each row, as ``row_norms`` (see :func:`_norm_factors`)."""
+    return _norm_factors(g)[0]
+
+
+@_norms.defjvp
+def _norms_jvp(primals: Any, tangents: Any) -> Any:
+    (g,), (dg,) = primals, tangents
+    norm, a, b = _norm_factors(g)  # (no branch in the tangent: one product per element)
+    return norm, jnp.sum((g / a[:, None]) * dg, axis=-1) * b
+
+
+def gradient_penalty(reg: Any, batch: Any) -> Out:
+    value, metrics = reg._finish(batch, _norms(batch.values))  # (p, metrics from the norms)
+    return value, dict(metrics)
+
+
+ROWS: dict[str, Callable[[Any, Any], Out]] = {
+    "z_loss": z_loss,
+    "kl": kl,
+    "gradient_penalty": gradient_penalty,
+}
+
 # The built-ins routed here: elementwise, with a closed form, reading no array of ``data``
 # but their target (a penalty that reads a reference could be differentiated with respect to
-# it, which a custom_jvp closed over it cannot do).
-ROUTED = frozenset({"l1_sparsity", "l2_weight_decay", "huber", "elastic_net"})
+# it, which a custom_jvp closed over it cannot do), and those of ``ROWS``, whose custom_jvp
+# takes the reference as an argument.
+ROUTED = frozenset({"l1_sparsity", "l2_weight_decay", "huber", "elastic_net", *ROWS})

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from array_api_compat import device
-
 from .. import checks
 from .._core.base import Regularizer
 from .._core.inputs import Batch
-from .._core.ops import abs_
+from .._core.ops import row_norms
 from .._core.options import option
-from .._core.typing import Array, Metrics, Namespace
+from .._core.typing import Array, Metrics
 
 __all__ = ["GradientPenalty", "row_norms"]
 
@@ -90,28 +88,3 @@ class GradientPenalty(Regularizer, name="gradient_penalty"):
         metrics = batch.metrics("gradient_penalty", p, total=raw)
         metrics["grad_norm_mean"] = batch.mean(norm)
         return batch.aggregate(p, total=raw), metrics
-
-
-def row_norms(xp: Namespace, g: Array) -> tuple[Array, Array]:
-    """``(‖g‖₂ per row, g / ‖g‖₂)`` over the last axis; a zero row has norm 0 and unit 0.
-
-    Scaled by the row's largest magnitude ``a``: ``‖g‖ = a ‖g / a‖`` with ``‖g / a‖`` in
-    ``[1, √D]``, so nothing overflows or underflows on the way. Zero rows take ``a = 1`` and
-    ``sqrt(1)`` inside (the double ``where``): their norm is 0 with derivative 0 under any
-    autodiff, never ``0 · inf``. The derivative through ``a`` itself is 0 (the norm is
-    homogeneous), so autodiff sees ``g / ‖g‖``. A row holding NaN has norm NaN, one holding
-    ±inf norm inf and unit NaN (no direction), without a floating-point warning on the way.
-    """
-    if g.shape[0] == 0:  # no rows (a static shape): Dask mishandles reducing empty chunks
-        return xp.sum(g, axis=-1), g  # [0] and [0, D], still in autodiff's graph
-    a = xp.max(abs_(xp, g), axis=-1)
-    nonzero = a != 0  # NaN counts as nonzero, so it propagates
-    one = xp.ones_like(a)
-    scale = xp.where(xp.logical_and(nonzero, xp.isfinite(a)), a, one)  # inf / inf: never
-    h = g / xp.expand_dims(scale, axis=-1)
-    r = xp.sqrt(xp.where(nonzero, xp.sum(h * h, axis=-1), one))
-    norm = xp.where(nonzero, a * r, xp.zeros_like(a))
-    finite = xp.expand_dims(xp.isfinite(r), axis=-1)
-    safe_r = xp.expand_dims(xp.where(xp.isfinite(r), r, one), axis=-1)
-    nan = xp.asarray(xp.nan, dtype=g.dtype, device=device(g))
-    return norm, xp.where(finite, h / safe_r, nan)
