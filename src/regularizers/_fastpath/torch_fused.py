@@ -23,6 +23,7 @@ import torch
 
 from .._core.ops import clamp
 from .common import reduced
+from .torch_distributions import GRAD as _CLASS_AXIS
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
@@ -386,5 +387,6 @@ GRAD: dict[str, Any] = {
     "l1_sparsity": L1Grad,
     "l2_weight_decay": L2Grad,
     "sampled_kl": SampledKLGrad,
+    **_CLASS_AXIS,  # entropy, kl, jsd, z_loss
 }
 PLAIN = ("l1_sparsity", "l2_weight_decay")  # kernels that read nothing but the values
