@@ -481,13 +481,15 @@ def test_fused_class_axis_penalties_equal_the_generic_path(
     bk: Harness, reg: rg.Regularizer, case: Any, data: st.DataObject
 ) -> None:
     """Entropy, KL, JSD and ZLoss by their kernels, their arrays kept or (``blocked``)
-    recomputed block by block in the backward pass: -inf classes, rows of all -inf, support
-    gaps, masked rows holding ±inf/NaN, every ``reduce``, ``counts``, half precision."""
+    recomputed block by block in the backward pass, the rows to fix found as indices or
+    not (``indexed``): -inf classes, rows of all -inf, support gaps, masked rows holding
+    ±inf/NaN, every ``reduce``, ``counts``, half precision."""
     from regularizers._fastpath import torch_distributions
 
     x, ref, kind, mask, counts = case
     dtype = data.draw(st.sampled_from(["float16", "bfloat16", "float32", "float64"]), label="dt")
     blocked = data.draw(st.booleans(), label="blocked")
+    indexed = data.draw(st.booleans(), label="indexed")
     xs, refs = _cast(x, dtype), _cast(ref, dtype)
     d, m = _mask_args(kind, mask)
     d = {**(d or {}), "ref": refs}
@@ -495,6 +497,8 @@ def test_fused_class_axis_penalties_equal_the_generic_path(
         if blocked:  # the large-input path: nothing kept, blocks of a few rows
             mp.setattr(torch_distributions, "KEEP", 0)
             mp.setattr(torch_distributions, "BLOCK", 2 * _listed(x)[0].shape[-1])
+        if not indexed:  # the rows to fix by full-size kernels (as on a GPU: no host sync)
+            mp.setattr(torch_distributions, "INDEXED", False)
         with _spy(mp) as ran:
             value, metrics, grads = _autograd(reg, d, xs, m, counts)
         assert value.grad_fn.name() == ROUTED

@@ -46,10 +46,15 @@ __all__ = ["GRAD", "EntropyGrad", "JSDGrad", "KLGrad", "ZLossGrad"]
 
 KEEP = 1 << 21
 """Elements (tokens x classes) up to which the forward's arrays are kept for the backward."""
-BLOCK = 1 << 20
-"""Elements per block where the arrays are not kept (4 MiB of float32)."""
+BLOCK = 1 << 23
+"""Elements per block where the arrays are not kept (32 MiB of float32): few blocks, since
+each kernel call is a parallel region (on a busy machine, milliseconds each), while a
+block's few temporaries stay a fraction of one ``[n, V]`` array at the sizes that matter."""
 
 _INF = math.inf
+INDEXED = True
+"""On CPU, the few rows to fix (uncounted, suspected of a support gap) are found as indices
+and fixed alone; elsewhere (False, or another device: no host sync) by full-size kernels."""
 
 
 def _steps(n: int, width: int) -> list[slice]:
@@ -64,8 +69,12 @@ def _usable(batch: Any) -> bool:
     return bool(v.ndim == 2 and v.shape[0] > 0 and v.shape[1] > 0)
 
 
+_LOWEST = {t: -float(torch.finfo(t).max) for t in (torch.float32, torch.float64)}
+
+
 def _lowest(dtype: Any) -> float:
-    return -float(torch.finfo(dtype).max)
+    """The lowest finite number of the compute dtype (float32 or float64)."""
+    return _LOWEST[dtype]
 
 
 def _log_normalize(z: Any) -> tuple[Any, Any]:
@@ -75,10 +84,11 @@ def _log_normalize(z: Any) -> tuple[Any, Any]:
     0 for a row of all -inf; ``z - lse`` is -inf at -inf classes."""
     m = z.amax(-1, keepdim=True)
     m.masked_fill_(m == -_INF, 0.0)  # a row of all -inf: no shift (and no -inf - -inf)
-    s = torch.sub(z, m).exp_().sum(-1, keepdim=True)
+    e = torch.sub(z, m).exp_()
+    s = e.sum(-1, keepdim=True)
     s.masked_fill_(s == 0.0, 1.0)  # only a row of all -inf sums to 0
     lse = m.add_(s.log_())
-    return torch.sub(z, lse), lse
+    return torch.sub(z, lse, out=e), lse  # (one [c, V] buffer)
 
 
 def _scaled(x: Any, t: float) -> Any:
@@ -109,7 +119,7 @@ def _drop(g: Any, mask: Any) -> Any:
     """``g`` with the rows of uncounted tokens set to 0 (whatever they held: NaN, inf)."""
     if mask is None:
         return g
-    if g.device.type == "cpu":  # the few rows themselves (a host-side index costs nothing)
+    if INDEXED and g.device.type == "cpu":  # the few rows themselves (a host-side index)
         idx = torch.nonzero(~mask).squeeze(1)
         if idx.numel():
             g.index_fill_(0, idx, 0.0)
@@ -121,7 +131,7 @@ def _gap(first: Any, second: Any) -> Any:
     """``[c]`` bool: some class is not -inf in ``first`` but -inf in ``second`` (a support
     gap, as the generic path defines it: NaN counts as not -inf). Exact, but only the rows
     where ``second`` holds a -inf (or a NaN) are looked at closely."""
-    if first.device.type != "cpu":  # no host sync: every row, in a few fast kernels
+    if not (INDEXED and first.device.type == "cpu"):  # no host sync: every row, full size
         return ((first != -_INF) & (second == -_INF)).any(-1)
     suspect = ~(second.amin(-1) > -_INF)  # a -inf or a NaN in the row
     idx = torch.nonzero(suspect).squeeze(1)
@@ -140,16 +150,29 @@ def _finish(batch: Any, prefix: str, p: Any) -> tuple[Any, dict[str, Any]]:
 
 class _Saved:
     """What a kernel's forward leaves for its backward: per-row statistics, the forward's
-    ``[n, V]`` arrays where they are kept (one tuple per block) and the version of every
-    other operand it recomputes from (checked, as autograd checks its saved tensors)."""
+    ``[n, V]`` arrays where they are kept (one tuple per block), a spare ``[n, V]`` buffer
+    of the forward for the gradient (a fresh array costs its page faults, more than the
+    arithmetic; the first backward takes it, a second one allocates) and the version of
+    every other operand it recomputes from (checked, as autograd checks saved tensors)."""
 
-    __slots__ = ("blocks", "kept", "operands", "rows", "versions")
+    __slots__ = ("blocks", "kept", "operands", "rows", "spare", "versions")
 
     def __init__(
-        self, rows: Any, blocks: list[slice], kept: list[Any], operands: list[Any]
+        self,
+        rows: Any,
+        blocks: list[slice],
+        kept: list[Any],
+        operands: list[Any],
+        spare: Any = None,
     ) -> None:
         self.rows, self.blocks, self.kept, self.operands = rows, blocks, kept, operands
+        self.spare = spare
         self.versions = [o._version for o in operands]
+
+    def gradient(self, like: Any) -> Any:
+        """A buffer for the gradient, shaped like ``like``: the spare one, once."""
+        g, self.spare = self.spare, None
+        return torch.empty_like(like) if g is None else g
 
     def check(self) -> None:
         if [o._version for o in self.operands] != self.versions:
@@ -177,13 +200,14 @@ class EntropyGrad:
         keep = v.numel() <= KEEP
         low = _lowest(v.dtype)
         blocks = [slice(0, n)] if keep else _steps(n, size)
-        hs, lses, kept = [], [], []
+        hs, lses, kept, spare = [], [], [], None
         for sl in blocks:
             raw, lse = _log_normalize(_scaled(v[sl], t))
             p = torch.exp(raw)
             lp = raw.clamp_min_(low)  # -inf classes: p = 0, and p · log p = 0
             if keep:
-                hs.append((p * lp).sum(-1).neg_())
+                spare = torch.mul(p, lp)
+                hs.append(spare.sum(-1).neg_())
                 kept.append((lp, p))
             else:
                 hs.append(p.mul_(lp).sum(-1).neg_())
@@ -193,7 +217,7 @@ class EntropyGrad:
         value, metrics = _finish(batch, "entropy", penalty)
         metrics["entropy_mean"] = batch.mean(h)
         rows = (h.reshape(-1, 1), None if keep else _cat(lses))
-        return value, metrics, (_Saved(rows, blocks, kept, []), slope)
+        return value, metrics, (_Saved(rows, blocks, kept, [], spare), slope)
 
     @staticmethod
     def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
@@ -204,7 +228,7 @@ class EntropyGrad:
             c = _coefficient(batch, scale, -slope / t)
         else:
             c = _coefficient(batch, scale, -1.0 / t, slope)
-        g = torch.empty_like(v)
+        g = saved.gradient(v)
         low = _lowest(v.dtype)
         for i, sl in enumerate(saved.blocks):
             gb = g[sl]
@@ -306,16 +330,18 @@ class KLGrad:
         revs, fwds, gaps_r, gaps_f, lses, kept = [], [], [], [], [], []
         for sl in blocks:
             zb, rb = v[sl], r[sl]
-            x, y = _scaled(zb, t), _scaled(rb, t)
-            lse_p, lse_q = _log_normalize(x)[1], _log_normalize(y)[1]
-            lp, p = _logs(x, lse_p, low, True)
-            lq, q = _logs(y, lse_q, low, forward)
-            d = lp.sub_(lq)  # log p - log q, finite
+            raw_p, lse_p = _log_normalize(_scaled(zb, t))
+            raw_q, lse_q = _log_normalize(_scaled(rb, t))
+            p = torch.exp(raw_p)
+            q = torch.exp(raw_q) if forward else None
+            work = raw_q.clamp_min_(low)  # log q, finite
+            d = raw_p.clamp_min_(low).sub_(work)  # log p - log q, finite
             if reverse:
-                revs.append((p * d).sum(-1))
+                revs.append(torch.mul(p, d, out=work).sum(-1))
                 gaps_r.append(_gap(zb, rb))
             if forward:
-                fwds.append((q * d).sum(-1).neg_())
+                assert q is not None
+                fwds.append(torch.mul(q, d, out=work).sum(-1).neg_())
                 gaps_f.append(_gap(rb, zb))
             if keep:
                 kept.append((p, d, q))
@@ -334,7 +360,7 @@ class KLGrad:
         per = values[0] if len(values) == 1 else 0.5 * (values[0] + values[1])
         value, metrics = _finish(batch, "kl", per)
         rows = (None if kl_r is None else kl_r.reshape(-1, 1), None if keep else _cat(lses))
-        saved = _Saved(rows, blocks, kept, [] if keep else [r])
+        saved = _Saved(rows, blocks, kept, [] if keep else [r], work if keep else None)
         return value, metrics, (saved, gap_r, gap_f, None if keep else r)
 
     @staticmethod
@@ -349,7 +375,7 @@ class KLGrad:
         keep_f = None if gap_f is None else (~gap_f).to(v.dtype).reshape(-1, 1)
         if not both:  # the one direction's gap rows: a coefficient of 0
             c = c * (keep_r if keep_r is not None else keep_f)
-        g = torch.empty_like(v)
+        g = saved.gradient(v)
         low = _lowest(v.dtype)
         for i, sl in enumerate(saved.blocks):
             gb = g[sl]
@@ -399,8 +425,8 @@ class JSDGrad:
         for sl in blocks:
             x, y = _scaled(v[sl], t), _scaled(r[sl], t)
             lse_p, lse_q = _log_normalize(x)[1], _log_normalize(y)[1]
-            p, d, kl_q = _jsd_rows(x, y, lse_p, lse_q, beta, _lowest(v.dtype), True)
-            kl_p = (p * d).sum(-1)
+            p, d, kl_q, work = _jsd_rows(x, y, lse_p, lse_q, beta, _lowest(v.dtype), True)
+            kl_p = torch.mul(p, d, out=work).sum(-1)
             values.append(beta * kl_q + (1.0 - beta) * kl_p)
             kls.append(kl_p)
             if keep:
@@ -409,7 +435,7 @@ class JSDGrad:
                 lses.append(torch.cat([lse_p, lse_q], 1))
         value, metrics = _finish(batch, "jsd", _cat(values))
         rows = (_cat(kls).reshape(-1, 1), None if keep else _cat(lses))
-        saved = _Saved(rows, blocks, kept, [] if keep else [r])
+        saved = _Saved(rows, blocks, kept, [] if keep else [r], work if keep else None)
         return value, metrics, (saved, None if keep else r)
 
     @staticmethod
@@ -420,36 +446,37 @@ class JSDGrad:
         beta, t = o["beta"], o["temperature"]
         v, (kl_p, lses) = batch.values, saved.rows
         c = _coefficient(batch, scale, (1.0 - beta) / t)
-        g = torch.empty_like(v)
+        g = saved.gradient(v)
         for i, sl in enumerate(saved.blocks):
             if saved.kept:
                 p, d = saved.kept[i]
             else:  # as the forward computed them
                 x, y = _scaled(v[sl], t), _scaled(r[sl], t)
                 lse = lses[sl]
-                p, d, _ = _jsd_rows(x, y, lse[:, 0:1], lse[:, 1:2], beta, _lowest(v.dtype))
+                p, d, _, _ = _jsd_rows(x, y, lse[:, 0:1], lse[:, 1:2], beta, _lowest(v.dtype))
             torch.sub(d, kl_p[sl], out=g[sl]).mul_(p).mul_(_rows(c, sl))
         return _drop(g, batch.mask)
 
 
 def _jsd_rows(
     x: Any, y: Any, lse_p: Any, lse_q: Any, beta: float, low: float, value: bool = False
-) -> tuple[Any, Any, Any]:
-    """``(p, log p - log m, KL(q‖m))`` of rows (the last 0 unless ``value``), as
-    ``jsd_rows`` computes them. Where both classes are -inf the generic path's ``log m`` is
-    0 and this one's the lowest number; there ``p = q = 0`` and every term is 0 either way."""
+) -> tuple[Any, Any, Any, Any]:
+    """``(p, log p - log m, KL(q‖m), spare)`` of rows (``KL(q‖m)`` 0 unless ``value``; the
+    spare is a free buffer of their shape), as ``jsd_rows`` computes them. Where both
+    classes are -inf the generic path's ``log m`` is 0 and this one's the lowest number;
+    there ``p = q = 0`` and every term is 0 either way."""
     raw_p, raw_q = torch.sub(x, lse_p), torch.sub(y, lse_q)
     a = raw_q + math.log(beta)  # log(β q), -inf where q = 0
     b = raw_p + math.log1p(-beta)  # log((1 - β) p)
     top = torch.maximum(a, b).clamp_min_(low)  # (-inf where both are: no -inf - -inf)
     u = a.sub_(top).exp_().add_(b.sub_(top).exp_())
     lm = top.add_(u.log_()).clamp_min_(low)  # log m
-    p = torch.exp(raw_p)
+    p = torch.exp(raw_p, out=b)
     kl_q = torch.zeros((), dtype=x.dtype, device=x.device)
     if value:
-        q = torch.exp(raw_q)
+        q = torch.exp(raw_q, out=a)
         kl_q = q.mul_(raw_q.clamp_min_(low).sub_(lm)).sum(-1)
-    return p, raw_p.clamp_min_(low).sub_(lm), kl_q
+    return p, raw_p.clamp_min_(low).sub_(lm), kl_q, a
 
 
 GRAD: dict[str, Any] = {
