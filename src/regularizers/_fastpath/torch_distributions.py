@@ -57,8 +57,10 @@ INDEXED = True
 and fixed alone; elsewhere (False, or another device: no host sync) by full-size kernels."""
 
 
-def _steps(n: int, width: int) -> list[slice]:
-    rows = max(1, BLOCK // max(width, 1))
+def _steps(n: int, width: int, temporaries: int = 3) -> list[slice]:
+    """Blocks of rows: ``BLOCK`` elements for a kernel whose block needs about three
+    temporaries, proportionally fewer for one that needs more (JSD: six)."""
+    rows = max(1, BLOCK * 3 // (temporaries * max(width, 1)))
     return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
 
@@ -326,7 +328,7 @@ class KLGrad:
         keep = v.numel() <= KEEP
         low = _lowest(v.dtype)
         reverse, forward = how != "forward", how != "reverse"
-        blocks = [slice(0, n)] if keep else _steps(n, size)
+        blocks = [slice(0, n)] if keep else _steps(n, size, 4)
         revs, fwds, gaps_r, gaps_f, lses, kept = [], [], [], [], [], []
         for sl in blocks:
             zb, rb = v[sl], r[sl]
@@ -420,7 +422,7 @@ class JSDGrad:
         r = batch.field(o["reference"], role="reference", counted=False)
         n, size = v.shape
         keep = v.numel() <= KEEP
-        blocks = [slice(0, n)] if keep else _steps(n, size)
+        blocks = [slice(0, n)] if keep else _steps(n, size, 6)
         values, kls, lses, kept = [], [], [], []
         for sl in blocks:
             x, y = _scaled(v[sl], t), _scaled(r[sl], t)
