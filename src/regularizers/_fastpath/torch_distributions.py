@@ -46,8 +46,8 @@ __all__ = ["GRAD", "EntropyGrad", "JSDGrad", "KLGrad", "ZLossGrad"]
 
 KEEP = 1 << 21
 """Elements (tokens x classes) up to which the forward's arrays are kept for the backward."""
-BLOCK = 1 << 23
-"""Elements per block where the arrays are not kept (32 MiB of float32): few blocks, since
+BLOCK = 1 << 22
+"""Elements per block where the arrays are not kept (16 MiB of float32): few blocks, since
 each kernel call is a parallel region (on a busy machine, milliseconds each), while a
 block's few temporaries stay a fraction of one ``[n, V]`` array at the sizes that matter."""
 
@@ -97,8 +97,25 @@ def _scaled(x: Any, t: float) -> Any:
     return x if t == 1.0 else x / t
 
 
-def _cat(parts: list[Any]) -> Any:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+class _Rows:
+    """Per-row results of the blocks: the one block's own, or one array allocated before
+    the blocks' temporaries (small arrays allocated between the large ones of successive
+    blocks would pin the heap, whose peak then grows block after block)."""
+
+    __slots__ = ("out",)
+
+    def __init__(self, like: Any, blocks: list[slice], cols: int = 0, dtype: Any = None) -> None:
+        n = blocks[-1].stop
+        shape = (n, cols) if cols else (n,)
+        self.out: Any = None
+        if len(blocks) > 1:
+            self.out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+    def put(self, sl: slice, x: Any) -> None:
+        if self.out is None:  # (the one block)
+            self.out = x
+        else:
+            self.out[sl] = x
 
 
 def _coefficient(batch: Any, scale: Any, factor: float, slope: Any = None) -> Any:
@@ -202,23 +219,23 @@ class EntropyGrad:
         keep = v.numel() <= KEEP
         low = _lowest(v.dtype)
         blocks = [slice(0, n)] if keep else _steps(n, size)
-        hs, lses, kept, spare = [], [], [], None
+        hs, lses, kept, spare = _Rows(v, blocks), _Rows(v, blocks, 1), [], None
         for sl in blocks:
             raw, lse = _log_normalize(_scaled(v[sl], t))
             p = torch.exp(raw)
             lp = raw.clamp_min_(low)  # -inf classes: p = 0, and p · log p = 0
             if keep:
                 spare = torch.mul(p, lp)
-                hs.append(spare.sum(-1).neg_())
+                hs.put(sl, spare.sum(-1).neg_())
                 kept.append((lp, p))
             else:
-                hs.append(p.mul_(lp).sum(-1).neg_())
-                lses.append(lse)
-        h = _cat(hs)
+                hs.put(sl, p.mul_(lp).sum(-1).neg_())
+                lses.put(sl, lse)
+        h = hs.out
         penalty, slope = _entropy_penalty(o, h, size)
         value, metrics = _finish(batch, "entropy", penalty)
         metrics["entropy_mean"] = batch.mean(h)
-        rows = (h.reshape(-1, 1), None if keep else _cat(lses))
+        rows = (h.reshape(-1, 1), lses.out)
         return value, metrics, (_Saved(rows, blocks, kept, [], spare), slope)
 
     @staticmethod
@@ -276,13 +293,13 @@ class ZLossGrad:
         n, size = v.shape
         keep = v.numel() <= KEEP
         blocks = [slice(0, n)] if keep else _steps(n, size)
-        lses, kept = [], []
+        lses, kept = _Rows(v, blocks, 1), []
         for sl in blocks:
             raw, lse = _log_normalize(v[sl])
-            lses.append(lse)
+            lses.put(sl, lse)
             if keep:
                 kept.append(raw.exp_())
-        lse = _cat(lses)
+        lse = lses.out
         log_z = lse.reshape(-1)
         value, metrics = _finish(batch, "z_loss", log_z * log_z)
         metrics["log_z_mean"] = batch.mean(log_z)
@@ -329,7 +346,8 @@ class KLGrad:
         low = _lowest(v.dtype)
         reverse, forward = how != "forward", how != "reverse"
         blocks = [slice(0, n)] if keep else _steps(n, size, 4)
-        revs, fwds, gaps_r, gaps_f, lses, kept = [], [], [], [], [], []
+        revs, fwds, lses = _Rows(v, blocks), _Rows(v, blocks), _Rows(v, blocks, 2)
+        gaps_r, gaps_f, kept = _Rows(v, blocks, 0, torch.bool), _Rows(v, blocks, 0, torch.bool), []
         for sl in blocks:
             zb, rb = v[sl], r[sl]
             raw_p, lse_p = _log_normalize(_scaled(zb, t))
@@ -339,29 +357,29 @@ class KLGrad:
             work = raw_q.clamp_min_(low)  # log q, finite
             d = raw_p.clamp_min_(low).sub_(work)  # log p - log q, finite
             if reverse:
-                revs.append(torch.mul(p, d, out=work).sum(-1))
-                gaps_r.append(_gap(zb, rb))
+                revs.put(sl, torch.mul(p, d, out=work).sum(-1))
+                gaps_r.put(sl, _gap(zb, rb))
             if forward:
                 assert q is not None
-                fwds.append(torch.mul(q, d, out=work).sum(-1).neg_())
-                gaps_f.append(_gap(rb, zb))
+                fwds.put(sl, torch.mul(q, d, out=work).sum(-1).neg_())
+                gaps_f.put(sl, _gap(rb, zb))
             if keep:
                 kept.append((p, d, q))
             else:
-                lses.append(torch.cat([lse_p, lse_q], 1))
+                lses.put(sl, torch.cat([lse_p, lse_q], 1))
         inf = torch.tensor(_INF, dtype=v.dtype, device=v.device)
         kl_r = gap_r = gap_f = None
         values = []
         if reverse:
-            kl_r, gap_r = _cat(revs), _cat(gaps_r)
+            kl_r, gap_r = revs.out, gaps_r.out
             values.append(torch.where(gap_r, inf, kl_r))
             kl_r.masked_fill_(gap_r, 0.0)  # (for the gradient, whose row is 0: finite)
         if forward:
-            gap_f = _cat(gaps_f)
-            values.append(torch.where(gap_f, inf, _cat(fwds)))
+            gap_f = gaps_f.out
+            values.append(torch.where(gap_f, inf, fwds.out))
         per = values[0] if len(values) == 1 else 0.5 * (values[0] + values[1])
         value, metrics = _finish(batch, "kl", per)
-        rows = (None if kl_r is None else kl_r.reshape(-1, 1), None if keep else _cat(lses))
+        rows = (None if kl_r is None else kl_r.reshape(-1, 1), lses.out)
         saved = _Saved(rows, blocks, kept, [] if keep else [r], work if keep else None)
         return value, metrics, (saved, gap_r, gap_f, None if keep else r)
 
@@ -423,20 +441,20 @@ class JSDGrad:
         n, size = v.shape
         keep = v.numel() <= KEEP
         blocks = [slice(0, n)] if keep else _steps(n, size, 6)
-        values, kls, lses, kept = [], [], [], []
+        values, kls, lses, kept = _Rows(v, blocks), _Rows(v, blocks), _Rows(v, blocks, 2), []
         for sl in blocks:
             x, y = _scaled(v[sl], t), _scaled(r[sl], t)
             lse_p, lse_q = _log_normalize(x)[1], _log_normalize(y)[1]
             p, d, kl_q, work = _jsd_rows(x, y, lse_p, lse_q, beta, _lowest(v.dtype), True)
             kl_p = torch.mul(p, d, out=work).sum(-1)
-            values.append(beta * kl_q + (1.0 - beta) * kl_p)
-            kls.append(kl_p)
+            values.put(sl, beta * kl_q + (1.0 - beta) * kl_p)
+            kls.put(sl, kl_p)
             if keep:
                 kept.append((p, d))
             else:
-                lses.append(torch.cat([lse_p, lse_q], 1))
-        value, metrics = _finish(batch, "jsd", _cat(values))
-        rows = (_cat(kls).reshape(-1, 1), None if keep else _cat(lses))
+                lses.put(sl, torch.cat([lse_p, lse_q], 1))
+        value, metrics = _finish(batch, "jsd", values.out)
+        rows = (kls.out.reshape(-1, 1), lses.out)
         saved = _Saved(rows, blocks, kept, [] if keep else [r], work if keep else None)
         return value, metrics, (saved, None if keep else r)
 
