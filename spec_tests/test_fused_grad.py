@@ -1,15 +1,17 @@
 """torch's training path equals the generic path (issue 12: training-path speed).
 
 ``compute`` on torch tensors that require grad runs through one ``ClosedForm`` autograd node
-(``_fastpath/torch_autograd.py``) whose backward is the closed form: L1 and L2 by fused
-kernels (``torch_fused.GRAD``: L1, L2, Huber, ElasticNet, SampledKL, SampledEntropy), every
-other built-in by its ``evaluate_with_grad``; a
+(``_fastpath/torch_autograd.py``) whose backward is the closed form: by kernels
+(``torch_fused.GRAD``: L1, L2, Huber, ElasticNet, SampledKL, SampledEntropy, Consistency,
+GradientPenalty, Orthogonality, and the penalties over a class axis, Entropy, KL, JSD and
+ZLoss, in ``torch_distributions``) where the options allow, else by the penalty's
+``evaluate_with_grad``; a
 Pipeline's built-in terms over one input share one node. Hypothesis draws the options (every
 ``reduce``, clip, center, target), masks (arrays, lists, Fields), ``counts``, ragged lists,
 dtypes (float16 and bfloat16 included) and values on the kinks (0, the clip bounds, Huber's
 δ) and beyond (±inf, NaN). Value, metrics and gradients must equal the generic path's
 (:func:`regularizers.testing.generic_path`), NaN where it is NaN, and the route (and, where
-one applies, the fused kernel) must really have run.
+one applies, the kernel) must really have run.
 """
 
 from __future__ import annotations
@@ -534,5 +536,180 @@ def test_an_input_modified_in_place_before_backward_is_refused(bk: Harness) -> N
         assert value.grad_fn.name() == ROUTED
         with torch.no_grad():
             y.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified in place"):
+            value.backward()
+
+
+# ---- the penalties over a class axis (torch_distributions) ----------------------------------
+CLASS_AXIS = ("entropy", "kl", "jsd", "z_loss")
+
+
+@st.composite
+def class_axis_regularizers(draw: st.DrawFn) -> rg.Regularizer:
+    how = draw(st.sampled_from(REDUCES))
+    opts: dict[str, Any] = {"reduce": how}
+    if how == "seq-mean-token-sum-norm":
+        opts["max_tokens"] = draw(st.sampled_from([1.0, 7.0, 512.0]))
+    kind = draw(st.sampled_from(CLASS_AXIS))
+    if kind == "z_loss":
+        return rg.ZLoss(**opts)
+    opts["temperature"] = draw(S.temperatures())
+    if kind == "entropy":
+        return rg.Entropy(
+            mode=draw(st.sampled_from(["minimize", "maximize"])),
+            normalize=draw(st.booleans()),
+            threshold=draw(st.one_of(st.none(), st.sampled_from([0.0, 0.5]))),
+            **opts,
+        )
+    if kind == "kl":
+        direction = draw(st.sampled_from(["reverse", "forward", "symmetric"]))
+        return rg.KL(rg.Field("ref"), direction=direction, **opts)
+    beta = draw(st.sampled_from([0.5, 0.1, 0.9, 0.015625]))
+    return rg.JSD(rg.Field("ref"), beta=beta, **opts)
+
+
+@st.composite
+def class_axis_batches(draw: st.DrawFn) -> tuple[Any, Any, str, Any, Any]:
+    """``(x, ref, kind, mask, counts)``: scores ``[T, V]``, ``[B, T, V]`` or a ragged list of
+    ``[T_i, V]`` with -inf classes and rows of all -inf, a reference (the same distribution,
+    the same -inf classes, or its own), and maybe a mask whose masked rows hold ±inf/NaN in
+    the scores and in the reference."""
+    classes = draw(st.integers(1, 9))
+    layout = draw(st.sampled_from(["list", "2d", "3d"]))
+    if layout == "list":
+        shapes = [(draw(st.integers(0, 6)), classes) for _ in range(draw(st.integers(1, 4)))]
+        if not any(s[0] for s in shapes):
+            shapes[0] = (1, classes)
+    elif layout == "2d":
+        shapes = [(draw(st.integers(1, 12)), classes)]
+    else:  # [B, T, V]: drawn as [B·T, V] rows, reshaped below
+        stack = (draw(st.integers(1, 3)), draw(st.integers(1, 4)))
+        shapes = [(stack[0] * stack[1], classes)]
+    x = draw(S.scores(shapes))
+    ref = draw(S.paired_scores(x))
+    kind = draw(st.sampled_from(["none", "array", "field"]))
+    mask = None
+    if kind != "none":
+        mask = [draw(hnp.arrays(np.bool_, a.shape[:-1])) for a in x]
+        if draw(st.booleans()):  # what a masked token holds never counts
+            hidden = st.sampled_from([np.inf, -np.inf, np.nan])
+            for arrays in (x, ref):
+                for a, m in zip(arrays, mask, strict=True):
+                    off = ~m
+                    if off.any():
+                        cells = (int(off.sum()), a.shape[-1])
+                        a[off] = draw(hnp.arrays("float64", cells, elements=hidden))
+    counts = None
+    if draw(st.integers(0, 4)) == 0:
+        counts = {"tokens": draw(st.integers(1, 50)), "sequences": draw(st.integers(1, 6))}
+    if layout != "list":
+        x, ref, mask = x[0], ref[0], None if mask is None else mask[0]
+        if layout == "3d":
+            x, ref = x.reshape(*stack, classes), ref.reshape(*stack, classes)
+            mask = None if mask is None else mask.reshape(stack)
+    return x, ref, kind, mask, counts
+
+
+@given(reg=class_axis_regularizers(), case=class_axis_batches(), data=st.data())
+def test_fused_class_axis_penalties_equal_the_generic_path(
+    bk: Harness, reg: rg.Regularizer, case: Any, data: st.DataObject
+) -> None:
+    """Entropy, KL, JSD and ZLoss by their kernels, their arrays kept or (``blocked``)
+    recomputed block by block in the backward pass, the rows to fix found as indices or
+    not (``indexed``): -inf classes, rows of all -inf, support gaps, masked rows holding
+    ±inf/NaN, every ``reduce``, ``counts``, half precision."""
+    from regularizers._fastpath import torch_distributions
+
+    x, ref, kind, mask, counts = case
+    dtype = data.draw(st.sampled_from(["float16", "bfloat16", "float32", "float64"]), label="dt")
+    blocked = data.draw(st.booleans(), label="blocked")
+    indexed = data.draw(st.booleans(), label="indexed")
+    xs, refs = _cast(x, dtype), _cast(ref, dtype)
+    d, m = _mask_args(kind, mask)
+    d = {**(d or {}), "ref": refs}
+    with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
+        if blocked:  # the large-input path: nothing kept, blocks of a few rows
+            mp.setattr(torch_distributions, "KEEP", 0)
+            mp.setattr(torch_distributions, "BLOCK", 2 * _listed(x)[0].shape[-1])
+        if not indexed:  # the rows to fix by full-size kernels (as on a GPU: no host sync)
+            mp.setattr(torch_distributions, "INDEXED", False)
+        with _spy(mp) as ran:
+            value, metrics, grads = _autograd(reg, d, xs, m, counts)
+        assert value.grad_fn.name() == ROUTED
+        assert ran[:1] == [f"{reg.name}.forward"], ran
+        assert ran[-1] == "grad", ran
+        with generic_path():
+            want_value, want_metrics, want_grads = _autograd(reg, d, xs, m, counts)
+    assert want_value.grad_fn.name() != ROUTED
+    assert value.dtype == want_value.dtype
+    assert metrics.keys() == want_metrics.keys()
+    assert all(not v.requires_grad for v in metrics.values())
+    assert [g.dtype for g in grads] == [g.dtype for g in want_grads]
+    rtol = 1e-9 if dtype == "float64" else 1e-4
+    grtol = {"float16": 1e-2, "bfloat16": 1e-1}.get(dtype, rtol * 10)
+    for k, got, want in [("value", value, want_value)] + [
+        (k, metrics[k], want_metrics[k]) for k in metrics
+    ]:
+        w = float(want.detach())
+        _close(got, want, rtol, rtol * (max(1.0, abs(w)) if np.isfinite(w) else 1.0), k)
+    gscale = max(
+        [1.0] + [float(g.detach().abs().nan_to_num().max()) for g in want_grads if g.numel()]
+    )
+    _close(grads, want_grads, grtol, grtol * gscale, "gradient")
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_class_axis_kernels_on_a_moved_axis_and_twice(
+    bk: Harness, blocked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``axis=0`` (the class axis moved last and back), and ``retain_graph``: the backward
+    run twice gives the same gradient."""
+    import torch
+
+    from regularizers._fastpath import torch_distributions
+
+    if blocked:
+        monkeypatch.setattr(torch_distributions, "KEEP", 0)
+        monkeypatch.setattr(torch_distributions, "BLOCK", 8)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 4, 3, generator=gen, dtype=torch.float64) * 3
+    r = torch.randn(5, 4, 3, generator=gen, dtype=torch.float64) * 3
+    z[1, 2, :] = -float("inf")
+    r[0, 1, 1] = -float("inf")
+    for reg in (
+        rg.Entropy(axis=0, mode="maximize"),
+        rg.KL(r, axis=0, direction="symmetric"),
+        rg.JSD(r, axis=0, beta=0.25),
+        rg.ZLoss(axis=0, reduce="mean"),
+    ):
+        x = z.clone().requires_grad_(True)
+        value, _ = reg(x)
+        assert value.grad_fn.name() == ROUTED
+        (first,) = torch.autograd.grad(value, x, retain_graph=True)
+        (second,) = torch.autograd.grad(value, x)
+        assert torch.equal(first, second)
+        with generic_path():
+            want_value, _ = reg(x)
+        (want,) = torch.autograd.grad(want_value, x)
+        torch.testing.assert_close(value, want_value)
+        torch.testing.assert_close(first, want)
+
+
+def test_a_reference_modified_in_place_before_backward_is_refused(
+    bk: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the backward recomputes from the reference (a large input), an in-place change
+    of it in between is refused, as autograd refuses a changed saved tensor."""
+    import torch
+
+    from regularizers._fastpath import torch_distributions
+
+    monkeypatch.setattr(torch_distributions, "KEEP", 0)
+    for cls in (rg.KL, rg.JSD):
+        r = torch.randn(4, 6)
+        x = torch.randn(4, 6, requires_grad=True)
+        value, _ = cls(r)(x)
+        assert value.grad_fn.name() == ROUTED
+        r.add_(1.0)
         with pytest.raises(RuntimeError, match="modified in place"):
             value.backward()

@@ -24,6 +24,7 @@ import torch
 
 from .._core.ops import clamp
 from .common import reduced
+from .torch_distributions import GRAD as _CLASS_AXIS
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
@@ -659,6 +660,7 @@ GRAD: dict[str, Any] = {
     "consistency": ConsistencyGrad,
     "gradient_penalty": GradientPenaltyGrad,
     "orthogonality": OrthogonalityGrad,
+    **_CLASS_AXIS,  # entropy, kl, jsd, z_loss (torch_distributions)
 }
 PLAIN = ("l1_sparsity", "l2_weight_decay", "huber", "elastic_net", "sampled_entropy")
 # (the kernels that read nothing but the values and the options: the Batch-free call)

@@ -1,0 +1,507 @@
+"""torch kernels of the closed form (``torch_autograd``) for the penalties over a class axis:
+Entropy, KL, JSD and ZLoss.
+
+The generic path (``_core/distributions.py``) is written against the array API: every -inf
+class and every undefined branch is a NaN-safe double ``where``, each a full ``[n, V]`` pass
+(and on torch a ``where`` costs many multiplications). Here the same maths runs as torch's
+kernels on fresh buffers, mostly in place, with no ``[n, V]`` ``where``:
+
+- **the same operations**: ``log p = z - lse`` with ``lse = m + log Σ exp(z - m)`` exactly
+  as ``log_normalize`` computes it, and every sum as the generic path has it, so values
+  and metrics are the generic path's to the bit, and gradients to a few units of rounding
+  (the order of the final multiplications by the weights differs); a gradient that cancels
+  to rounding noise (a uniform row's) is the generic path's own noise.
+- **-inf classes**: ``z - lse`` is -inf there; it is clamped in place to the dtype's lowest
+  finite number, so that ``p · log p`` is ``0 · finite = 0`` (the convention 0·log 0 = 0)
+  and every difference of two such logs is finite, where the generic path has ``log p = 0``
+  at ``p = 0``: the terms there are 0 either way.
+- **uncounted tokens** (the caller's mask, and the rows :meth:`Batch.restrict` drops, such as
+  a row of all -inf): their per-token results are dropped by the Batch's reductions (a
+  ``where`` over ``[n]``), and their rows of the gradient are set to 0 afterwards
+  (:func:`_drop`), never multiplied by 0.
+- **support gaps** of a KL (a class not -inf in one distribution and -inf in the other:
+  the token's KL is +inf, that direction's gradient 0): one ``amin`` per row finds the rows
+  where the other operand holds a -inf (or a NaN), and only those are checked exactly.
+
+Per-token penalties, their reduction (every ``reduce`` mode, ``counts``) and the metrics come
+from the Batch's helpers, as on the generic path; the gradient is ``scale`` times a
+coefficient per row (the ``reduce`` weight, a hinge's slope, ``1/T``; 0 at a gap) times a
+per-class array.
+
+Memory: up to :data:`KEEP` elements the forward pass keeps the ``[n, V]`` arrays that the
+gradient needs (``p``, ``log p``...); beyond, it keeps per-row statistics only (the ``lse``)
+and the backward recomputes the rest block by block (:data:`BLOCK` elements), writing into
+the gradient: one ``[n, V]`` array (the gradient) plus a block's temporaries, where autograd
+through the naive idiom keeps several ``[n, V]`` arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+__all__ = ["GRAD", "EntropyGrad", "JSDGrad", "KLGrad", "ZLossGrad"]
+
+KEEP = 1 << 21
+"""Elements (tokens x classes) up to which the forward's arrays are kept for the backward."""
+BLOCK = 1 << 22
+"""Elements per block where the arrays are not kept (16 MiB of float32): few blocks, since
+each kernel call is a parallel region (on a busy machine, milliseconds each), while a
+block's few temporaries stay a fraction of one ``[n, V]`` array at the sizes that matter."""
+
+_INF = math.inf
+INDEXED = True
+"""On CPU, the few rows to fix (uncounted, suspected of a support gap) are found as indices
+and fixed alone; elsewhere (False, or another device: no host sync) by full-size kernels."""
+
+
+def _steps(n: int, width: int, temporaries: int = 3) -> list[slice]:
+    """Blocks of rows: ``BLOCK`` elements for a kernel whose block needs about three
+    temporaries, proportionally fewer for one that needs more (JSD: six)."""
+    rows = max(1, BLOCK * 3 // (temporaries * max(width, 1)))
+    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+
+def _usable(batch: Any) -> bool:
+    """A ``[n, V]`` batch with tokens and classes (else the generic kernel, which has the
+    conventions of the empty cases)."""
+    v = batch.values
+    return bool(v.ndim == 2 and v.shape[0] > 0 and v.shape[1] > 0)
+
+
+_LOWEST = {t: -float(torch.finfo(t).max) for t in (torch.float32, torch.float64)}
+
+
+def _lowest(dtype: Any) -> float:
+    """The lowest finite number of the compute dtype (float32 or float64)."""
+    return _LOWEST[dtype]
+
+
+def _log_normalize(z: Any) -> tuple[Any, Any]:
+    """``(z - lse, lse)`` of rows by the operations of ``log_normalize`` (hence its rounding:
+    a gradient that cancels to rounding noise, such as a uniform row's, is the generic
+    path's own), with ``masked_fill_`` for its two ``[c, 1]`` ``where``: ``lse`` is ``[c, 1]``,
+    0 for a row of all -inf; ``z - lse`` is -inf at -inf classes."""
+    m = z.amax(-1, keepdim=True)
+    m.masked_fill_(m == -_INF, 0.0)  # a row of all -inf: no shift (and no -inf - -inf)
+    e = torch.sub(z, m).exp_()
+    s = e.sum(-1, keepdim=True)
+    s.masked_fill_(s == 0.0, 1.0)  # only a row of all -inf sums to 0
+    lse = m.add_(s.log_())
+    return torch.sub(z, lse, out=e), lse  # (one [c, V] buffer)
+
+
+def _scaled(x: Any, t: float) -> Any:
+    return x if t == 1.0 else x / t
+
+
+class _Rows:
+    """Per-row results of the blocks: the one block's own, or one array allocated before
+    the blocks' temporaries (small arrays allocated between the large ones of successive
+    blocks would pin the heap, whose peak then grows block after block)."""
+
+    __slots__ = ("out",)
+
+    def __init__(self, like: Any, blocks: list[slice], cols: int = 0, dtype: Any = None) -> None:
+        n = blocks[-1].stop
+        shape = (n, cols) if cols else (n,)
+        self.out: Any = None
+        if len(blocks) > 1:
+            self.out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+    def put(self, sl: slice, x: Any) -> None:
+        if self.out is None:  # (the one block)
+            self.out = x
+        else:
+            self.out[sl] = x
+
+
+def _coefficient(batch: Any, scale: Any, factor: float, slope: Any = None) -> Any:
+    """``scale · factor · w · slope``: 0-d, or ``[n, 1]`` where the ``reduce`` weight ``w``
+    or the ``slope`` is per token."""
+    c = scale.to(batch.dtype) * factor
+    w = batch.token_weights()
+    if not (isinstance(w, float) and w == 1.0):
+        c = c * w
+    if slope is not None:
+        c = c * slope
+    return c.reshape(-1, 1) if c.ndim else c
+
+
+def _rows(c: Any, sl: slice) -> Any:
+    return c[sl] if c.ndim else c
+
+
+def _drop(g: Any, mask: Any) -> Any:
+    """``g`` with the rows of uncounted tokens set to 0 (whatever they held: NaN, inf)."""
+    if mask is None:
+        return g
+    if INDEXED and g.device.type == "cpu":  # the few rows themselves (a host-side index)
+        idx = torch.nonzero(~mask).squeeze(1)
+        if idx.numel():
+            g.index_fill_(0, idx, 0.0)
+        return g
+    return g.masked_fill_(~mask.reshape(-1, 1), 0.0)  # (no host sync)
+
+
+def _gap(first: Any, second: Any) -> Any:
+    """``[c]`` bool: some class is not -inf in ``first`` but -inf in ``second`` (a support
+    gap, as the generic path defines it: NaN counts as not -inf). Exact, but only the rows
+    where ``second`` holds a -inf (or a NaN) are looked at closely."""
+    if not (INDEXED and first.device.type == "cpu"):  # no host sync: every row, full size
+        return ((first != -_INF) & (second == -_INF)).any(-1)
+    suspect = ~(second.amin(-1) > -_INF)  # a -inf or a NaN in the row
+    idx = torch.nonzero(suspect).squeeze(1)
+    gap = torch.zeros_like(suspect)
+    if idx.numel():
+        a, b = first.index_select(0, idx), second.index_select(0, idx)
+        gap.index_copy_(0, idx, ((a != -_INF) & (b == -_INF)).any(-1))
+    return gap
+
+
+def _finish(batch: Any, prefix: str, p: Any) -> tuple[Any, dict[str, Any]]:
+    """Value and metrics of the per-token penalty ``p`` by the Batch's helpers."""
+    raw = batch.sum(p)
+    return batch.aggregate(p, total=raw), batch.metrics(prefix, p, total=raw)
+
+
+class _Saved:
+    """What a kernel's forward leaves for its backward: per-row statistics, the forward's
+    ``[n, V]`` arrays where they are kept (one tuple per block), a spare ``[n, V]`` buffer
+    of the forward for the gradient (a fresh array costs its page faults, more than the
+    arithmetic; the first backward takes it, a second one allocates) and the version of
+    every other operand it recomputes from (checked, as autograd checks saved tensors)."""
+
+    __slots__ = ("blocks", "kept", "operands", "rows", "spare", "versions")
+
+    def __init__(
+        self,
+        rows: Any,
+        blocks: list[slice],
+        kept: list[Any],
+        operands: list[Any],
+        spare: Any = None,
+    ) -> None:
+        self.rows, self.blocks, self.kept, self.operands = rows, blocks, kept, operands
+        self.spare = spare
+        self.versions = [o._version for o in operands]
+
+    def gradient(self, like: Any) -> Any:
+        """A buffer for the gradient, shaped like ``like``: the spare one, once."""
+        g, self.spare = self.spare, None
+        return torch.empty_like(like) if g is None else g
+
+    def check(self) -> None:
+        if [o._version for o in self.operands] != self.versions:
+            raise RuntimeError(
+                "a tensor a regularizer was computed from was modified in place before "
+                "backward(); its closed-form gradient reads the values of the forward pass "
+                "(as autograd's saved tensors would, it refuses; clone the tensor first)"
+            )
+
+
+# ---- Entropy ---------------------------------------------------------------------------------
+class EntropyGrad:
+    """Entropy: ``H = -Σ p log p`` per row; the gradient ``-p (log p + H) · slope / T``, the
+    slope that of the penalty's steps (the normalization, ``mode``, the hinge) as
+    ``Entropy._penalty`` defines it. Kept: ``log p`` and ``p``; or ``lse``, from which the
+    backward recomputes them."""
+
+    @staticmethod
+    def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
+        if not _usable(batch):
+            return None
+        o = reg._opts
+        v, t = batch.values, o["temperature"]
+        n, size = v.shape
+        keep = v.numel() <= KEEP
+        low = _lowest(v.dtype)
+        blocks = [slice(0, n)] if keep else _steps(n, size)
+        hs, lses, kept, spare = _Rows(v, blocks), _Rows(v, blocks, 1), [], None
+        for sl in blocks:
+            raw, lse = _log_normalize(_scaled(v[sl], t))
+            p = torch.exp(raw)
+            lp = raw.clamp_min_(low)  # -inf classes: p = 0, and p · log p = 0
+            if keep:
+                spare = torch.mul(p, lp)
+                hs.put(sl, spare.sum(-1).neg_())
+                kept.append((lp, p))
+            else:
+                hs.put(sl, p.mul_(lp).sum(-1).neg_())
+                lses.put(sl, lse)
+        h = hs.out
+        penalty, slope = _entropy_penalty(o, h, size)
+        value, metrics = _finish(batch, "entropy", penalty)
+        metrics["entropy_mean"] = batch.mean(h)
+        rows = (h.reshape(-1, 1), lses.out)
+        return value, metrics, (_Saved(rows, blocks, kept, [], spare), slope)
+
+    @staticmethod
+    def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
+        saved, slope = state
+        t = reg._opts["temperature"]
+        v, (h, lse) = batch.values, saved.rows
+        if isinstance(slope, float):
+            c = _coefficient(batch, scale, -slope / t)
+        else:
+            c = _coefficient(batch, scale, -1.0 / t, slope)
+        g = saved.gradient(v)
+        low = _lowest(v.dtype)
+        for i, sl in enumerate(saved.blocks):
+            gb = g[sl]
+            if saved.kept:
+                lp, p = saved.kept[i]
+                torch.add(lp, h[sl], out=gb)
+            else:  # log p and p again, as the forward computed them
+                p = torch.exp(torch.sub(_scaled(v[sl], t), lse[sl], out=gb))
+                gb.clamp_min_(low).add_(h[sl])
+            gb.mul_(p).mul_(_rows(c, sl))
+        return _drop(g, batch.mask)
+
+
+def _entropy_penalty(o: dict[str, Any], h: Any, size: int) -> tuple[Any, Any]:
+    """``Entropy._penalty`` in torch: the per-token penalty of ``H`` and its slope."""
+    log_v = math.log(size) if size > 1 else 0.0
+    scale = (1.0 / log_v if log_v > 0 else 0.0) if o["normalize"] else 1.0
+    top = log_v * scale
+    x = h * scale if scale != 1.0 else h
+    sign = 1.0 if o["mode"] == "minimize" else -1.0
+    threshold = o["threshold"]
+    if threshold is None and sign > 0:
+        return x, scale
+    tau = torch.tensor(top if threshold is None else threshold, dtype=h.dtype, device=h.device)
+    excess = x - tau if sign > 0 else tau - x
+    if threshold is None:  # log V - H, kept >= 0 (rounding); the slope stays -scale
+        return excess.clamp_min(0.0), -scale
+    active = excess > 0.0
+    zero = torch.zeros((), dtype=h.dtype, device=h.device)
+    return torch.where(active, excess, zero), active.to(h.dtype) * (sign * scale)
+
+
+# ---- ZLoss -----------------------------------------------------------------------------------
+class ZLossGrad:
+    """ZLoss: ``log Z`` per row (as the generic path computes it); the gradient
+    ``2 log Z · softmax(z)``. Kept: ``softmax(z)``; or nothing but ``log Z``."""
+
+    @staticmethod
+    def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
+        if not _usable(batch):
+            return None
+        v = batch.values
+        n, size = v.shape
+        keep = v.numel() <= KEEP
+        blocks = [slice(0, n)] if keep else _steps(n, size)
+        lses, kept = _Rows(v, blocks, 1), []
+        for sl in blocks:
+            raw, lse = _log_normalize(v[sl])
+            lses.put(sl, lse)
+            if keep:
+                kept.append(raw.exp_())
+        lse = lses.out
+        log_z = lse.reshape(-1)
+        value, metrics = _finish(batch, "z_loss", log_z * log_z)
+        metrics["log_z_mean"] = batch.mean(log_z)
+        return value, metrics, _Saved(lse, blocks, kept, [])
+
+    @staticmethod
+    def grad(reg: Any, batch: Any, saved: Any, scale: Any) -> Any:
+        v, lse = batch.values, saved.rows
+        c = lse * _coefficient(batch, scale, 2.0)  # [n, 1]
+        if saved.kept:
+            return _drop(saved.kept[0] * c, batch.mask)
+        g = torch.empty_like(v)
+        for sl in saved.blocks:
+            torch.sub(v[sl], lse[sl], out=g[sl]).exp_().mul_(c[sl])
+        return _drop(g, batch.mask)
+
+
+# ---- KL --------------------------------------------------------------------------------------
+def _logs(x: Any, lse: Any, low: float, probs: bool) -> tuple[Any, Any]:
+    """``(log p, p)`` of rows from their ``lse``: ``log p`` clamped to ``low`` at -inf
+    classes (where ``p`` = 0); ``p`` None unless ``probs``."""
+    raw = torch.sub(x, lse)
+    p = torch.exp(raw) if probs else None
+    return raw.clamp_min_(low), p
+
+
+class KLGrad:
+    """KL between ``p = softmax(z/T)`` and ``q = softmax(r/T)``: reverse ``Σ p (log p -
+    log q)``, gradient ``p (log p - log q - KL) / T``; forward ``Σ q (log q - log p)``,
+    gradient ``(p - q) / T``; symmetric, their mean. A token with a support gap is +inf and
+    its direction's gradient 0 (its KL replaced by 0 first, so that the row stays finite).
+    Kept: ``p``, ``log p - log q`` (and ``q``); or both ``lse``."""
+
+    @staticmethod
+    def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
+        if not _usable(batch):
+            return None
+        o = reg._opts
+        how, t = o["direction"], o["temperature"]
+        v = batch.values
+        r = batch.field(o["reference"], role="reference", counted=False)
+        n, size = v.shape
+        keep = v.numel() <= KEEP
+        low = _lowest(v.dtype)
+        reverse, forward = how != "forward", how != "reverse"
+        blocks = [slice(0, n)] if keep else _steps(n, size, 4)
+        revs, fwds, lses = _Rows(v, blocks), _Rows(v, blocks), _Rows(v, blocks, 2)
+        gaps_r, gaps_f, kept = _Rows(v, blocks, 0, torch.bool), _Rows(v, blocks, 0, torch.bool), []
+        for sl in blocks:
+            zb, rb = v[sl], r[sl]
+            raw_p, lse_p = _log_normalize(_scaled(zb, t))
+            raw_q, lse_q = _log_normalize(_scaled(rb, t))
+            p = torch.exp(raw_p)
+            q = torch.exp(raw_q) if forward else None
+            work = raw_q.clamp_min_(low)  # log q, finite
+            d = raw_p.clamp_min_(low).sub_(work)  # log p - log q, finite
+            if reverse:
+                revs.put(sl, torch.mul(p, d, out=work).sum(-1))
+                gaps_r.put(sl, _gap(zb, rb))
+            if forward:
+                assert q is not None
+                fwds.put(sl, torch.mul(q, d, out=work).sum(-1).neg_())
+                gaps_f.put(sl, _gap(rb, zb))
+            if keep:
+                kept.append((p, d, q))
+            else:
+                lses.put(sl, torch.cat([lse_p, lse_q], 1))
+        inf = torch.tensor(_INF, dtype=v.dtype, device=v.device)
+        kl_r = gap_r = gap_f = None
+        values = []
+        if reverse:
+            kl_r, gap_r = revs.out, gaps_r.out
+            values.append(torch.where(gap_r, inf, kl_r))
+            kl_r.masked_fill_(gap_r, 0.0)  # (for the gradient, whose row is 0: finite)
+        if forward:
+            gap_f = gaps_f.out
+            values.append(torch.where(gap_f, inf, fwds.out))
+        per = values[0] if len(values) == 1 else 0.5 * (values[0] + values[1])
+        value, metrics = _finish(batch, "kl", per)
+        rows = (None if kl_r is None else kl_r.reshape(-1, 1), lses.out)
+        saved = _Saved(rows, blocks, kept, [] if keep else [r], work if keep else None)
+        return value, metrics, (saved, gap_r, gap_f, None if keep else r)
+
+    @staticmethod
+    def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
+        saved, gap_r, gap_f, r = state
+        saved.check()
+        t = reg._opts["temperature"]
+        v, (kl_r, lses) = batch.values, saved.rows
+        both = gap_r is not None and gap_f is not None
+        c = _coefficient(batch, scale, (0.5 if both else 1.0) / t)
+        keep_r = None if gap_r is None else (~gap_r).to(v.dtype).reshape(-1, 1)
+        keep_f = None if gap_f is None else (~gap_f).to(v.dtype).reshape(-1, 1)
+        if not both:  # the one direction's gap rows: a coefficient of 0
+            c = c * (keep_r if keep_r is not None else keep_f)
+        g = saved.gradient(v)
+        low = _lowest(v.dtype)
+        for i, sl in enumerate(saved.blocks):
+            gb = g[sl]
+            if saved.kept:
+                p, d, q = saved.kept[i]
+            else:  # as the forward computed them
+                lp, p = _logs(_scaled(v[sl], t), lses[sl, 0:1], low, True)
+                lq, q = _logs(_scaled(r[sl], t), lses[sl, 1:2], low, gap_f is not None)
+                d = lp.sub_(lq)
+            if kl_r is None:
+                torch.sub(p, q, out=gb)
+            else:  # p (log p - log q - KL)
+                torch.sub(d, kl_r[sl], out=gb).mul_(p)
+                if both:  # each direction 0 at its own gap rows, then their sum
+                    assert keep_r is not None
+                    assert keep_f is not None
+                    pq = torch.sub(p, q)
+                    if not bool(keep_r[sl].all()):
+                        gb.mul_(keep_r[sl])
+                    if not bool(keep_f[sl].all()):
+                        pq.mul_(keep_f[sl])
+                    gb.add_(pq)
+            gb.mul_(_rows(c, sl))
+        return _drop(g, batch.mask)
+
+
+# ---- JSD -------------------------------------------------------------------------------------
+class JSDGrad:
+    """JSD_β by the operations of the generic path (``log m`` from the max of ``log β q``
+    and ``log (1-β) p``), with the logs clamped to finite where the generic path has its
+    ``where``: ``β Σ q (log q - log m) + (1-β) Σ p (log p - log m)`` and the gradient
+    ``(1-β) p (log p - log m - KL(p‖m)) / T``. Kept: ``p`` and ``log p - log m``; or both
+    ``lse``."""
+
+    @staticmethod
+    def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
+        if not _usable(batch):
+            return None
+        o = reg._opts
+        beta, t = o["beta"], o["temperature"]
+        v = batch.values
+        r = batch.field(o["reference"], role="reference", counted=False)
+        n, size = v.shape
+        keep = v.numel() <= KEEP
+        blocks = [slice(0, n)] if keep else _steps(n, size, 6)
+        values, kls, lses, kept = _Rows(v, blocks), _Rows(v, blocks), _Rows(v, blocks, 2), []
+        for sl in blocks:
+            x, y = _scaled(v[sl], t), _scaled(r[sl], t)
+            lse_p, lse_q = _log_normalize(x)[1], _log_normalize(y)[1]
+            p, d, kl_q, work = _jsd_rows(x, y, lse_p, lse_q, beta, _lowest(v.dtype), True)
+            kl_p = torch.mul(p, d, out=work).sum(-1)
+            values.put(sl, beta * kl_q + (1.0 - beta) * kl_p)
+            kls.put(sl, kl_p)
+            if keep:
+                kept.append((p, d))
+            else:
+                lses.put(sl, torch.cat([lse_p, lse_q], 1))
+        value, metrics = _finish(batch, "jsd", values.out)
+        rows = (kls.out.reshape(-1, 1), lses.out)
+        saved = _Saved(rows, blocks, kept, [] if keep else [r], work if keep else None)
+        return value, metrics, (saved, None if keep else r)
+
+    @staticmethod
+    def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
+        saved, r = state
+        saved.check()
+        o = reg._opts
+        beta, t = o["beta"], o["temperature"]
+        v, (kl_p, lses) = batch.values, saved.rows
+        c = _coefficient(batch, scale, (1.0 - beta) / t)
+        g = saved.gradient(v)
+        for i, sl in enumerate(saved.blocks):
+            if saved.kept:
+                p, d = saved.kept[i]
+            else:  # as the forward computed them
+                x, y = _scaled(v[sl], t), _scaled(r[sl], t)
+                lse = lses[sl]
+                p, d, _, _ = _jsd_rows(x, y, lse[:, 0:1], lse[:, 1:2], beta, _lowest(v.dtype))
+            torch.sub(d, kl_p[sl], out=g[sl]).mul_(p).mul_(_rows(c, sl))
+        return _drop(g, batch.mask)
+
+
+def _jsd_rows(
+    x: Any, y: Any, lse_p: Any, lse_q: Any, beta: float, low: float, value: bool = False
+) -> tuple[Any, Any, Any, Any]:
+    """``(p, log p - log m, KL(q‖m), spare)`` of rows (``KL(q‖m)`` 0 unless ``value``; the
+    spare is a free buffer of their shape), as ``jsd_rows`` computes them. Where both
+    classes are -inf the generic path's ``log m`` is 0 and this one's the lowest number;
+    there ``p = q = 0`` and every term is 0 either way."""
+    raw_p, raw_q = torch.sub(x, lse_p), torch.sub(y, lse_q)
+    a = raw_q + math.log(beta)  # log(β q), -inf where q = 0
+    b = raw_p + math.log1p(-beta)  # log((1 - β) p)
+    top = torch.maximum(a, b).clamp_min_(low)  # (-inf where both are: no -inf - -inf)
+    u = a.sub_(top).exp_().add_(b.sub_(top).exp_())
+    lm = top.add_(u.log_()).clamp_min_(low)  # log m
+    p = torch.exp(raw_p, out=b)
+    kl_q = torch.zeros((), dtype=x.dtype, device=x.device)
+    if value:
+        q = torch.exp(raw_q, out=a)
+        kl_q = q.mul_(raw_q.clamp_min_(low).sub_(lm)).sum(-1)
+    return p, raw_p.clamp_min_(low).sub_(lm), kl_q, a
+
+
+GRAD: dict[str, Any] = {
+    "entropy": EntropyGrad,
+    "kl": KLGrad,
+    "jsd": JSDGrad,
+    "z_loss": ZLossGrad,
+}
