@@ -163,10 +163,7 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
             raw = torch.dot(x, x)  # one fused pass (BLAS)
         else:
             raw = torch.linalg.vector_norm(x, 2, dtype=dtype) ** 2
-        if n <= SMALL:  # one kernel for both extrema: fewest calls
-            low, high = torch.aminmax(x)
-        else:  # amax and amin: two fast kernels, where aminmax is one slow one
-            low, high = x.amin(), x.amax()
+        low, high = torch.aminmax(x)  # one pass for both (1.4x one amax at 1e7, not 2x)
         if x.dtype != dtype:
             low, high = low.to(dtype), high.to(dtype)
         return _l2_out(reg, raw, torch.maximum(high * high, low * low), n)
@@ -185,7 +182,7 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
         for b in _blocks(x, dtype, probs, lo, hi):
             k = b.numel()
             s = b.sum()
-            low, high = b.amin(), b.amax()
+            low, high = torch.aminmax(b)
             b.sub_(s / k)  # the block is in cache: this pass costs little
             sums.append(s)
             m2s.append(torch.dot(b, b))
@@ -211,8 +208,9 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
         if shift is not None:
             b.sub_(shift)
         squares.append(torch.dot(b, b))
-        lows.append(b.amin())
-        highs.append(b.amax())
+        low, high = torch.aminmax(b)
+        lows.append(low)
+        highs.append(high)
     raw = _total(squares)
     low = lows[0] if len(lows) == 1 else torch.stack(lows).min()
     high = highs[0] if len(highs) == 1 else torch.stack(highs).max()
@@ -352,8 +350,8 @@ class L2Grad:
         elif batch.size <= SMALL:  # one kernel: max |d| (NaN if any is)
             top = torch.linalg.vector_norm(d, float("inf"))
             peak = top * top
-        else:  # amax and amin: two fast kernels, where aminmax or max |d| is one slow one
-            low, high = d.amin(), d.amax()
+        else:  # both extrema in one pass (max |d| is a slow kernel)
+            low, high = torch.aminmax(d)
             peak = torch.maximum(low * low, high * high)
         metrics = {"l2_raw": raw, "l2_mean": batch.per_token(raw), "l2_max": peak}
         return _scaled(w, raw), metrics, (d, w, lo, hi)
