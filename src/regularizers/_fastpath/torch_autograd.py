@@ -38,6 +38,7 @@ path (recorded then, from the caller's tensors), so second derivatives are exact
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -239,6 +240,7 @@ def compute(
     runs: list[_Run] = []
     results: list[tuple[Any, Metrics]] = []
     flat = None
+    shapes: list[Any] | None = None
     with torch.no_grad():
         for reg, mask in terms:
             lp = logprobs
@@ -247,7 +249,13 @@ def compute(
             # structure, without walking the list again
             if is_list and _plain(reg, mask) and (runs or (floats and reg.name in PLAIN)):
                 if flat is None:
-                    flat = torch.cat([a if a.ndim == 1 else a.reshape(-1) for a in arrays])
+                    shapes = [a.shape for a in arrays]  # (read once: for the split too)
+                    flat = torch.cat(
+                        [
+                            a if len(s) == 1 else a.reshape(-1)
+                            for a, s in zip(arrays, shapes, strict=True)
+                        ]
+                    )
                 lp = flat  # the same values, without walking the list again
             batch = reg.prepare(data, lp, mask=mask, counts=counts, call=call, _zero=zero_uncounted)
             if batch._target_arrays is not batch._arrays:  # a Field target: its own gradient
@@ -275,9 +283,9 @@ def compute(
         and first._moved is None
         and first.event_ndim == 0
         and dtypes == {first.dtype}
-        and all([len(s) == 1 for s in _shapes(first, arrays)])  # noqa: C419
+        and all([len(s) == 1 for s in shapes or _shapes(first, arrays)])  # noqa: C419
     )
-    shape = _Split(arrays) if is_list and not first._is_list else first
+    shape = _Split(arrays, shapes) if is_list and not first._is_list else first
     node = _Call(runs, shape, generic, direct)
     values = _apply(node, [v for v, _ in results], *arrays)
     return [(v, metrics) for v, (_, metrics) in zip(values, results, strict=True)]
@@ -294,9 +302,12 @@ class _Split:
 
     __slots__ = ("_arrays", "_is_list", "_moved", "lengths")
 
-    def __init__(self, arrays: list[Any]) -> None:
+    def __init__(self, arrays: list[Any], shapes: list[Any] | None) -> None:
         self._arrays, self._is_list, self._moved = arrays, True, None
-        self.lengths = tuple([a.numel() for a in arrays])
+        if shapes is None:
+            self.lengths = tuple([a.numel() for a in arrays])
+        else:
+            self.lengths = tuple([s[0] if len(s) == 1 else math.prod(s) for s in shapes])
 
 
 class _Flat:
