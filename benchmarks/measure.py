@@ -370,11 +370,6 @@ def main() -> None:
 
         results["threads_training"] = 1
         torch.set_num_threads(1)
-    if backend == "torch":  # both sides on one thread: at these sizes an op is microseconds,
-        import torch  # and on a busy 2-core machine threads mostly measure their own wake-up
-
-        results["threads_training"] = 1
-        torch.set_num_threads(1)
     entries = training.cases(backend, scale=0.05 if smoke else 1.0)
     problems = training.check(backend, entries)
     if problems:

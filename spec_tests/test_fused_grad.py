@@ -132,6 +132,27 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield ran
 
 
+def _routed_and_generic(
+    mp: pytest.MonkeyPatch, reg: Any, args: tuple[Any, ...], kernel: bool
+) -> tuple[Any, Any]:
+    """``_autograd(reg, *args)`` through the route (``kernel``: its fused kernel ran, both
+    ways) and through the generic path, with what must hold of both besides the numbers."""
+    with _spy(mp) as ran:
+        got = _autograd(reg, *args)
+    assert got[0].grad_fn.name() == ROUTED, "the route was not taken"
+    if kernel:
+        assert ran[:1] == [f"{reg.name}.forward"], ran
+        assert ran[-1] == "grad", ran
+    with generic_path():
+        want = _autograd(reg, *args)
+    assert want[0].grad_fn.name() != ROUTED
+    assert got[0].dtype == want[0].dtype
+    assert got[1].keys() == want[1].keys()
+    assert all(not v.requires_grad for v in got[1].values())
+    assert [g.dtype for g in got[2]] == [g.dtype for g in want[2]]
+    return got, want
+
+
 @given(reg=elementwise(), case=S.training_batches(), data=st.data())
 def test_fused_elementwise_kernels_equal_the_generic_path(
     bk: Harness, reg: rg.Regularizer, case: Any, data: st.DataObject
@@ -140,19 +161,11 @@ def test_fused_elementwise_kernels_equal_the_generic_path(
     dtype = data.draw(st.sampled_from(["float16", "bfloat16", "float32", "float64"]), label="dt")
     xs = _cast(x, dtype)
     d, m = _mask_args(kind, mask)
-    with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp, _spy(mp) as ran:
-        value, metrics, grads = _autograd(reg, d, xs, m, counts)
-        assert value.grad_fn.name() == ROUTED, "the route was not taken"
-        if reg.reduce != "seq-mean-token-mean":  # one aggregation weight: the fused kernel
-            assert ran[:1] == [f"{reg.name}.forward"], ran
-            assert ran[-1] == "grad", ran
-        with generic_path():
-            want_value, want_metrics, want_grads = _autograd(reg, d, xs, m, counts)
-    assert want_value.grad_fn.name() != ROUTED
-    assert value.dtype == want_value.dtype
-    assert metrics.keys() == want_metrics.keys()
-    assert all(not v.requires_grad for v in metrics.values())
-    assert [g.dtype for g in grads] == [g.dtype for g in want_grads]
+    with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
+        # (one aggregation weight: the fused kernel)
+        kernel = reg.reduce != "seq-mean-token-mean"
+        got, want = _routed_and_generic(mp, reg, (d, xs, m, counts), kernel)
+    (value, metrics, grads), (want_value, want_metrics, want_grads) = got, want
     rtol, atol = S.training_tolerance(x, dtype, reg)
     grtol = {"float16": 1e-2, "bfloat16": 1e-1}.get(dtype, rtol)
     _close(value, want_value, rtol, atol, "value")
@@ -633,18 +646,8 @@ def test_fused_class_axis_penalties_equal_the_generic_path(
             mp.setattr(torch_distributions, "BLOCK", 2 * _listed(x)[0].shape[-1])
         if not indexed:  # the rows to fix by full-size kernels (as on a GPU: no host sync)
             mp.setattr(torch_distributions, "INDEXED", False)
-        with _spy(mp) as ran:
-            value, metrics, grads = _autograd(reg, d, xs, m, counts)
-        assert value.grad_fn.name() == ROUTED
-        assert ran[:1] == [f"{reg.name}.forward"], ran
-        assert ran[-1] == "grad", ran
-        with generic_path():
-            want_value, want_metrics, want_grads = _autograd(reg, d, xs, m, counts)
-    assert want_value.grad_fn.name() != ROUTED
-    assert value.dtype == want_value.dtype
-    assert metrics.keys() == want_metrics.keys()
-    assert all(not v.requires_grad for v in metrics.values())
-    assert [g.dtype for g in grads] == [g.dtype for g in want_grads]
+        got, want = _routed_and_generic(mp, reg, (d, xs, m, counts), True)
+    (value, metrics, grads), (want_value, want_metrics, want_grads) = got, want
     rtol = 1e-9 if dtype == "float64" else 1e-4
     grtol = {"float16": 1e-2, "bfloat16": 1e-1}.get(dtype, rtol * 10)
     for k, got, want in [("value", value, want_value)] + [
