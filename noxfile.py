@@ -8,6 +8,11 @@ CI); ``nox -s demo`` runs the main job; ``nox -s example`` trains the example mo
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+from collections.abc import Callable
+
 import nox
 
 nox.needs_version = ">=2024.3.2"
@@ -44,6 +49,29 @@ nox.options.sessions = [
 # 3 examples per property (2 for each generic per-penalty property) where the others draw 40,
 # the same properties as everywhere else. (Uncapped, it alone ran past an hour in CI.) Dask
 # builds and runs a graph per call: 10 examples.
+# CI runs every session in one clone, and the venvs add up to about 9 GB (torch, JAX and
+# Keras, each in several). With REGULARIZERS_DISCARD_VENVS=1 (what .ci/run sets), each session
+# deletes its venv once it has passed, so the disk holds one venv at a time.
+DISCARD_VENVS = os.environ.get("REGULARIZERS_DISCARD_VENVS") == "1"
+
+
+def session(*args: object, **kwargs: object) -> Callable[[Callable[[nox.Session], None]], object]:
+    """``nox.session`` whose session deletes its venv after passing, when asked to."""
+
+    def decorate(body: Callable[[nox.Session], None]) -> object:
+        @functools.wraps(body)
+        def run(session: nox.Session) -> None:
+            body(session)
+            location = getattr(session.virtualenv, "location", None)
+            if DISCARD_VENVS and location:
+                session.log(f"REGULARIZERS_DISCARD_VENVS=1: deleting {location}")
+                shutil.rmtree(location, ignore_errors=True)
+
+        return nox.session(*args, **kwargs)(run)
+
+    return decorate
+
+
 SESSION_ENV: dict[str, dict[str, str]] = {
     "jax": {"REGULARIZERS_MAX_EXAMPLES": "3", "REGULARIZERS_PROPERTY_EXAMPLES": "2"},
     "dask": {"REGULARIZERS_MAX_EXAMPLES": "10"},
@@ -51,8 +79,8 @@ SESSION_ENV: dict[str, dict[str, str]] = {
 
 
 def _tests(backend: str, extra: list[str]) -> None:
-    @nox.session(name=f"tests-{backend}")
-    def session(session: nox.Session) -> None:
+    @session(name=f"tests-{backend}")
+    def tests(session: nox.Session) -> None:
         if backend == "numpy":
             # First prove the promise of a bare install: array-api-compat and numpy only.
             session.install(".", "numpy")
@@ -72,7 +100,7 @@ for _name, _extra in BACKENDS.items():
     _tests(_name, _extra)
 
 
-@nox.session(name="tests-tinker")
+@session(name="tests-tinker")
 def tests_tinker(session: nox.Session) -> None:
     """The Pipeline as a Tinker custom loss, checked with the tinker SDK's own code."""
     session.install(".", *TEST_DEPS, "tinker", TORCH)
@@ -81,14 +109,14 @@ def tests_tinker(session: nox.Session) -> None:
     )
 
 
-@nox.session(name="tests-docs")
+@session(name="tests-docs")
 def tests_docs(session: nox.Session) -> None:
     """Every Python code block of README.md and docs/ runs, page by page."""
     session.install(".", *TEST_DEPS, TORCH, "jax", "array-api-strict", "dask[array]", "matplotlib")
     session.run("pytest", "spec_tests/test_docs.py", "--docs", *session.posargs)
 
 
-@nox.session(name="tests-keras")
+@session(name="tests-keras")
 def tests_keras(session: nox.Session) -> None:
     """rg.Orthogonality against Keras 3's own OrthogonalRegularizer (torch backend)."""
     session.install(".", *TEST_DEPS, "keras", TORCH)
@@ -103,7 +131,7 @@ def tests_keras(session: nox.Session) -> None:
     )
 
 
-@nox.session
+@session()
 def distributed(session: nox.Session) -> None:
     """Scaling out (SPEC 11, spec_tests/distributed): a Dask LocalCluster of worker processes
     (a 1 GiB dump included), JAX on 8 forced CPU devices, torch.distributed with 2 gloo ranks,
@@ -119,7 +147,7 @@ def distributed(session: nox.Session) -> None:
     )
 
 
-@nox.session
+@session()
 def lint(session: nox.Session) -> None:
     """ruff (lint and format) on everything; mypy --strict on the package.
 
@@ -142,7 +170,7 @@ def lint(session: nox.Session) -> None:
     session.run("mypy")
 
 
-@nox.session
+@session()
 def docs(session: nox.Session) -> None:
     """The docs site, built with ``--strict``: every figure drawn, every page and API entry.
 
@@ -159,7 +187,7 @@ def docs(session: nox.Session) -> None:
     )
 
 
-@nox.session
+@session()
 def example(session: nox.Session) -> None:
     """The training example: a character-level model trained in PyTorch and JAX, then
     fine-tuned RL-style from a frozen reference; writes its curves to examples/output/."""
@@ -167,7 +195,7 @@ def example(session: nox.Session) -> None:
     session.run("python", "examples/train_charlm.py", *session.posargs, env={"MPLBACKEND": "Agg"})
 
 
-@nox.session
+@session()
 def bench(session: nox.Session) -> None:
     """The benchmark suite (not in the default run: CI time is for tests): value+metrics, the
     training path of every built-in, the per-call overhead, the compiled Pipeline and the
@@ -178,7 +206,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/run.py", *session.posargs)
 
 
-@nox.session
+@session()
 def demo(session: nox.Session) -> None:
     """The main job: the shipped sample logprobs through every regularizer on every backend."""
     session.install(".[numpy,torch,jax,dask]")
