@@ -440,7 +440,7 @@ class Pipeline:
             dtype = like.dtype
             if not xp.isdtype(dtype, "real floating") or dtype not in (xp.float32, xp.float64):
                 dtype = xp.float32
-            return xp.asarray(v, dtype=dtype, device=array_api_compat.device(like))
+            return xp.full((), v, dtype=dtype, device=array_api_compat.device(like))
 
         metrics: dict[str, Any] = {}
         loss: Array = None

@@ -15,7 +15,14 @@ import array_api_compat
 
 from .typing import Array, Namespace
 
-__all__ = ["autodiff_grad", "compute_lazy", "has_autodiff", "reshape", "stop_gradient"]
+__all__ = [
+    "autodiff_grad",
+    "compute_lazy",
+    "from_host",
+    "has_autodiff",
+    "reshape",
+    "stop_gradient",
+]
 
 
 def has_autodiff(xp: Namespace) -> bool:
@@ -52,6 +59,24 @@ def autodiff_grad(xp: Namespace, fn: Callable[[Any], Array], logprobs: Any) -> A
             logprobs = list(logprobs)
         return jax.grad(fn)(logprobs)
     raise TypeError(f"{xp.__name__} has no autodiff")
+
+
+def from_host(xp: Namespace, values: list[Any], dtype: Any, device: Any) -> Array:
+    """A 1-D array of host numbers (sequence lengths, ids) on ``device``, without waiting.
+
+    ``xp.asarray`` of a list is a copy from pageable host memory, and on CUDA such a copy
+    first waits for every kernel already queued: one stall of the training step per call.
+    torch on an accelerator gets a pinned buffer and a non-blocking copy instead (torch's
+    host allocator keeps the buffer until the copy is done); everything else ``asarray``.
+    Constants are made with ``xp.full`` instead, which fills on the device.
+    """
+    if array_api_compat.is_torch_namespace(xp) and device is not None:
+        import torch
+
+        if torch.device(device).type != "cpu":
+            host = torch.tensor(values, dtype=dtype, pin_memory=True)
+            return host.to(device, non_blocking=True)
+    return xp.asarray(values, dtype=dtype, device=device)
 
 
 def compute_lazy(*arrays: Any) -> tuple[Any, ...]:

@@ -23,7 +23,7 @@ from typing import Any
 import array_api_compat
 from array_api_compat import array_namespace, is_array_api_obj
 
-from .backends import reshape
+from .backends import from_host, reshape
 from .options import ByIdentity, Field
 from .typing import Array, Metrics, Namespace
 
@@ -165,8 +165,10 @@ def _to_namespace(value: Any, xp: Namespace, like: Array, what: str) -> Array:
     dev = array_api_compat.device(like)
     try:
         if is_array_api_obj(value):
-            if array_namespace(value) is xp:
-                return value
+            if array_namespace(value) is xp:  # (TensorData's tensors live on the host)
+                if dev is None or array_api_compat.device(value) == dev:
+                    return value
+                return array_api_compat.to_device(value, dev)
             try:
                 return xp.asarray(value, device=dev)
             except Exception:
@@ -371,7 +373,7 @@ class Batch:
         """A 0-d array of the compute dtype (values beyond its range clamped to its max)."""
         top = float(self.xp.finfo(self.dtype).max)
         value = min(max(value, -top), top)
-        return self.xp.asarray(value, dtype=self.dtype, device=self.device)
+        return self.xp.full((), value, dtype=self.dtype, device=self.device)
 
     def _expand(self, a: Array) -> Array:
         """A per-token ``[n]`` array broadcastable against ``values``."""
@@ -479,7 +481,7 @@ class Batch:
             return self._per_seq
         lengths = self.lengths
         if self.mask is None:
-            out = xp.asarray([float(n) for n in lengths], dtype=self.dtype, device=self.device)
+            out = from_host(xp, [float(n) for n in lengths], self.dtype, self.device)
         else:
             m = xp.astype(self.mask, self.dtype)
             if len(set(lengths)) == 1:  # rows of one length: one reshape
@@ -527,7 +529,7 @@ class Batch:
         def as_int(v: Any) -> Array:
             if is_array_api_obj(v):
                 return v
-            return xp.asarray(v, dtype=dt, device=self.device)
+            return xp.full((), v, dtype=dt, device=self.device)
 
         return {"tokens": as_int(n), "sequences": as_int(s)}
 
@@ -570,7 +572,7 @@ class Batch:
             return self.zero()
         if self.mask is None:
             return xp.max(p)
-        low = xp.asarray(-xp.inf, dtype=p.dtype, device=self.device)
+        low = xp.full((), -xp.inf, dtype=p.dtype, device=self.device)
         top = xp.max(xp.where(self.mask, p, low))
         return xp.where(top == low, xp.zeros_like(top), top)
 
@@ -618,7 +620,7 @@ class Batch:
         ids = _sequence_ids(self.lengths)
         if len(ids) == 1:  # Dask (2026.8) gives take(per, [0]) the shape of per, not (1,)
             return per[ids[0] : ids[0] + 1]
-        return xp.take(per, xp.asarray(ids, device=self.device), axis=0)
+        return xp.take(per, from_host(xp, ids, None, self.device), axis=0)
 
     def aggregate(self, p: Array, *, total: Array | None = None) -> Array:
         """The value of a per-token penalty ``p`` under ``reduce`` (honouring ``counts``).
@@ -872,4 +874,4 @@ def _as_count(xp: Namespace, v: Any, dtype: Any, device: Any) -> Array:
                 f"{xp.__name__}; pass numbers or arrays of the same library"
             )
         return xp.astype(v, dtype)
-    return xp.asarray(float(v), dtype=dtype, device=device)
+    return xp.full((), float(v), dtype=dtype, device=device)

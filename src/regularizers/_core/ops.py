@@ -24,10 +24,12 @@ def scalar(xp: Namespace, value: float, like: Array) -> Array:
     """A 0-d array of ``like``'s dtype and device (no Python-scalar promotion surprises).
 
     A finite ``value`` beyond the dtype's range (``clip=(-1e300, 0)`` on float32) becomes the
-    dtype's largest finite value of that sign, not an overflowing cast.
+    dtype's largest finite value of that sign, not an overflowing cast. Made by ``full``, a
+    fill on the device: ``asarray`` of a number is a host-to-device copy, and on CUDA one
+    waits for the kernels already queued.
     """
     value = clamp(value, float(xp.finfo(like.dtype).max))
-    return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like))
+    return xp.full((), value, dtype=like.dtype, device=array_api_compat.device(like))
 
 
 def clamp(value: float, top: float) -> float:
@@ -79,7 +81,7 @@ def row_norms(xp: Namespace, g: Array) -> tuple[Array, Array]:
     one = xp.ones_like(r)
     finite = xp.expand_dims(xp.isfinite(r), axis=-1)
     safe_r = xp.expand_dims(xp.where(xp.isfinite(r), r, one), axis=-1)
-    nan = xp.asarray(xp.nan, dtype=g.dtype, device=array_api_compat.device(g))
+    nan = xp.full((), xp.nan, dtype=g.dtype, device=array_api_compat.device(g))
     return norm, xp.where(finite, h / safe_r, nan)
 
 

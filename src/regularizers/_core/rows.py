@@ -20,7 +20,7 @@ __all__ = ["const", "kl_rows", "log_normalize", "log_softmax"]
 
 def const(xp: Namespace, value: float, like: Array) -> Array:
     """A 0-d array of ``like``'s dtype and device (``inf`` allowed)."""
-    return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like))
+    return xp.full((), value, dtype=like.dtype, device=array_api_compat.device(like))
 
 
 def log_normalize(xp: Namespace, z: Array) -> tuple[Array, Array]:

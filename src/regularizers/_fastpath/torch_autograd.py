@@ -355,7 +355,7 @@ class _Flat:
     def constant(self, value: float) -> Any:
         top = float(torch.finfo(self.dtype).max)
         value = min(max(value, -top), top)
-        return torch.tensor(value, dtype=self.dtype, device=self.values.device)
+        return torch.full((), value, dtype=self.dtype, device=self.values.device)
 
 
 def compute_plain(reg: Any, x: Any, kernel: Any) -> tuple[Array, Metrics] | None:

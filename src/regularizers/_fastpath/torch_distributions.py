@@ -271,7 +271,7 @@ def _entropy_penalty(o: dict[str, Any], h: Any, size: int) -> tuple[Any, Any]:
     threshold = o["threshold"]
     if threshold is None and sign > 0:
         return x, scale
-    tau = torch.tensor(top if threshold is None else threshold, dtype=h.dtype, device=h.device)
+    tau = torch.full((), top if threshold is None else threshold, dtype=h.dtype, device=h.device)
     excess = x - tau if sign > 0 else tau - x
     if threshold is None:  # log V - H, kept >= 0 (rounding); the slope stays -scale
         return excess.clamp_min(0.0), -scale
@@ -367,7 +367,7 @@ class KLGrad:
                 kept.append((p, d, q))
             else:
                 lses.put(sl, torch.cat([lse_p, lse_q], 1))
-        inf = torch.tensor(_INF, dtype=v.dtype, device=v.device)
+        inf = torch.full((), _INF, dtype=v.dtype, device=v.device)
         kl_r = gap_r = gap_f = None
         values = []
         if reverse:
@@ -413,9 +413,10 @@ class KLGrad:
                     assert keep_r is not None
                     assert keep_f is not None
                     pq = torch.sub(p, q)
-                    if not bool(keep_r[sl].all()):
+                    host = gb.device.type == "cpu"  # (on a GPU: multiply, no host read)
+                    if not (host and bool(keep_r[sl].all())):
                         gb.mul_(keep_r[sl])
-                    if not bool(keep_f[sl].all()):
+                    if not (host and bool(keep_f[sl].all())):
                         pq.mul_(keep_f[sl])
                     gb.add_(pq)
             gb.mul_(_rows(c, sl))

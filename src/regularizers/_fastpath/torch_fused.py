@@ -20,8 +20,10 @@ import math
 from functools import lru_cache
 from typing import Any
 
+import array_api_compat.torch as xp
 import torch
 
+from .._core.backends import from_host
 from .._core.ops import clamp
 from .common import reduced
 from .torch_distributions import GRAD as _CLASS_AXIS
@@ -192,7 +194,7 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
         if len(sums) == 1:
             mean, raw, cmin, cmax = sums[0] / n, m2s[0], lows[0], highs[0]
         else:  # Chan et al.'s combination of the blocks' means and squared deviations
-            total, k_b = torch.stack(sums), torch.tensor(sizes, dtype=dtype, device=x.device)
+            total, k_b = torch.stack(sums), from_host(xp, sizes, dtype, x.device)
             mean = total.sum() / n
             raw = torch.stack(m2s).sum() + (k_b * (total / k_b - mean) ** 2).sum()
             cmin, cmax = torch.stack(lows).min(), torch.stack(highs).max()
@@ -595,7 +597,7 @@ class GradientPenaltyGrad:
     @staticmethod
     def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
         w, norm, d = state
-        inv = torch.where(norm > 0, norm.reciprocal(), torch.zeros((), dtype=norm.dtype))
+        inv = torch.where(norm > 0, norm.reciprocal(), norm.new_zeros(()))
         factor = (d * inv).mul_(2.0 * _scaled(w, scale.to(batch.dtype)))
         return batch.values * factor[:, None]  # (an uncounted row holds 0: so is its slope)
 
@@ -616,7 +618,7 @@ class OrthogonalityGrad:
         if r < 2:
             return None
         sq = (a * a).sum(-1)
-        inv = torch.where(sq != 0, 1.0 / sq.sqrt(), torch.zeros((), dtype=sq.dtype))  # [N, r]
+        inv = torch.where(sq != 0, 1.0 / sq.sqrt(), sq.new_zeros(()))  # [N, r]
         c = torch.matmul(a, a.transpose(1, 2)).mul_(inv[:, :, None]).mul_(inv[:, None, :])
         absc = c.abs().clamp_(max=1.0)
         absc.diagonal(dim1=-2, dim2=-1).zero_()
