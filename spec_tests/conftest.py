@@ -8,6 +8,9 @@ Which configurations run is chosen with ``--backend NAME`` (repeatable) or the e
 variable ``REGULARIZERS_BACKENDS=numpy,torch``; by default all of them. A selected backend
 that cannot be imported is an error, never a skip: a run that says it covered torch did.
 
+``REGULARIZERS_TORCH_DEVICE=cuda`` puts the torch configuration's arrays on that device (the
+suite on a GPU: the same properties, and the kernels' device branches); by default the CPU.
+
 ``bk.call(fn, *arrays)`` is how tests call the library:
 
 - JAX (``jax_jit``): ``fn`` runs under ``jax.jit`` (the arrays are traced arguments);
@@ -51,6 +54,9 @@ if _cap := os.environ.get("REGULARIZERS_MAX_EXAMPLES"):
         max_examples=min(int(_cap), settings().max_examples),
     )
     settings.load_profile("capped")
+
+# Where the torch configuration's arrays live (None: torch's default, the CPU).
+TORCH_DEVICE = os.environ.get("REGULARIZERS_TORCH_DEVICE") or None
 
 
 class Backend(enum.Enum):
@@ -158,6 +164,9 @@ def selected_backends(config: pytest.Config) -> list[Backend]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "backends(*names): run only on these backends")
+    config.addinivalue_line(
+        "markers", "cuda: runs only with REGULARIZERS_TORCH_DEVICE=cuda (test_cuda.py)"
+    )
     if config.getoption("--keras"):  # keras picks its backend at import (tensorflow: not here)
         os.environ.setdefault("KERAS_BACKEND", "torch")
     for flag in _GATED.values():
@@ -178,7 +187,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return "regularizers backends: " + ", ".join(b.value for b in selected_backends(config))
+    names = [b.value for b in selected_backends(config)]
+    if TORCH_DEVICE is not None:
+        names = [f"{n} (on {TORCH_DEVICE})" if n == "torch" else n for n in names]
+    return "regularizers backends: " + ", ".join(names)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -229,7 +241,7 @@ class Harness:
         if self.library == "torch":
             import torch
 
-            return torch.asarray(a.copy())
+            return torch.asarray(a.copy(), device=TORCH_DEVICE)
         if self.library == "dask":
             import dask.array as da
 
@@ -340,17 +352,21 @@ def _namespace(backend: Backend) -> Any:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect (not skip) tests meant for backends this run does not select.
+    """Deselect (not skip) tests meant for backends this run does not select, and the CUDA
+    tests where the torch configuration is not on a GPU.
 
     A skip would read as "this backend was not covered"; a torch-only test in the NumPy
     session is simply not part of that session.
     """
+    on_cuda = str(TORCH_DEVICE).startswith("cuda")
     keep, drop = [], []
     for item in items:
         callspec = getattr(item, "callspec", None)
         wants_bk = "bk" in getattr(item, "fixturenames", ())
         params = callspec.params if callspec is not None else {}
-        (drop if wants_bk and not isinstance(params.get("bk"), Harness) else keep).append(item)
+        elsewhere = wants_bk and not isinstance(params.get("bk"), Harness)
+        off_device = item.get_closest_marker("cuda") is not None and not on_cuda
+        (drop if elsewhere or off_device else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

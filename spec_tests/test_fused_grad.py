@@ -30,6 +30,7 @@ import regularizers as rg
 from regularizers.testing import generic_path
 
 from . import strategies as S
+from .conftest import TORCH_DEVICE
 from .test_properties import CLASSES, convert, kwargs
 
 Harness = Any
@@ -72,9 +73,8 @@ def _cast(x: Any, dtype: str) -> Any:
 
     if isinstance(x, list):
         return [_cast(a, dtype) for a in x]
-    return torch.asarray(x.astype("float32" if dtype == "bfloat16" else dtype)).to(
-        getattr(torch, dtype)
-    )
+    x = x.astype("float32" if dtype == "bfloat16" else dtype)
+    return torch.asarray(x, device=TORCH_DEVICE).to(getattr(torch, dtype))
 
 
 def _mask_args(kind: str, mask: Any) -> tuple[Any, Any]:
@@ -83,14 +83,15 @@ def _mask_args(kind: str, mask: Any) -> tuple[Any, Any]:
 
     if kind == "none":
         return None, None
-    m = [torch.asarray(a) for a in mask] if isinstance(mask, list) else torch.asarray(mask)
+    m = [torch.asarray(a, device=TORCH_DEVICE) for a in _listed(mask)]
+    m = m if isinstance(mask, list) else m[0]
     return ({"w": m}, rg.Field("w")) if kind == "field" else (None, m)
 
 
 def _close(got: Any, want: Any, rtol: float, atol: float, what: str) -> None:
     for a, b in zip(_listed(got), _listed(want), strict=True):
-        a = a.detach().double().numpy()
-        b = b.detach().double().numpy()
+        a = a.detach().double().cpu().numpy()
+        b = b.detach().double().cpu().numpy()
         assert a.shape == b.shape, what
         np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, equal_nan=True, err_msg=what)
 
@@ -289,7 +290,7 @@ def test_a_pipelines_terms_share_one_node_equal_to_the_generic_path(
     ]
     dtype = data.draw(st.sampled_from(["float32", "float64"]), label="dtype")
     x = _cast(xs, dtype)
-    d = {"w": [torch.asarray(w) for w in ws]}
+    d = {"w": [torch.asarray(w, device=TORCH_DEVICE) for w in ws]}
 
     def run() -> Any:
         leaves = [a.detach().clone().requires_grad_(True) for a in x]
@@ -380,16 +381,28 @@ def test_consistency_kernel_equals_the_generic_path(bk: Harness, metric: str, re
     x = [[-1.0, -inf, -inf, 0.5, 2.0, -3.0], [0.0, -2.0]]
     y = [[-1.5, -inf, 0.0, 0.5, nan, inf], [1.0, -2.0]]
     m = [[1.0, 1.0, 1.0, 1.0, 0.0, 0.0], [1.0, 1.0]]
-    data = {"y": [torch.tensor(a, dtype=torch.float64) for a in y]}
-    data["m"] = [torch.tensor(a, dtype=torch.float64) for a in m]
+    data = {"y": [torch.tensor(a, dtype=torch.float64, device=TORCH_DEVICE) for a in y]}
+    data["m"] = [torch.tensor(a, dtype=torch.float64, device=TORCH_DEVICE) for a in m]
     reg = rg.Consistency(rg.Field("y"), metric=metric, reduce=reduce, mask=rg.Field("m"))
     with pytest.MonkeyPatch.context() as mp, _spy(mp) as ran:
-        got = _autograd(reg, data, [torch.tensor(a, dtype=torch.float64) for a in x], None, None)
+        got = _autograd(
+            reg,
+            data,
+            [torch.tensor(a, dtype=torch.float64, device=TORCH_DEVICE) for a in x],
+            None,
+            None,
+        )
         assert got[0].grad_fn.name() == ROUTED
     assert ran[:1] == ["consistency.forward"], ran
     assert ran[-1] == "grad", ran
     with generic_path():
-        want = _autograd(reg, data, [torch.tensor(a, dtype=torch.float64) for a in x], None, None)
+        want = _autograd(
+            reg,
+            data,
+            [torch.tensor(a, dtype=torch.float64, device=TORCH_DEVICE) for a in x],
+            None,
+            None,
+        )
     torch.testing.assert_close(got[0], want[0])
     assert got[1].keys() == want[1].keys()
     for k in got[1]:
@@ -413,13 +426,14 @@ def test_gradient_penalty_kernel_equals_the_generic_path(
     if special is not None:
         x[1][1][0] = special
     m = [[1.0, 1.0, 0.0], [1.0]]
-    data = {"m": [torch.tensor(a, dtype=torch.float64) for a in m]}
+    data = {"m": [torch.tensor(a, dtype=torch.float64, device=TORCH_DEVICE) for a in m]}
     reg = rg.GradientPenalty(target_norm=0.5, axis=0, reduce=reduce, mask=rg.Field("m"))
-    lp = [torch.tensor(a, dtype=torch.float64) for a in x]
+    lp = [torch.tensor(a, dtype=torch.float64, device=TORCH_DEVICE) for a in x]
     with pytest.MonkeyPatch.context() as mp, _spy(mp) as ran:
         got = _autograd(reg, data, lp, None, None)
         assert got[0].grad_fn.name() == ROUTED
-    assert (ran[:1] == ["gradient_penalty.forward"]) == (special is None), ran
+    on_host = TORCH_DEVICE in (None, "cpu")  # (on a GPU its host-read check hands over)
+    assert (ran[:1] == ["gradient_penalty.forward"]) == (special is None and on_host), ran
     with generic_path():
         want = _autograd(reg, data, lp, None, None)
     torch.testing.assert_close(got[0], want[0], equal_nan=True)
@@ -444,8 +458,8 @@ def test_orthogonality_kernel_equals_the_generic_path(bk: Harness, special: Any,
     w[3, 0, 0] = np.inf  # masked below
     if special is not None:
         w[2, 1, 1] = special
-    x = torch.from_numpy(w if mode == "rows" else np.swapaxes(w, 1, 2).copy())
-    data = {"m": torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)}
+    x = torch.asarray(w if mode == "rows" else np.swapaxes(w, 1, 2).copy(), device=TORCH_DEVICE)
+    data = {"m": torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64, device=TORCH_DEVICE)}
     reg = rg.Orthogonality(mode=mode, reduce="mean", mask=rg.Field("m"))
     with pytest.MonkeyPatch.context() as mp, _spy(mp) as ran:
         got = _autograd(reg, data, x, None, None)
@@ -472,8 +486,8 @@ def test_parameters_take_the_route(bk: Harness, reg: Any) -> None:
     def run(routed: bool) -> Any:
         rng = np.random.default_rng(0)
         ws = [
-            torch.nn.Parameter(torch.from_numpy(rng.normal(size=(4, 3)))),
-            torch.nn.Parameter(torch.from_numpy(rng.normal(size=(2, 4, 3)))),
+            torch.nn.Parameter(torch.asarray(rng.normal(size=(4, 3)), device=TORCH_DEVICE)),
+            torch.nn.Parameter(torch.asarray(rng.normal(size=(2, 4, 3)), device=TORCH_DEVICE)),
         ]
         out = []
         for lp in (ws[0], ws):

@@ -36,7 +36,7 @@ def _leaves(torch: Any, x: Any) -> Any:
 
 def _flat(torch: Any, grads: Any) -> np.ndarray:
     parts = grads if isinstance(grads, (list, tuple)) else [grads]
-    return flat64([p.detach().numpy() for p in parts])
+    return flat64([p.detach().cpu().numpy() for p in parts])
 
 
 @pytest.mark.parametrize("cls", CLOSED, ids=[c.__name__ for c in CLOSED])
