@@ -120,6 +120,44 @@ def test_batch_field_reads_a_second_field_aligned_with_the_values(bk: Harness) -
         reg.compute({"ref_logprobs": [ref[0], ref[0]]}, x)
 
 
+class _CountingData(dict[str, Any]):
+    """``data`` that counts how often each key is read."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.reads: dict[str, int] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        self.reads[key] = self.reads.get(key, 0) + 1
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize(
+    ("reg", "key", "event"),
+    [
+        (rg.Consistency(paired=rg.Field("y")), "y", 0),
+        (rg.KL(reference=rg.Field("y")), "y", 1),
+        (rg.JSD(reference=rg.Field("y")), "y", 1),
+    ],
+    ids=["Consistency", "KL", "JSD"],
+)
+def test_a_field_is_read_once_per_call(bk: Harness, reg: Any, key: str, event: int) -> None:
+    """A penalty that reads a field twice in one call (its ``valid_tokens``, then its value)
+    reads ``data`` once: the Batch keeps what it read, in the call's layout; the next call
+    reads again."""
+    rng = np.random.default_rng(0)
+    shapes = [(3, 4), (2, 4)] if event else [(3,), (5,)]
+    x = [bk.asarray(rng.normal(size=s)) for s in shapes]
+    ys = [rng.normal(size=s) for s in shapes]
+    want, _ = reg.compute({key: ys}, x)
+    data = _CountingData({key: ys})
+    got, _ = reg.compute(data, x)
+    assert data.reads == {key: 1}
+    assert bk.float(got) == bk.float(want)
+    reg.value_and_grad(data, x)
+    assert data.reads == {key: 2}
+
+
 def test_counts_are_integer_arrays_of_the_callers_namespace(bk: Harness) -> None:
     x = bk.asarray(np.array([[-1.0, -2.0, 0.0], [-0.5, 0.0, -3.0]]))
     counts = bk.call(lambda lp: rg.L1().counts(None, lp, mask=np.array([[0, 0, 0], [1, 0, 1]])), x)

@@ -289,6 +289,7 @@ class Batch:
         "_counts",
         "_data",
         "_den",
+        "_fields",
         "_is_list",
         "_local",
         "_moved",
@@ -336,6 +337,7 @@ class Batch:
     _seq_count: Any
     _per_seq: Any
     _den: Any
+    _fields: dict[str, tuple[Array, bool]]
     _watch: list[str] | None
     _zero: Any
 
@@ -348,6 +350,8 @@ class Batch:
             self._watch = None
         if "_zero" not in kw:
             self._zero = None
+        if "_fields" not in kw:  # (shared with restrict's and constant_values' copies:
+            self._fields = {}  # the same data, read into the same layout)
 
     def constant_values(self, values: Array, watch: list[str]) -> Batch:
         """This Batch with ``values`` replaced (e.g. by a copy cut out of an autodiff graph);
@@ -407,26 +411,33 @@ class Batch:
             ref = ref.value
         if isinstance(ref, str):
             ref = Field(ref)
+        if isinstance(ref, Field) and ref.key in self._fields:  # read before in this call
+            flat, differentiable = self._fields[ref.key]
+            if differentiable and self._watch is not None:
+                self._watch.append(f"{role} Field({ref.key!r})")
+            return self.where_counted(flat) if counted else flat
         if isinstance(ref, Field):
             arrays = read_field(self._data, ref.key, xp, like, role)
             what = f"{role} Field({ref.key!r})"
         else:
             what = role
             arrays = _values_of(ref, xp, like, role)
-        want = [tuple(a.shape) for a in self._target_arrays]
-        got = [tuple(a.shape) for a in arrays]
-        if got != want:
+        want = [a.shape for a in self._target_arrays]
+        got = [a.shape for a in arrays]
+        if got != want:  # (shapes compare as tuples; made tuples for the message only)
             raise ValueError(
-                f"{what} shape {_fmt_shapes(got)} does not match the target's shape "
-                f"{_fmt_shapes(want)}"
+                f"{what} shape {_fmt_shapes([tuple(s) for s in got])} does not match the "
+                f"target's shape {_fmt_shapes([tuple(s) for s in want])}"
             )
-        for i, a in enumerate(arrays):
-            _check_float(xp, a, f"{what} array {i}")
-        if self._watch is not None and any(getattr(a, "requires_grad", False) for a in arrays):
+        _check_floats(xp, arrays, lambda i: f"{what} array {i}")
+        differentiable = any(getattr(a, "requires_grad", False) for a in arrays)
+        if differentiable and self._watch is not None:
             self._watch.append(what)
         flat = self._flatten(arrays)
         if flat.dtype != self.dtype:
             flat = xp.astype(flat, self.dtype)
+        if isinstance(ref, Field):  # (a penalty may read it twice: valid_tokens, then _run)
+            self._fields[ref.key] = (flat, differentiable)
         return self.where_counted(flat) if counted else flat
 
     # ---- restricting the tokens that count ------------------------------------------------
