@@ -233,8 +233,10 @@ def _size(shape: tuple[int, ...]) -> int:
     return math.prod([int(d) for d in shape])
 
 
-def _fmt_shapes(shapes: list[tuple[int, ...]]) -> str:
-    return str(shapes[0]) if len(shapes) == 1 else "[" + ", ".join(map(str, shapes)) + "]"
+def _fmt_shapes(shapes: Sequence[Sequence[int]]) -> str:
+    """``(2,)``, or ``[(2,), (3,)]`` for a list (shapes printed as tuples: a torch.Size too)."""
+    out = [str(tuple(s)) for s in shapes]
+    return out[0] if len(out) == 1 else "[" + ", ".join(out) + "]"
 
 
 def check_counts(counts: object) -> dict[str, Any] | None:
@@ -424,10 +426,10 @@ class Batch:
             arrays = _values_of(ref, xp, like, role)
         want = [a.shape for a in self._target_arrays]
         got = [a.shape for a in arrays]
-        if got != want:  # (shapes compare as tuples; made tuples for the message only)
+        if got != want:  # (a shape is a tuple: torch.Size is one too)
             raise ValueError(
-                f"{what} shape {_fmt_shapes([tuple(s) for s in got])} does not match the "
-                f"target's shape {_fmt_shapes([tuple(s) for s in want])}"
+                f"{what} shape {_fmt_shapes(got)} does not match the target's shape "
+                f"{_fmt_shapes(want)}"
             )
         _check_floats(xp, arrays, lambda i: f"{what} array {i}")
         differentiable = any(getattr(a, "requires_grad", False) for a in arrays)
@@ -765,7 +767,7 @@ def prepare(
                 "array needs the same"
             )
     if moved is None and not event_ndim:  # (the common case, one comprehension per datum)
-        token_shapes = [tuple(a.shape) for a in target_arrays]
+        token_shapes = [a.shape for a in target_arrays]  # (tuples: torch.Size is one)
     else:
         token_shapes = [tuple(_moved_shape(a, moved)[: a.ndim - event_ndim]) for a in target_arrays]
 
@@ -817,7 +819,7 @@ def prepare(
         else:
             mask_arrays = _values_of(mask, xp, like, "mask")
             what = "mask"
-        mask_shapes = [tuple(m.shape) for m in mask_arrays]
+        mask_shapes = [m.shape for m in mask_arrays]
         if mask_shapes != token_shapes:
             per = " (one value per token: the shape without the class axis)" if event_ndim else ""
             raise ValueError(

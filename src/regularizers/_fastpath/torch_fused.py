@@ -47,14 +47,13 @@ def zero_uncounted(a: Any, mask: Any, fresh: bool = False) -> Any:
     its check ~20 us, in place on an array of the call's own (no allocation; see
     ``benchmarks/profile_training.py``); on other devices, the ``where``."""
     m = mask if a.ndim == 1 else mask.reshape((-1,) + (1,) * (a.ndim - 1))
-    zero = torch.zeros((), dtype=a.dtype, device=a.device)
     if a.device.type != "cpu" or mask.dtype != torch.bool or not a.is_floating_point():
-        return torch.where(m, a, zero)
+        return torch.where(m, a, a.new_zeros(()))
     keep = m.view(torch.uint8).to(a.dtype)  # (then a same-dtype product: ~2x faster)
     z = a.mul_(keep) if fresh else a * keep
     if math.isfinite(z.sum().item()):
         return z
-    return torch.where(m, z, zero)  # (counted entries of z are a's own, by the product)
+    return torch.where(m, z, z.new_zeros(()))  # (counted entries of z: a's own, by the product)
 
 
 def _flat(logprobs: Any) -> Any:
