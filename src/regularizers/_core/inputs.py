@@ -553,11 +553,12 @@ class Batch:
         return total / self._clamped(by)
 
     def _clamped(self, by: Array) -> Array:
-        """``max(by, 1)``; for the count, what every ``*_mean`` divides by, once per call."""
+        """``max(by, 1)``; for the count, what every ``*_mean`` divides by, once per call.
+        (``clip`` with a number: one call, where ``maximum`` needs a second array.)"""
         if by is not self._count:
-            return self.xp.maximum(by, self.xp.ones_like(by))
+            return self.xp.clip(by, min=1.0)
         if self._den is None:
-            object.__setattr__(self, "_den", self.xp.maximum(by, self.xp.ones_like(by)))
+            object.__setattr__(self, "_den", self.xp.clip(by, min=1.0))
         return self._den
 
     # ---- reductions over counted tokens ------------------------------------------------------
