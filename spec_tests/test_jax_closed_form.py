@@ -6,8 +6,8 @@ draws the options (every ``reduce``, clip bounds on the kinks, center, target), 
 ragged lists, dtypes (float16 and bfloat16 included), values on the kinks (0, the clip bounds)
 and beyond (±inf, NaN), masks whose masked entries hold ±inf or NaN, and ``counts``; value,
 metrics and ``jax.grad`` must equal the generic path's (``generic_path()``), eagerly and
-under ``jax.jit``, and the custom_jvp must really be in the traced program. ZLoss, KL and
-GradientPenalty, traced, take a closed form per row: their drawn cases (-inf classes and
+under ``jax.jit``, and the custom_jvp must really be in the traced program. ZLoss, KL, JSD,
+Entropy and GradientPenalty, traced, take a closed form per row: their drawn cases (-inf classes and
 rows, zero rows, masks hiding ±inf/NaN, counts, half precision) equal the generic path with
 the mask and the reference as traced arguments.
 """
@@ -287,8 +287,8 @@ def test_grad_of_jit_with_a_traced_mask_and_counts(bk: Harness) -> None:
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
 
 
-# ---- penalties over rows: ZLoss, KL, GradientPenalty -------------------------------------------
-ROWS = [rg.ZLoss, rg.KL, rg.GradientPenalty]
+# ---- penalties over rows: ZLoss, KL, JSD, Entropy, GradientPenalty ------------------------------
+ROWS = [rg.ZLoss, rg.KL, rg.JSD, rg.Entropy, rg.GradientPenalty]
 
 
 def _hide(x: Any, mask: Any, hidden: float) -> Any:
@@ -396,18 +396,23 @@ def test_gradient_penalty_rows_beyond_the_plain_sum_of_squares(bk: Harness, dtyp
         np.testing.assert_allclose(_np(grad), _np(want_grad), rtol=rtol, atol=0, err_msg=str(r))
 
 
+HOWS = ("reverse", "forward", "symmetric")
+
+
 def test_a_differentiated_reference_gets_the_generic_derivative(bk: Harness) -> None:
-    """KL's reference is an argument of the custom_jvp: differentiated (rare), its
+    """KL's and JSD's reference is an argument of the custom_jvp: differentiated (rare), its
     derivative is JAX's derivative of the same maths, as on the generic path."""
     import jax
     import jax.numpy as jnp
 
     z = jnp.asarray([[0.5, -1.0, 2.0], [1.0, -jnp.inf, 0.0]])
     r = jnp.asarray([[0.0, 0.25, 1.0], [-1.0, -jnp.inf, 3.0]])
-    for how in ("reverse", "forward", "symmetric"):
+    regs = [lambda b, how=how: rg.KL(b, direction=how, temperature=1.5) for how in HOWS]
+    regs.append(lambda b: rg.JSD(b, beta=0.3, temperature=1.5))
+    for make in regs:
 
-        def f(a: Any, b: Any, how: str = how) -> Any:
-            return rg.KL(b, direction=how, temperature=1.5)(a)[0]
+        def f(a: Any, b: Any, make: Any = make) -> Any:
+            return make(b)(a)[0]
 
         g = jax.grad(f, argnums=(0, 1))
         got = (jax.jit(g) if bk.jit else g)(z, r)

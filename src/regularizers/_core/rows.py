@@ -1,6 +1,7 @@
 """The maths of rows of scores along the last axis, NaN-free under -inf classes.
 
-:func:`log_normalize`, :func:`log_softmax` and :func:`kl_rows` with the conventions that
+:func:`log_normalize`, :func:`log_softmax`, :func:`entropy_rows`, :func:`kl_rows` and
+:func:`jsd_rows` with the conventions that
 ``distributions`` documents (the double ``where``, ``log p = 0`` at -inf classes, +inf with
 gradient 0 for a support gap). Here, apart from the penalties' machinery, so that the JAX
 closed form (``_fastpath``) can use the same functions.
@@ -15,7 +16,7 @@ import array_api_compat
 from .backends import stop_gradient
 from .typing import Array, Namespace
 
-__all__ = ["const", "kl_rows", "log_normalize", "log_softmax"]
+__all__ = ["const", "entropy_rows", "jsd_rows", "kl_rows", "log_normalize", "log_softmax"]
 
 
 def const(xp: Namespace, value: float, like: Array) -> Array:
@@ -53,6 +54,20 @@ def log_softmax(
     keep = z != -xp.inf
     logp = xp.where(keep, raw, const(xp, 0.0, z))
     return logp, (xp.exp(raw) if probs else None), lse, keep
+
+
+def entropy_rows(
+    xp: Namespace, z: Array, temperature: float, grad: bool
+) -> tuple[Array, Array | None]:
+    """Per-row entropy ``H = -Σ p log p`` of ``p = softmax(z/T)`` and (``grad``) its
+    gradient w.r.t. ``z``, ``-p ⊙ (log p + H) / T``; NaN-free under -inf (0 · log 0 = 0)."""
+    t = temperature
+    logp, p, _, _ = log_softmax(xp, z / t if t != 1.0 else z)
+    assert p is not None
+    h = -xp.sum(p * logp, axis=-1)
+    if not grad:
+        return h, None
+    return h, (logp + xp.reshape(h, (-1, 1))) * p * (-1.0 / t)
 
 
 def _gap(xp: Namespace, here: Array, there: Array) -> Array:
@@ -100,3 +115,29 @@ def kl_rows(
     if g_all is not None and temperature != 1.0:
         g_all = g_all / temperature
     return value, g_all
+
+
+def jsd_rows(
+    xp: Namespace, z: Array, r: Array, beta: float, temperature: float, grad: bool
+) -> tuple[Array, Array | None]:
+    """Per-row JSD_β and (``grad``) its gradient w.r.t. ``z``; NaN-free under -inf."""
+    t = temperature
+    logp, p, _, kp = log_softmax(xp, z / t if t != 1.0 else z)
+    logq, q, _, kq = log_softmax(xp, r / t if t != 1.0 else r)
+    assert p is not None
+    assert q is not None
+    ninf, zero, one = const(xp, -math.inf, z), const(xp, 0.0, z), const(xp, 1.0, z)
+    a = xp.where(kq, logq + math.log(beta), ninf)  # log(β q), -inf where q = 0
+    b = xp.where(kp, logp + math.log1p(-beta), ninf)  # log((1 - β) p)
+    either = xp.logical_or(kp, kq)
+    top = stop_gradient(xp, xp.maximum(a, b))
+    top = xp.where(either, top, zero)  # a class masked in both: no -inf - -inf
+    u = xp.exp(a - top) + xp.exp(b - top)
+    logm = top + xp.log(xp.where(either, u, one))  # log m; 0 where both are masked
+    kl_q = xp.sum(q * (logq - logm), axis=-1)  # q = 0 wherever logq is the safe 0
+    kl_p = xp.sum(p * (logp - logm), axis=-1)
+    value = beta * kl_q + (1.0 - beta) * kl_p
+    if not grad:
+        return value, None
+    g = p * (logp - logm - xp.reshape(kl_p, (-1, 1)))
+    return value, g * ((1.0 - beta) / t)

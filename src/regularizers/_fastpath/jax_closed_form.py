@@ -34,8 +34,8 @@ on bounds read at run time (:func:`clip`): exact, NaN-propagating, and not rewri
 array; a pass centred on a mean known only at run time loops over cache-sized blocks
 (:func:`_chunked`).
 
-ZLoss, KL and GradientPenalty, traced, take a closed form per row (``ROWS``, below), with
-the mask, ``reduce`` and ``counts`` outside the custom_jvp: they may be traced.
+ZLoss, KL, JSD, Entropy and GradientPenalty, traced, take a closed form per row (``ROWS``,
+below), with the mask, ``reduce`` and ``counts`` outside the custom_jvp: they may be traced.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from .._core.ops import clamp, row_norm_parts
-from .._core.rows import kl_rows, log_normalize
+from .._core.rows import entropy_rows, jsd_rows, kl_rows, log_normalize
 
 __all__ = ["GRAD", "PRIMAL", "ROUTED", "value_and_metrics"]
 
@@ -277,7 +277,7 @@ GRAD: dict[str, Callable[[Any, Any], Any]] = {"l1_sparsity": _l1_grad, "l2_weigh
 
 
 # ---- penalties over rows: a closed form per token ---------------------------------------------
-# ZLoss, KL and GradientPenalty, traced: the per-token penalty of every row at once is a
+# ZLoss, KL, JSD, Entropy and GradientPenalty, traced: the per-token penalty of every row is a
 # ``jax.custom_jvp`` of the rows (and of the reference, an argument like the values, so
 # nothing traced is closed over), whose JVP is the penalty's own per-row closed form
 # (``d p_i = Σ_v g_iv dz_iv``), and everything after it (the mask, ``reduce``, ``counts``,
@@ -321,12 +321,15 @@ def z_loss(reg: Any, batch: Any) -> Out:
     return batch.aggregate(p, total=raw), metrics
 
 
-def _kl_rows(how: str, t: float) -> Callable[[Any, Any], Any]:
-    """The per-row KL of ``(z, r)``: its JVP in ``z`` is ``kl_rows``'s closed form; a
-    reference being differentiated too (rare) gets JAX's derivative of the same maths."""
+def _against_reference(
+    closed: Callable[[Any, Any, bool], tuple[Any, Any]],
+) -> Callable[[Any, Any], Any]:
+    """The per-row penalty of ``(z, r)`` that ``closed(z, r, grad)`` computes (``kl_rows``,
+    ``jsd_rows``): its JVP in ``z`` is the closed form; a reference being differentiated too
+    (rare) gets JAX's derivative of the same maths."""
 
     def plain(z: Any, r: Any) -> Any:
-        return kl_rows(jnp, z, r, how, t, False)[0]
+        return closed(z, r, False)[0]
 
     @jax.custom_jvp
     def rows(z: Any, r: Any) -> Any:
@@ -336,7 +339,7 @@ def _kl_rows(how: str, t: float) -> Callable[[Any, Any], Any]:
         (z, r), (dz, dr) = primals, tangents
         if not _symbolic_zero(dr):
             return jax.jvp(plain, (z, r), (_tangent(dz, z), dr))
-        value, g = kl_rows(jnp, z, r, how, t, True)
+        value, g = closed(z, r, True)
         if _symbolic_zero(dz):
             return value, jnp.zeros_like(value)
         return value, jnp.sum(g * dz, axis=-1)
@@ -346,10 +349,47 @@ def _kl_rows(how: str, t: float) -> Callable[[Any, Any], Any]:
 
 
 def kl(reg: Any, batch: Any) -> Out:
+    how, t = reg.direction, reg.temperature
     ref = batch.field(reg.reference, role="reference", counted=False)
-    p = _kl_rows(reg.direction, reg.temperature)(batch.values, ref)
+    p = _against_reference(lambda z, r, g: kl_rows(jnp, z, r, how, t, g))(batch.values, ref)
     raw = batch.sum(p)
     return batch.aggregate(p, total=raw), batch.metrics("kl", p, total=raw)
+
+
+def jsd(reg: Any, batch: Any) -> Out:
+    beta, t = reg.beta, reg.temperature
+    ref = batch.field(reg.reference, role="reference", counted=False)
+    p = _against_reference(lambda z, r, g: jsd_rows(jnp, z, r, beta, t, g))(batch.values, ref)
+    raw = batch.sum(p)
+    return batch.aggregate(p, total=raw), batch.metrics("jsd", p, total=raw)
+
+
+def _entropy_rows(t: float) -> Callable[[Any], Any]:
+    """The per-row entropy ``H`` of the scores: its JVP is ``entropy_rows``'s closed form."""
+
+    @jax.custom_jvp
+    def rows(z: Any) -> Any:
+        return entropy_rows(jnp, z, t, False)[0]
+
+    def jvp(primals: Any, tangents: Any) -> Any:
+        (z,), (dz,) = primals, tangents
+        h, g = entropy_rows(jnp, z, t, True)
+        return h, jnp.sum(g * dz, axis=-1)
+
+    rows.defjvp(jvp)
+    return rows
+
+
+def entropy(reg: Any, batch: Any) -> Out:
+    """``H`` per row through its closed form; the penalty of ``H`` (normalization, mode, the
+    hinge) is the penalty's own maths, which JAX differentiates (0 on the hinge's flat side
+    and at its kink, as the closed form says)."""
+    h = _entropy_rows(reg.temperature)(batch.values)
+    p, _ = reg._penalty(jnp, h, int(batch.values.shape[-1]))
+    raw = batch.sum(p)
+    metrics = batch.metrics("entropy", p, total=raw)
+    metrics["entropy_mean"] = batch.mean(h)
+    return batch.aggregate(p, total=raw), metrics
 
 
 def _sum_squares(g: Any) -> tuple[Any, Any]:
@@ -401,6 +441,8 @@ def gradient_penalty(reg: Any, batch: Any) -> Out:
 ROWS: dict[str, Callable[[Any, Any], Out]] = {
     "z_loss": z_loss,
     "kl": kl,
+    "jsd": jsd,
+    "entropy": entropy,
     "gradient_penalty": gradient_penalty,
 }
 

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 from .. import checks
-from .._core.backends import stop_gradient
 from .._core.distributions import (
     OverClasses,
     axis_option,
     blockwise,
-    const,
-    log_softmax,
     operand_option,
     require,
     temperature_option,
@@ -19,7 +14,8 @@ from .._core.distributions import (
 )
 from .._core.inputs import Batch
 from .._core.options import option
-from .._core.typing import Array, Metrics, Namespace
+from .._core.rows import jsd_rows
+from .._core.typing import Array, Metrics
 
 __all__ = ["JSD"]
 
@@ -94,29 +90,3 @@ class JSD(OverClasses, name="jsd"):
         (p,), g = blockwise(batch, rows, [self._reference(batch)], grad=grad)
         raw = batch.sum(p)
         return batch.aggregate(p, total=raw), batch.metrics("jsd", p, total=raw), g
-
-
-def jsd_rows(
-    xp: Namespace, z: Array, r: Array, beta: float, temperature: float, grad: bool
-) -> tuple[Array, Array | None]:
-    """Per-row JSD_β and (``grad``) its gradient w.r.t. ``z``; NaN-free under -inf."""
-    t = temperature
-    logp, p, _, kp = log_softmax(xp, z / t if t != 1.0 else z)
-    logq, q, _, kq = log_softmax(xp, r / t if t != 1.0 else r)
-    assert p is not None
-    assert q is not None
-    ninf, zero, one = const(xp, -math.inf, z), const(xp, 0.0, z), const(xp, 1.0, z)
-    a = xp.where(kq, logq + math.log(beta), ninf)  # log(β q), -inf where q = 0
-    b = xp.where(kp, logp + math.log1p(-beta), ninf)  # log((1 - β) p)
-    either = xp.logical_or(kp, kq)
-    top = stop_gradient(xp, xp.maximum(a, b))
-    top = xp.where(either, top, zero)  # a class masked in both: no -inf - -inf
-    u = xp.exp(a - top) + xp.exp(b - top)
-    logm = top + xp.log(xp.where(either, u, one))  # log m; 0 where both are masked
-    kl_q = xp.sum(q * (logq - logm), axis=-1)  # q = 0 wherever logq is the safe 0
-    kl_p = xp.sum(p * (logp - logm), axis=-1)
-    value = beta * kl_q + (1.0 - beta) * kl_p
-    if not grad:
-        return value, None
-    g = p * (logp - logm - xp.reshape(kl_p, (-1, 1)))
-    return value, g * ((1.0 - beta) / t)
