@@ -12,12 +12,12 @@ from .._core.distributions import (
     axis_option,
     blockwise,
     const,
-    log_softmax,
     temperature_option,
     valid_rows,
 )
 from .._core.inputs import Batch
 from .._core.options import option
+from .._core.rows import entropy_rows
 from .._core.typing import Array, Metrics, Namespace
 
 __all__ = ["Entropy"]
@@ -95,15 +95,13 @@ class Entropy(OverClasses, name="entropy"):
         size = int(batch.values.shape[-1])
 
         def rows(z: Array) -> tuple[list[Array], Array | None]:
-            logp, p, _, _ = log_softmax(xp, z / t if t != 1.0 else z)
-            assert p is not None
-            h = -xp.sum(p * logp, axis=-1)
+            h, dh = entropy_rows(xp, z, t, grad)  # dH/dz = -p (log p + H) / T
             penalty, slope = self._penalty(xp, h, size)
-            if not grad:
+            if dh is None:
                 return [penalty, h], None
-            # dH / d(z/T) = -p (log p + H); times d penalty / dH and 1/T, in three passes
-            minus = -slope / t if isinstance(slope, float) else xp.reshape(slope, (-1, 1)) / -t
-            return [penalty, h], (logp + xp.reshape(h, (-1, 1))) * p * minus
+            if isinstance(slope, float):  # times d penalty / dH
+                return [penalty, h], (dh if slope == 1.0 else dh * slope)
+            return [penalty, h], dh * xp.reshape(slope, (-1, 1))
 
         (p, h), g = blockwise(batch, rows, grad=grad)
         raw = batch.sum(p)
