@@ -348,20 +348,28 @@ def _against_reference(
     return rows
 
 
-def kl(reg: Any, batch: Any) -> Out:
-    how, t = reg.direction, reg.temperature
-    ref = batch.field(reg.reference, role="reference", counted=False)
-    p = _against_reference(lambda z, r, g: kl_rows(jnp, z, r, how, t, g))(batch.values, ref)
-    raw = batch.sum(p)
-    return batch.aggregate(p, total=raw), batch.metrics("kl", p, total=raw)
+def _reference_penalty(
+    name: str, closed: Callable[[Any, Any, Any, bool], tuple[Any, Any]]
+) -> Callable[[Any, Any], Out]:
+    """The ``ROWS`` entry of a penalty of the scores against a reference field, whose rows
+    ``closed(reg, z, r, grad)`` computes."""
+
+    def penalty(reg: Any, batch: Any) -> Out:
+        ref = batch.field(reg.reference, role="reference", counted=False)
+        rows = _against_reference(lambda z, r, grad: closed(reg, z, r, grad))
+        p = rows(batch.values, ref)
+        raw = batch.sum(p)
+        return batch.aggregate(p, total=raw), batch.metrics(name, p, total=raw)
+
+    return penalty
 
 
-def jsd(reg: Any, batch: Any) -> Out:
-    beta, t = reg.beta, reg.temperature
-    ref = batch.field(reg.reference, role="reference", counted=False)
-    p = _against_reference(lambda z, r, g: jsd_rows(jnp, z, r, beta, t, g))(batch.values, ref)
-    raw = batch.sum(p)
-    return batch.aggregate(p, total=raw), batch.metrics("jsd", p, total=raw)
+kl = _reference_penalty(
+    "kl", lambda reg, z, r, grad: kl_rows(jnp, z, r, reg.direction, reg.temperature, grad)
+)
+jsd = _reference_penalty(
+    "jsd", lambda reg, z, r, grad: jsd_rows(jnp, z, r, reg.beta, reg.temperature, grad)
+)
 
 
 def _entropy_rows(t: float) -> Callable[[Any], Any]:
