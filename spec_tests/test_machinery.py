@@ -158,6 +158,21 @@ def test_a_field_is_read_once_per_call(bk: Harness, reg: Any, key: str, event: i
     assert data.reads == {key: 2}
 
 
+@pytest.mark.parametrize(
+    "reduce", ["sum", "mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-mean"]
+)
+def test_an_empty_stack_is_zero_under_every_reduce(bk: Harness, reduce: str) -> None:
+    """A ``[0, T]`` stack (no sequence at all): value and metrics 0, the gradient ``[0, T]``
+    (``seq-mean-token-mean`` once failed here, taking sequence ids from an empty list)."""
+    x = bk.asarray(np.zeros((0, 3)))
+    for reg in (rg.L1(reduce=reduce), rg.L2(reduce=reduce, center="mean")):
+        value, metrics = bk.call(lambda lp, reg=reg: reg.compute(None, lp), x)
+        assert bk.float(value) == 0.0
+        assert all(bk.float(m) == 0.0 for m in metrics.values())
+        _, _, grad = bk.call(lambda lp, reg=reg: reg.value_and_grad(None, lp), x)
+        assert tuple(grad.shape) == (0, 3)
+
+
 def test_counts_are_integer_arrays_of_the_callers_namespace(bk: Harness) -> None:
     x = bk.asarray(np.array([[-1.0, -2.0, 0.0], [-0.5, 0.0, -3.0]]))
     counts = bk.call(lambda lp: rg.L1().counts(None, lp, mask=np.array([[0, 0, 0], [1, 0, 1]])), x)

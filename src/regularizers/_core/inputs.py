@@ -632,6 +632,8 @@ class Batch:
                 (-1,),
             )
         ids = _sequence_ids(self.lengths)
+        if not ids:  # no sequence, no token (a [0, T] stack): no weights
+            return xp.zeros((0,), dtype=self.dtype, device=self.device)
         if len(ids) == 1:  # Dask (2026.8) gives take(per, [0]) the shape of per, not (1,)
             return per[ids[0] : ids[0] + 1]
         return xp.take(per, from_host(xp, ids, None, self.device), axis=0)
