@@ -31,8 +31,8 @@ elementwise operation in it adds measurably to its time. Clipping is ``min(max(v
 on bounds read at run time (:func:`clip`): exact, NaN-propagating, and not rewritten into a
 ``clamp`` (``jnp.clip``, or constant bounds, would be), which is not fused into reductions.
 ``l2_max`` comes from ``max |d|`` or from the extrema of the input, never from a squared
-array; a pass centred on a mean known only at run time loops over cache-sized blocks
-(:func:`_chunked`).
+array; a pass centred on a mean known only at run time clips in the shifted frame
+(:func:`_shifted_clip`), so that no clipped array is shared by two reductions.
 
 ZLoss, KL, JSD, Entropy and GradientPenalty, traced, take a closed form per row (``ROWS``,
 below), with the mask, ``reduce`` and ``counts`` outside the custom_jvp: they may be traced.
@@ -182,19 +182,20 @@ def l2(reg: Any, batch: Any) -> Out | None:
 
 def _l2_unmasked(v: Any, lo: Any, hi: Any, center: Any, top: float) -> tuple[Any, Any]:
     """Σd² and max |d| with d = clip(v) - center, every reduction reading ``v`` once with its
-    elementwise work fused in. A value used by two reductions, or shifted by a mean known
-    only at run time, is what XLA would write out in full: so the extrema come from those
-    of ``v`` (clipping and shifting are monotone), and the centred pass with a run-time mean
-    runs over blocks of ``CHUNK`` elements in a loop, where its temporaries stay in cache."""
+    elementwise work fused in. A value used by two reductions is what XLA would write out in
+    full: so the extrema come from those of ``v`` (clipping and shifting are monotone, and so
+    is rounding), and the centred pass clips in the shifted frame (:func:`_shifted_clip`), an
+    expression XLA does not share with the first pass's ``clip``."""
     if center == "mean":
-        (total,) = _rows(v, (lambda u: clip(u, lo, hi), jnp.sum))
+        total, high, low = _rows(v, (lambda u: clip(u, lo, hi), jnp.sum), *_EXTREMA)
         mu = total / v.shape[0]
-
-        def block(u: Any) -> tuple[Any, Any]:
-            d = clip(u, lo, hi) - mu
-            return jnp.sum(d * d), jnp.max(jnp.abs(d), initial=0.0)
-
-        return _chunked(v, block)
+        (raw,) = _rows(v, (lambda u: jnp.square(_shifted_clip(u, lo, hi, mu)), jnp.sum))
+        high, low = clip(high, lo, hi) - mu, clip(low, lo, hi) - mu
+        # a mean that is not finite (an infinity survived the clip, or the sum overflowed):
+        # Σ(c - mu)² is inf, or NaN where some c - mu is inf - inf, which only the extreme
+        # c can be; u - mu in the shifted frame may be NaN where c - mu is not
+        raw = jnp.where(jnp.isfinite(mu), raw, high * high + low * low)
+        return raw, jnp.maximum(jnp.abs(high), jnp.abs(low))
     k = None if center is None else jnp.asarray(clamp(center, top), v.dtype)
 
     def deviation(u: Any) -> Any:
@@ -203,15 +204,28 @@ def _l2_unmasked(v: Any, lo: Any, hi: Any, center: Any, top: float) -> tuple[Any
 
     if lo is None and hi is None and k is None:
         return _rows(v, (lambda u: u * u, jnp.sum), (jnp.abs, jnp.max))
-    raw, high, low = _rows(
-        v, (lambda u: jnp.square(deviation(u)), jnp.sum), (_same, jnp.max), (_same, jnp.min)
-    )
+    raw, high, low = _rows(v, (lambda u: jnp.square(deviation(u)), jnp.sum), *_EXTREMA)
     high, low = deviation(high), deviation(low)
     return raw, jnp.maximum(jnp.abs(high), jnp.abs(low))
 
 
+def _shifted_clip(u: Any, lo: Any, hi: Any, mu: Any) -> Any:
+    """``clip(u, lo, hi) - mu`` as ``clip(u - mu, lo - mu, hi - mu)``: bit-identical for a
+    finite ``mu`` (``fl(u - mu)`` is monotone in ``u``, so a clipped ``u`` lands on
+    ``fl(lo - mu)`` or ``fl(hi - mu)`` either way; NaN stays NaN)."""
+    d = u - mu
+    if lo is not None:
+        d = jnp.maximum(d, jnp.asarray(lo, u.dtype) - mu)
+    if hi is not None:
+        d = jnp.minimum(d, jnp.asarray(hi, u.dtype) - mu)
+    return d
+
+
 def _same(u: Any) -> Any:
     return u
+
+
+_EXTREMA = ((_same, jnp.max), (_same, jnp.min))
 
 
 def _row_length(n: int) -> int | None:
@@ -234,26 +248,6 @@ def _rows(v: Any, *reductions: tuple[Callable[[Any], Any], Callable[..., Any]]) 
         return tuple(reduce(f(v)) for f, reduce in reductions)
     b = jnp.reshape(v, (v.shape[0] // k, k))
     return tuple(reduce(reduce(f(b), axis=-1)) for f, reduce in reductions)
-
-
-CHUNK = 1 << 13  # elements per step of the centred pass: 32 KiB of float32, in L1/L2 cache
-
-
-def _chunked(v: Any, block: Callable[[Any], tuple[Any, Any]]) -> tuple[Any, Any]:
-    """``block`` (a sum and a max) over ``v`` in steps of ``CHUNK`` elements, combined."""
-    n = v.shape[0]
-    steps = n // CHUNK
-
-    def step(i: Any, acc: Any) -> Any:
-        s, m = block(jax.lax.dynamic_slice_in_dim(v, i * CHUNK, CHUNK))
-        return acc[0] + s, jnp.maximum(acc[1], m)
-
-    zero = jnp.zeros((), v.dtype)
-    acc = jax.lax.fori_loop(0, steps, step, (zero, zero)) if steps else (zero, zero)
-    if n % CHUNK:
-        s, m = block(v[steps * CHUNK :])
-        acc = (acc[0] + s, jnp.maximum(acc[1], m))
-    return acc
 
 
 PRIMAL: dict[str, Callable[[Any, Any], Out | None]] = {"l1_sparsity": l1, "l2_weight_decay": l2}
