@@ -234,11 +234,13 @@ class Regularizer:
         counts: Mapping[str, Any] | None = None,
         call: str = "compute(data, logprobs)",
         _zero: Any = None,
+        _known: Any = None,
     ) -> Batch:
         """The :class:`~regularizers.Batch` of one call (validated, flattened, masked).
 
-        ``_zero`` is internal: a native path's exact replacement for the ``where`` that sets
-        uncounted tokens to 0 (see ``_core.inputs.prepare``)."""
+        ``_zero`` and ``_known`` are internal: a native path's exact replacement for the
+        ``where`` that sets uncounted tokens to 0, and the namespace of ``logprobs`` where
+        the caller has checked them already (see ``_core.inputs.prepare``)."""
         m = self._opts["mask"] if mask is UNSET else checks.mask("mask", mask)
         batch = prepare(
             data,
@@ -252,6 +254,7 @@ class Regularizer:
             axis=getattr(self, "axis", -1),
             call=call,
             zero=_zero,
+            known=_known,
         )
         valid = self.valid_tokens(batch)
         return batch if valid is None else batch.restrict(valid)

@@ -726,6 +726,7 @@ def prepare(
     axis: int = -1,
     call: str = "compute(data, logprobs)",
     zero: Any = None,
+    known: Namespace | None = None,
 ) -> Batch:
     """Validate and flatten one call's inputs.
 
@@ -733,13 +734,20 @@ def prepare(
     ``where`` (``a`` with the rows of uncounted tokens set to 0) by a native path's exact
     equivalent, which may write into ``a`` where ``fresh`` says it is this call's own array:
     the torch training path passes one that is cheaper on the CPU
-    (``torch_fused.zero_uncounted``).
+    (``torch_fused.zero_uncounted``). ``known``, where given, is the namespace of
+    ``logprobs`` as its caller has already checked it: one array or a non-empty list of
+    arrays of that namespace, all of a real floating dtype (the torch training path reads
+    their types and dtypes once for its own conditions; a batch of 64 tensors is not walked
+    again).
     """
     check_data(data, logprobs, call)
-    arrays = as_arrays(logprobs)
-    xp = namespace_of(arrays)
     is_list = isinstance(logprobs, (list, tuple))
-    _check_floats(xp, arrays, lambda i: f"logprobs[{i}]" if is_list else "logprobs")
+    if known is not None:
+        arrays, xp = list(logprobs) if is_list else [logprobs], known  # type: ignore[call-overload]
+    else:
+        arrays = as_arrays(logprobs)
+        xp = namespace_of(arrays)
+        _check_floats(xp, arrays, lambda i: f"logprobs[{i}]" if is_list else "logprobs")
     like = arrays[0]
 
     if isinstance(target, Field):

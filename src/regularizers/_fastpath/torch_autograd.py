@@ -42,6 +42,7 @@ import math
 from typing import Any
 
 import torch
+from array_api_compat import array_namespace
 
 from .._core.typing import Array, Metrics
 from .common import disabled
@@ -257,7 +258,15 @@ def compute(
                         ]
                     )
                 lp = flat  # the same values, without walking the list again
-            batch = reg.prepare(data, lp, mask=mask, counts=counts, call=call, _zero=zero_uncounted)
+            batch = reg.prepare(
+                data,
+                lp,
+                mask=mask,
+                counts=counts,
+                call=call,
+                _zero=zero_uncounted,
+                _known=_XP if floats else None,  # (types and dtypes read above)
+            )
             if batch._target_arrays is not batch._arrays:  # a Field target: its own gradient
                 return None
             object.__setattr__(batch, "_watch", watch)
@@ -293,6 +302,7 @@ def compute(
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLOAT_SET = frozenset(_FLOATS)
+_XP = array_namespace(torch.empty(0))  # the namespace of every tensor of _TENSORS
 _TENSORS = frozenset([torch.Tensor, torch.nn.Parameter])
 
 
