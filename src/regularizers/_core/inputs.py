@@ -742,6 +742,7 @@ def prepare(
     """
     check_data(data, logprobs, call)
     is_list = isinstance(logprobs, (list, tuple))
+    arrays: list[Array]
     if known is not None:
         arrays, xp = list(logprobs) if is_list else [logprobs], known  # type: ignore[call-overload]
     else:
