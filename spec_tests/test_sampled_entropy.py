@@ -105,3 +105,17 @@ def test_options() -> None:
     with pytest.raises(TypeError, match="behavior"):
         rg.SampledEntropy(behavior=1.0)
     assert repr(rg.SampledEntropy(mode="minimize")) == "SampledEntropy(mode='minimize')"
+
+
+@pytest.mark.parametrize("mode", ["maximize", "minimize"])
+def test_on_policy_value_at_a_logprob_of_minus_inf_is_infinite(bk: Harness, mode: str) -> None:
+    """On-policy rho = exp(lp - sg(lp)) is 1 at lp = -inf too: p = ∓lp = ∓inf there, by
+    ``compute`` and by ``value_and_grad`` alike (``lp - lp`` would make it NaN)."""
+    reg = rg.SampledEntropy(mode=mode)
+    x = bk.asarray(np.array([-np.inf, -1.0]))
+    with np.errstate(all="ignore"):
+        value, _ = bk.call(traced(reg, "compute"), x, None)
+        value2, _, _ = bk.call(traced(reg, "vag"), x, None)
+    want = -np.inf if mode == "maximize" else np.inf
+    assert bk.float(value) == want
+    assert bk.float(value2) == want

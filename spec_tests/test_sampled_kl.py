@@ -349,3 +349,19 @@ def test_unbiased_k3_has_k2s_gradient_per_token(
     scale = np.exp(np.abs(lp - np.array(ref)))  # k3 and k3' are this large before cancelling
     diff = np.abs(np.asarray(bk.to_numpy(g3)) - np.asarray(bk.to_numpy(g2)))
     assert np.all(diff <= 4e-16 * scale + 1e-300), (diff, scale)
+
+
+@pytest.mark.parametrize(("estimator", "bad"), [("k1", -np.inf), ("k1", np.inf), ("k3", np.inf)])
+def test_unbiased_value_at_a_non_finite_logprob_is_the_estimators(
+    bk: Harness, estimator: str, bad: float
+) -> None:
+    """rho = exp(lp - sg(lp)) is 1 at lp = ±inf too, so the value there is k's (±inf
+    propagates), by ``compute`` and by ``value_and_grad`` alike (``lp - lp`` would be NaN)."""
+    lp, ref = np.array([bad, -1.0]), np.array([-2.0, -2.0])
+    reg = rg.SampledKL(REF, estimator=estimator, gradient="unbiased")
+    x, d = bk.asarray(lp), {"ref_logprobs": bk.asarray(ref)}
+    with np.errstate(all="ignore"):
+        value, _ = bk.call(traced(reg, "compute"), x, d)
+        value2, _, _ = bk.call(traced(reg, "vag"), x, d)
+    assert bk.float(value) == bad  # k1: d = ±inf; k3 at d = +inf: e^-inf - 1 + inf
+    assert bk.float(value2) == bad

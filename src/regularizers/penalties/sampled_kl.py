@@ -23,13 +23,17 @@ def importance_ratio(batch: Batch, behavior: Any, *, through_lp: bool) -> Array 
 
     ``behavior`` given: b is read from it and rho is differentiated through lp. Without it,
     ``through_lp`` makes rho = exp(lp - stop_gradient(lp)): value 1, gradient rho·∂lp.
+    Its value is 1 at a non-finite lp too (where ``lp - lp`` is NaN), so that the penalty
+    there is its k or lp, as the closed form and every fast path give (±inf propagates):
+    the ratio is taken of lp with its non-finite entries set to 0 (derivative 0 there).
     Shared by :class:`SampledKL` and ``SampledEntropy``.
     """
     xp, lp = batch.xp, batch.values
     if behavior is not None:
         return xp.exp(lp - batch.field(behavior, role="behavior"))
     if through_lp:
-        return xp.exp(lp - stop_gradient(xp, lp))
+        finite = xp.where(xp.isfinite(lp), lp, xp.zeros_like(lp))
+        return xp.exp(finite - stop_gradient(xp, finite))
     return None
 
 
