@@ -10,6 +10,8 @@ closed form (``_fastpath``) can use the same functions.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import array_api_compat
 
@@ -58,16 +60,23 @@ def log_softmax(
 
 def entropy_rows(
     xp: Namespace, z: Array, temperature: float, grad: bool
-) -> tuple[Array, Array | None]:
-    """Per-row entropy ``H = -Σ p log p`` of ``p = softmax(z/T)`` and (``grad``) its
-    gradient w.r.t. ``z``, ``-p ⊙ (log p + H) / T``; NaN-free under -inf (0 · log 0 = 0)."""
+) -> tuple[Array, Callable[[Any], Array] | None]:
+    """Per-row entropy ``H = -Σ p log p`` of ``p = softmax(z/T)``, NaN-free under -inf
+    (0 · log 0 = 0), and (``grad``) ``dh(s)``: ``s`` times its gradient w.r.t. ``z``,
+    ``-s · p ⊙ (log p + H) / T``, with ``s`` (a number or one per row, e.g. a penalty's
+    slope in ``H``) folded into the same pass."""
     t = temperature
     logp, p, _, _ = log_softmax(xp, z / t if t != 1.0 else z)
     assert p is not None
     h = -xp.sum(p * logp, axis=-1)
     if not grad:
         return h, None
-    return h, (logp + xp.reshape(h, (-1, 1))) * p * (-1.0 / t)
+
+    def dh(s: Any) -> Array:
+        factor = -s / t if isinstance(s, (int, float)) else xp.reshape(s, (-1, 1)) / -t
+        return (logp + xp.reshape(h, (-1, 1))) * p * factor
+
+    return h, dh
 
 
 def _gap(xp: Namespace, here: Array, there: Array) -> Array:

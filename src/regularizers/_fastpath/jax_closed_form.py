@@ -375,8 +375,9 @@ def _entropy_rows(t: float) -> Callable[[Any], Any]:
 
     def jvp(primals: Any, tangents: Any) -> Any:
         (z,), (dz,) = primals, tangents
-        h, g = entropy_rows(jnp, z, t, True)
-        return h, jnp.sum(g * dz, axis=-1)
+        h, dh = entropy_rows(jnp, z, t, True)
+        assert dh is not None
+        return h, jnp.sum(dh(1.0) * dz, axis=-1)
 
     rows.defjvp(jvp)
     return rows

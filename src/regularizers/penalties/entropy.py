@@ -97,11 +97,8 @@ class Entropy(OverClasses, name="entropy"):
         def rows(z: Array) -> tuple[list[Array], Array | None]:
             h, dh = entropy_rows(xp, z, t, grad)  # dH/dz = -p (log p + H) / T
             penalty, slope = self._penalty(xp, h, size)
-            if dh is None:
-                return [penalty, h], None
-            if isinstance(slope, float):  # times d penalty / dH
-                return [penalty, h], (dh if slope == 1.0 else dh * slope)
-            return [penalty, h], dh * xp.reshape(slope, (-1, 1))
+            # times d penalty / dH, in the same pass
+            return [penalty, h], (None if dh is None else dh(slope))
 
         (p, h), g = blockwise(batch, rows, grad=grad)
         raw = batch.sum(p)
