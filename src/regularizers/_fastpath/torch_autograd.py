@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from array_api_compat import array_namespace
 
+from .._core.inputs import check_data
 from .._core.typing import Array, Metrics
 from .common import disabled
 from .torch_fused import PLAIN, zero_uncounted
@@ -258,6 +259,13 @@ def compute(
                         ]
                     )
                 lp = flat  # the same values, without walking the list again
+                if counts is None and reg.name in PLAIN and reg._opts["target"] == "logprobs":
+                    if data is not None:  # (what prepare would check first)
+                        check_data(data, logprobs, call)
+                    run = _flat_run(reg, flat, kernels[reg.name], results)
+                    if run is not None:
+                        runs.append(run)
+                        continue
             batch = reg.prepare(
                 data,
                 lp,
@@ -366,6 +374,20 @@ class _Flat:
         top = float(torch.finfo(self.dtype).max)
         value = min(max(value, -top), top)
         return torch.full((), value, dtype=self.dtype, device=self.values.device)
+
+
+def _flat_run(reg: Any, flat: Any, kernel: Any, results: list[Any]) -> _Run | None:
+    """A plain term (see :func:`_plain`) with a fused kernel over a list's concatenation,
+    ``flat``, without a Batch: what :func:`compute_plain` does for one tensor. Its
+    ``(value, metrics)`` is appended to ``results``; None where the kernel declines (then a
+    Batch is prepared)."""
+    batch = _Flat(flat, reg._opts["reduce"])
+    got = kernel.forward(reg, batch)
+    if got is None:
+        return None
+    value, metrics, state = got
+    results.append((value, metrics))
+    return _Run(reg, batch, kernel, state)
 
 
 def compute_plain(reg: Any, x: Any, kernel: Any) -> tuple[Array, Metrics] | None:
