@@ -424,7 +424,10 @@ class Batch:
         else:
             what = role
             arrays = _values_of(ref, xp, like, role)
-        want = [a.shape for a in self._target_arrays]
+        if not self.event_ndim and self._moved is None:  # the target's shapes, as recorded
+            want = self._token_shapes
+        else:
+            want = [a.shape for a in self._target_arrays]
         got = [a.shape for a in arrays]
         if got != want:  # (a shape is a tuple: torch.Size is one too)
             raise ValueError(
