@@ -125,7 +125,7 @@ class ClosedForm(torch.autograd.Function):
                 total = g if total is None else total.add_(g)
         assert total is not None  # (some go is not None)
         if call.direct:  # (a gradient for a tensor that needs none is dropped by autograd)
-            return (None, None, *torch.split(total, call.shape.lengths))
+            return (None, None, *total.split_with_sizes(call.shape.lengths))
         return (None, None, *_pieces(call.shape, total, ctx.needs_input_grad[2:]))
 
 
@@ -176,7 +176,7 @@ def _pieces(batch: Any, g: Any, needed: tuple[bool, ...]) -> list[Any]:
         a = arrays[0]
         return [g.reshape(a.shape).to(a.dtype)]
     out: list[Any] = []
-    for p, a, need in zip(torch.split(g, list(batch.lengths)), arrays, needed, strict=True):
+    for p, a, need in zip(g.split_with_sizes(list(batch.lengths)), arrays, needed, strict=True):
         if not need:
             out.append(None)
             continue
