@@ -65,7 +65,7 @@ def _flat(logprobs: Any) -> Any:
     if type(logprobs) is torch.Tensor:  # the common case, with the fewest checks
         if logprobs.dtype not in _FLOATS or (logprobs.requires_grad and torch.is_grad_enabled()):
             return None
-        return logprobs.reshape(-1)
+        return logprobs if logprobs.ndim == 1 else logprobs.reshape(-1)  # (a view: ~0.7 us)
     arrays = list(logprobs)
     if arrays and getattr(arrays[0], "requires_grad", False) and torch.is_grad_enabled():
         return None  # (the training path's call: no walk over the list)
@@ -126,7 +126,8 @@ def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     dtype = _dtype(x)
     probs = reg._opts["target"] == "probs"
     if n <= SMALL and not probs:
-        raw = torch.linalg.vector_norm(x, 1, dtype=dtype)  # one kernel: fewest calls
+        # one kernel: fewest calls (dtype= only where it differs: the argument costs 0.2 us)
+        raw = torch.linalg.vector_norm(x, 1, dtype=None if x.dtype == dtype else dtype)
     elif n <= BLOCK and not probs:
         raw = x.abs().sum(dtype=dtype)
     elif probs:  # Σ exp(x) >= 0
