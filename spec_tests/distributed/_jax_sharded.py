@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 jax.config.update("jax_enable_x64", True)
 
-from _cases import MODES, close, combine, pipeline, regularizers, rows  # noqa: E402
+from _cases import MASK, MODES, close, combine, pipeline, ragged, regularizers, rows  # noqa: E402
 
 import regularizers as rg  # noqa: E402
 
@@ -201,6 +201,73 @@ def _value(obj: Any, data: Any, x: Any, counts: Any) -> Any:
     return obj.compute(data, x, counts=counts)[0]
 
 
+def _readers() -> dict[str, Any]:
+    """Regularizers that read other arrays of ``data`` (its ``mask``, ``ref``, ``paired`` and
+    ``scores`` fields), for :func:`check_devices`."""
+    return {
+        "L1(mask)": rg.L1(mask=MASK),
+        "SampledKL(ref, mask)": rg.SampledKL(rg.Field("ref"), mask=MASK, reduce="mean"),
+        "Consistency(paired)": rg.Consistency(rg.Field("paired")),
+        "L2(target=Field)": rg.L2(target=rg.Field("ref"), reduce="seq-mean-token-mean"),
+        "KL(scores)": rg.KL(rg.Field("scores"), mask=MASK),
+        "Pipeline": rg.Pipeline(
+            [(rg.L1(mask=MASK), 0.5), (rg.L2(clip=(-4.0, 0.0)), 2.0)], metrics="array"
+        ),
+    }
+
+
+def _listed(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else [v]
+
+
+def check_devices() -> None:
+    """Eager calls: fields of ``data`` committed to other devices than the logprobs (one
+    array, or a list spread over several devices) are brought to the logprobs' device, so
+    the results (``compute``, ``value_and_grad``) equal the all-on-one-device ones, and
+    value, metrics and gradients are on the logprobs' device. (Under ``jax.jit`` and
+    ``jax.grad`` the logprobs are tracers, which have no device to bring a field to: there
+    JAX's own rule holds, arrays committed to different devices raise.)"""
+    import numpy as np
+
+    devices = jax.devices()
+    home = devices[0]
+    xs, masks = ragged()
+    rng = np.random.default_rng(7)
+    refs = [-rng.gamma(0.8, 1.5, size=a.shape) for a in xs]
+    scores = [rng.normal(size=(a.shape[0], 5)) for a in xs]
+
+    def put(v: Any, spread: bool) -> Any:
+        """On the logprobs' device, or (``spread``) away from it: datum i of a list on
+        device 1 + i % 3, a list across devices."""
+        if not isinstance(v, list):
+            return jax.device_put(v, devices[1] if spread else home)
+        return [jax.device_put(a, devices[1 + i % 3] if spread else home) for i, a in enumerate(v)]
+
+    for layout, shape in (("one array", np.concatenate), ("a list", list)):
+        fields = {"mask": masks, "ref": refs, "paired": refs, "scores": scores}
+        near = {k: put(shape(v), False) for k, v in fields.items()}
+        away = {k: put(shape(v), True) for k, v in fields.items()}
+        for name, obj in _readers().items():
+            arg = near["scores"] if name.startswith("KL") else put(shape(xs), False)
+            call = obj if isinstance(obj, rg.Pipeline) else obj.compute
+            want, want_metrics = call(near, arg)
+            _, _, want_grads = obj.value_and_grad(near, arg)
+            value, metrics = call(away, arg)
+            value2, metrics2, grads = obj.value_and_grad(away, arg)
+            what = f"devices {layout}: {name}"
+            close(value, want, f"{what}: value")
+            close(value2, want, f"{what}: value_and_grad value")
+            for k in want_metrics:
+                close(metrics[k], want_metrics[k], f"{what}: {k}")
+            for got, grad in zip(_listed(grads), _listed(want_grads), strict=True):
+                close(got, grad, f"{what}: gradient")
+                assert got.devices() == {home}, (what, got.devices())
+            for out in (value, value2, *metrics.values(), *metrics2.values()):
+                if not isinstance(out, float):  # (a Pipeline's term weights are floats)
+                    assert out.devices() == {home}, (what, out.devices())
+            ok(what)
+
+
 if __name__ == "__main__":
-    {"jit": check_jit, "shard_map": check_shard_map}[sys.argv[1]]()
+    {"jit": check_jit, "shard_map": check_shard_map, "devices": check_devices}[sys.argv[1]]()
     print("passed", len(PASSED), flush=True)

@@ -1,5 +1,6 @@
 """SPEC 11, JAX: sharded inputs under ``jit`` and ``counts`` + ``psum`` under ``shard_map``,
-on 8 CPU devices. XLA reads ``--xla_force_host_platform_device_count`` when jax is first
+on 8 CPU devices; and (SPEC 4) fields of ``data`` on other devices than the logprobs, brought
+to theirs. XLA reads ``--xla_force_host_platform_device_count`` when jax is first
 imported, so the checks run in a fresh interpreter (``_jax_sharded.py``)."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ MESHES = (
 )
 # shard_map: every regularizer (each option set) of every reduce mode, and a Pipeline
 SPLIT = sum(len(v) for v in OPTIONS.values())
-EXPECTED = {"jit": len(MESHES), "shard_map": SPLIT * len(MODES) + 1}
+EXPECTED = {"jit": len(MESHES), "shard_map": SPLIT * len(MODES) + 1, "devices": 2 * 6}
 
 
 @pytest.mark.parametrize("part", sorted(EXPECTED))
@@ -28,6 +29,8 @@ def test_jax_on_8_devices(part: str) -> None:
     oks = [line for line in lines if line.startswith(f"ok {part} ")]
     if part == "jit":
         assert oks == [f"ok jit {mesh}" for mesh in MESHES], out
+    elif part == "devices":  # one array and a list, each with 6 regularizers reading fields
+        assert len(oks) == EXPECTED[part], out
     else:
         assert len(oks) == EXPECTED[part], out
         for mode in MODES[1:]:  # "sum" is the default, which repr leaves out

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import array_api_compat
@@ -184,6 +184,28 @@ def _to_namespace(value: Any, xp: Namespace, like: Array, what: str) -> Array:
         f"{what} must be an array, a list of numbers or an object with to_numpy(), "
         f"got {type(value).__name__}"
     )
+
+
+def _joined_on(device: Any, join: Any, arrays: list[Array]) -> Array:
+    """``join(arrays)`` (their concatenation) on ``device``: one check of the result where
+    the arrays share a device (the common case), else each is brought over first (a join
+    across devices raises; any other error is raised again by the second join)."""
+    try:
+        out = join(arrays)
+    except (RuntimeError, ValueError):
+        if device is None:
+            raise
+        out = join([_on(device, a) for a in arrays])
+    return _on(device, out)
+
+
+def _on(device: Any, a: Array) -> Array:
+    """``a`` on ``device`` (the logprobs'): a field of the caller's own library kept on
+    another device is brought over, as a field from ``data`` always is. ``device`` is None
+    where arrays have none to compare (traced under ``jax.jit``)."""
+    if device is None or array_api_compat.device(a) == device:
+        return a
+    return array_api_compat.to_device(a, device)
 
 
 def _values_of(value: Any, xp: Namespace, like: Array, what: str) -> list[Array]:
@@ -438,7 +460,7 @@ class Batch:
         differentiable = any(getattr(a, "requires_grad", False) for a in arrays)
         if differentiable and self._watch is not None:
             self._watch.append(what)
-        flat = self._flatten(arrays)
+        flat = self._flatten_field(arrays)
         if flat.dtype != self.dtype:
             flat = xp.astype(flat, self.dtype)
         if isinstance(ref, Field):  # (a penalty may read it twice: valid_tokens, then _run)
@@ -473,6 +495,11 @@ class Batch:
         object.__setattr__(out, "_seq_count", self._seq_count if "sequences" in given else None)
         object.__setattr__(out, "_per_seq", None)
         return out
+
+    def _flatten_field(self, arrays: list[Array]) -> Array:
+        """:meth:`_flatten` of another array of the call (a field, a reference), on the
+        logprobs' device (see :func:`_joined_on`)."""
+        return _joined_on(self.device, self._flatten, arrays)
 
     def _flatten(self, arrays: list[Array]) -> Array:
         xp, k = self.xp, self.event_ndim
@@ -818,7 +845,8 @@ def prepare(
         _seq_count=None,
         _zero=zero,
     )
-    t = batch._flatten(target_arrays)
+    flatten = batch._flatten if target_arrays is arrays else batch._flatten_field
+    t = flatten(target_arrays)
     fresh = len(target_arrays) > 1  # a new array of this call's own (a concatenation)
     if is_low_precision(xp, t.dtype):
         t, fresh = xp.astype(t, xp.float32), True
@@ -848,7 +876,7 @@ def prepare(
                 raise TypeError(f"{what} array {i} must be bool, integer or real, got dtype {d}")
         if len(kinds) == 1:  # one dtype: one concatenation, then one comparison
             flat = [m if m.ndim == 1 else reshape(xp, m, (-1,)) for m in mask_arrays]
-            mask_flat = flat[0] if len(flat) == 1 else xp.concat(flat)
+            mask_flat = _joined_on(batch.device, partial(_concat, xp), flat)
             if not xp.isdtype(mask_flat.dtype, "bool"):  # nonzero (NaN too) is counted
                 mask_flat = xp.astype(mask_flat, xp.bool)  # (several times cheaper than != 0)
         else:
@@ -856,7 +884,7 @@ def prepare(
                 reshape(xp, m if xp.isdtype(m.dtype, "bool") else xp.astype(m, xp.bool), (-1,))
                 for m in mask_arrays
             ]
-            mask_flat = xp.concat(flat)
+            mask_flat = _joined_on(batch.device, partial(_concat, xp), flat)
         object.__setattr__(batch, "mask", mask_flat)
         count = _count(xp, mask_flat, t.dtype)
         # before any transform: exp(NaN) would otherwise reach the gradient as 0 · NaN
@@ -877,6 +905,10 @@ def prepare(
             )
     object.__setattr__(batch, "_count", count)
     return batch
+
+
+def _concat(xp: Namespace, rows: list[Array]) -> Array:
+    return rows[0] if len(rows) == 1 else xp.concat(rows)
 
 
 def _count(xp: Namespace, mask: Array, dtype: Any) -> Array:
