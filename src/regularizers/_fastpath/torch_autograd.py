@@ -259,10 +259,11 @@ def compute(
                         ]
                     )
                 lp = flat  # the same values, without walking the list again
-                if counts is None and reg.name in PLAIN and reg._opts["target"] == "logprobs":
+                kernel = kernels.get(reg.name) if reg.name in PLAIN else None
+                if kernel is not None and counts is None and reg._opts["target"] == "logprobs":
                     if data is not None:  # (what prepare would check first)
                         check_data(data, logprobs, call)
-                    run = _flat_run(reg, flat, kernels[reg.name], results)
+                    run = _flat_run(reg, flat, kernel, results)
                     if run is not None:
                         runs.append(run)
                         continue
