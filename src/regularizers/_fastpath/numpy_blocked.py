@@ -11,7 +11,6 @@ formula, so it needs no second pass over memory.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -28,21 +27,6 @@ def _arrays(logprobs: Any) -> list[np.ndarray] | None:
     if not arrays or any(type(a) is not np.ndarray or a.dtype.type not in _FLOATS for a in arrays):
         return None  # the generic path validates and raises the proper errors
     return arrays
-
-
-def _sum(b: np.ndarray) -> float:
-    """Σ of a block as a dot product with ones: BLAS's vectorized loop, 2.4x faster than
-    NumPy's pairwise ``sum`` over a 64Ki-element float32 block on this machine (5.2 against
-    12.6 us), with the same inf and NaN (``x · 1`` is ``x``); the block is short, and the
-    blocks are added in float64."""
-    return float(np.dot(b, _ones(b.shape[0], b.dtype.str)))
-
-
-@lru_cache(maxsize=16)
-def _ones(n: int, dtype: str) -> np.ndarray:
-    out = np.ones(n, dtype=dtype)
-    out.setflags(write=False)
-    return out
 
 
 def _blocks(arrays: list[np.ndarray]) -> Any:
@@ -94,7 +78,7 @@ def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
             np.exp(block, out=b, dtype=dtype)  # not the float16 loop
         else:
             np.abs(block, out=b)
-        raw += _sum(b)
+        raw += float(b.sum())
     return _out(reg, {"l1_raw": raw, "l1_mean": raw / max(n, 1)}, dtype)
 
 
@@ -134,7 +118,7 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
         for block in _blocks(arrays):
             b = prepare(block)
             k = b.shape[0]
-            bmean = _sum(b) / k
+            bmean = float(b.sum()) / k
             cmin = _nan_min(cmin, float(b.min()))
             cmax = _nan_max(cmax, float(b.max()))
             b -= bmean
