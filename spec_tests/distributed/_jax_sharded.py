@@ -201,6 +201,29 @@ def _value(obj: Any, data: Any, x: Any, counts: Any) -> Any:
     return obj.compute(data, x, counts=counts)[0]
 
 
+def check_eager() -> None:
+    """Eager calls (no ``jit``) on rows sharded over the 8 devices: every regularizer of
+    every ``reduce`` mode and a Pipeline per mode give NumPy's value and gradient, and the
+    gradient keeps the input's sharding. (The constants a call makes are not given the
+    input's sharding, which a 0-d array cannot take: they are left for JAX to place.)"""
+    x_np, m_np = rows()
+    sharding = NamedSharding(jax.make_mesh((8,), ("b",)), P("b"))
+    x, m = jax.device_put(x_np, sharding), jax.device_put(m_np, sharding)
+    for mode in MODES:
+        for obj in [*regularizers(mode, split=False), pipeline(mode, split=False)]:
+            call = obj if isinstance(obj, rg.Pipeline) else obj.compute
+            want, _ = call({"mask": m_np}, x_np)
+            _, _, want_grad = obj.value_and_grad({"mask": m_np}, x_np)
+            value, _ = call({"mask": m}, x)
+            value2, _, grad = obj.value_and_grad({"mask": m}, x)
+            what = f"eager {obj!r}"
+            close(value, want, f"{what}: value")
+            close(value2, want, f"{what}: value_and_grad value")
+            close(grad, want_grad, f"{what}: gradient")
+            assert grad.sharding.is_equivalent_to(x.sharding, x.ndim), (what, grad.sharding)
+            ok(what)
+
+
 def _readers() -> dict[str, Any]:
     """Regularizers that read other arrays of ``data`` (its ``mask``, ``ref``, ``paired`` and
     ``scores`` fields), for :func:`check_devices`."""
@@ -269,5 +292,7 @@ def check_devices() -> None:
 
 
 if __name__ == "__main__":
-    {"jit": check_jit, "shard_map": check_shard_map, "devices": check_devices}[sys.argv[1]]()
+    parts = {"jit": check_jit, "shard_map": check_shard_map, "eager": check_eager}
+    parts["devices"] = check_devices
+    parts[sys.argv[1]]()
     print("passed", len(PASSED), flush=True)

@@ -23,7 +23,7 @@ import array_api_compat
 from array_api_compat import array_namespace, is_array_api_obj
 
 from . import checks
-from ._core.backends import autodiff_grad, has_autodiff, stop_gradient
+from ._core.backends import autodiff_grad, device_of, has_autodiff, stop_gradient
 from ._core.base import UNSET, Regularizer, floats_and_values
 from ._core.inputs import as_0d, as_arrays, namespace_of
 from ._core.typing import Array
@@ -440,7 +440,7 @@ class Pipeline:
             dtype = like.dtype
             if not xp.isdtype(dtype, "real floating") or dtype not in (xp.float32, xp.float64):
                 dtype = xp.float32
-            return xp.full((), v, dtype=dtype, device=array_api_compat.device(like))
+            return xp.full((), v, dtype=dtype, device=device_of(like))
 
         metrics: dict[str, Any] = {}
         loss: Array = None
@@ -610,7 +610,7 @@ def _norm(xp: Any, grads: list[Array], like: Array) -> Array:
     find first: Dask need not hold a gradient bigger than memory until its maximum is known.
     Infinities give inf and NaN gives NaN.
     """
-    dev = array_api_compat.device(like)
+    dev = device_of(like)
     arrays = []
     for g in grads:  # any shape: every sum below is over all elements
         if g.dtype != xp.float64 and g.dtype != xp.float32:

@@ -18,11 +18,22 @@ from .typing import Array, Namespace
 __all__ = [
     "autodiff_grad",
     "compute_lazy",
+    "device_of",
     "from_host",
     "has_autodiff",
     "reshape",
     "stop_gradient",
 ]
+
+
+def device_of(x: Array) -> Any:
+    """The device to make ``x``'s new arrays on (constants, host lists, fields brought
+    over): ``array_api_compat.device(x)``, or None where ``x`` spans several devices (a JAX
+    array sharded over a mesh, whose "device" is its sharding: a 0-d constant cannot take
+    it, and an uncommitted one is placed by JAX next to the sharded operands)."""
+    dev = array_api_compat.device(x)
+    devices = getattr(dev, "device_set", None)
+    return None if devices is not None and len(devices) > 1 else dev
 
 
 def has_autodiff(xp: Namespace) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 import array_api_compat
 from array_api_compat import array_namespace, is_array_api_obj
 
-from .backends import from_host, reshape
+from .backends import device_of, from_host, reshape
 from .options import ByIdentity, Field
 from .typing import Array, Metrics, Namespace
 
@@ -162,7 +162,7 @@ def _to_namespace(value: Any, xp: Namespace, like: Array, what: str) -> Array:
             value = value.to_torch()
         elif hasattr(value, "to_numpy"):
             value = value.to_numpy()
-    dev = array_api_compat.device(like)
+    dev = device_of(like)
     try:
         if is_array_api_obj(value):
             if array_namespace(value) is xp:  # (TensorData's tensors live on the host)
@@ -826,7 +826,7 @@ def prepare(
         mask=None,
         size=sum(lengths),
         dtype=None,
-        device=array_api_compat.device(like),
+        device=device_of(like),
         target=target,
         event_ndim=event_ndim,
         lengths=lengths,

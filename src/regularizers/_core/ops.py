@@ -13,8 +13,7 @@ or JAX, and the closed form of ``value_and_grad``, give one answer everywhere:
 
 from __future__ import annotations
 
-import array_api_compat
-
+from .backends import device_of
 from .typing import Array, Namespace
 
 __all__ = ["abs_", "clamp", "clip_", "inside_clip", "row_norm_parts", "row_norms", "scalar"]
@@ -29,7 +28,7 @@ def scalar(xp: Namespace, value: float, like: Array) -> Array:
     waits for the kernels already queued.
     """
     value = clamp(value, float(xp.finfo(like.dtype).max))
-    return xp.full((), value, dtype=like.dtype, device=array_api_compat.device(like))
+    return xp.full((), value, dtype=like.dtype, device=device_of(like))
 
 
 def clamp(value: float, top: float) -> float:
@@ -81,7 +80,7 @@ def row_norms(xp: Namespace, g: Array) -> tuple[Array, Array]:
     one = xp.ones_like(r)
     finite = xp.expand_dims(xp.isfinite(r), axis=-1)
     safe_r = xp.expand_dims(xp.where(xp.isfinite(r), r, one), axis=-1)
-    nan = xp.full((), xp.nan, dtype=g.dtype, device=array_api_compat.device(g))
+    nan = xp.full((), xp.nan, dtype=g.dtype, device=device_of(g))
     return norm, xp.where(finite, h / safe_r, nan)
 
 

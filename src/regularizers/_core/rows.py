@@ -13,9 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import array_api_compat
-
-from .backends import stop_gradient
+from .backends import device_of, stop_gradient
 from .typing import Array, Namespace
 
 __all__ = ["const", "entropy_rows", "jsd_rows", "kl_rows", "log_normalize", "log_softmax"]
@@ -23,7 +21,7 @@ __all__ = ["const", "entropy_rows", "jsd_rows", "kl_rows", "log_normalize", "log
 
 def const(xp: Namespace, value: float, like: Array) -> Array:
     """A 0-d array of ``like``'s dtype and device (``inf`` allowed)."""
-    return xp.full((), value, dtype=like.dtype, device=array_api_compat.device(like))
+    return xp.full((), value, dtype=like.dtype, device=device_of(like))
 
 
 def log_normalize(xp: Namespace, z: Array) -> tuple[Array, Array]:
