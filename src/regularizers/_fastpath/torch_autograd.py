@@ -377,12 +377,11 @@ class _Flat:
         return torch.full((), value, dtype=self.dtype, device=self.values.device)
 
 
-def _flat_run(reg: Any, flat: Any, kernel: Any, results: list[Any]) -> _Run | None:
-    """A plain term (see :func:`_plain`) with a fused kernel over a list's concatenation,
-    ``flat``, without a Batch: what :func:`compute_plain` does for one tensor. Its
-    ``(value, metrics)`` is appended to ``results``; None where the kernel declines (then a
-    Batch is prepared)."""
-    batch = _Flat(flat, reg._opts["reduce"])
+def _flat_run(reg: Any, x: Any, kernel: Any, results: list[Any]) -> _Run | None:
+    """A plain term (see :func:`_plain`) by its fused kernel over one tensor ``x`` (the
+    caller's, or a list's concatenation), without a Batch. Its ``(value, metrics)`` is
+    appended to ``results``; None where the kernel declines (then a Batch is prepared)."""
+    batch = _Flat(x, reg._opts["reduce"])
     got = kernel.forward(reg, batch)
     if got is None:
         return None
@@ -398,18 +397,18 @@ def compute_plain(reg: Any, x: Any, kernel: Any) -> tuple[Array, Metrics] | None
         return None
     if _functorch_active():
         return None
+    results: list[tuple[Any, Metrics]] = []
     with torch.no_grad():
-        flat = _Flat(x, reg._opts["reduce"])
-        got = kernel.forward(reg, flat)
-        if got is None:
-            return None
-    value, metrics, state = got
+        run = _flat_run(reg, x, kernel, results)
+    if run is None:
+        return None
+    ((value, metrics),) = results
 
     def generic(arrays: tuple[Any, ...]) -> list[Any]:
         with disabled():
             return [reg.compute(None, arrays[0])[0]]
 
-    node = _Call([_Run(reg, flat, kernel, state)], flat, generic)
+    node = _Call([run], run.batch, generic)
     (out,) = _apply(node, [value], x)
     return out, metrics
 
