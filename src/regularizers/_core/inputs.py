@@ -202,7 +202,8 @@ def _joined_on(device: Any, join: Any, arrays: list[Array]) -> Array:
 def _on(device: Any, a: Array) -> Array:
     """``a`` on ``device`` (the logprobs'): a field of the caller's own library kept on
     another device is brought over, as a field from ``data`` always is. ``device`` is None
-    where arrays have none to compare (traced under ``jax.jit``)."""
+    where there is none to bring it to (traced under ``jax.jit``, or sharded over several
+    devices: :func:`~regularizers._core.backends.device_of`)."""
     if device is None or array_api_compat.device(a) == device:
         return a
     return array_api_compat.to_device(a, device)
