@@ -166,9 +166,7 @@ def _to_namespace(value: Any, xp: Namespace, like: Array, what: str) -> Array:
     try:
         if is_array_api_obj(value):
             if array_namespace(value) is xp:  # (TensorData's tensors live on the host)
-                if dev is None or array_api_compat.device(value) == dev:
-                    return value
-                return array_api_compat.to_device(value, dev)
+                return _on(dev, value)
             try:
                 return xp.asarray(value, device=dev)
             except Exception:
