@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,6 +24,7 @@ from regularizers.testing import generic_path
 
 from . import strategies as S
 from .conftest import TORCH_DEVICE
+from .distributed._cases import close, field_data, field_readers, ragged
 from .test_properties import CLASSES, IDS, convert, kwargs
 
 Harness = Any
@@ -97,3 +99,66 @@ def test_a_pipeline_with_counts_waits_for_nothing(bk: Harness) -> None:
     assert loss.device == xs[0].device
     arrays = [m for k, m in metrics.items() if not k.endswith("/weight")]  # weights: floats
     assert all(m.device == loss.device for m in arrays)
+
+
+@pytest.mark.parametrize("layout", ["one array", "a list", "a list across devices"])
+@pytest.mark.parametrize("name", sorted(field_readers()))
+def test_fields_on_the_host_are_brought_to_the_device(bk: Harness, name: str, layout: str) -> None:
+    """Fields of ``data`` on the CPU (one tensor, a list, or a list whose datums alternate
+    between the CPU and the GPU) with logprobs on the GPU: ``compute``, ``value_and_grad``
+    and autograd's backward give what the all-on-the-GPU call gives, on the GPU."""
+    import torch
+
+    xs, masks = ragged()
+    fields = field_data(xs, masks)
+    joined = layout == "one array"
+
+    def put(v: list[Any], away: bool) -> Any:
+        if joined:
+            return torch.asarray(np.concatenate(v), device="cpu" if away else TORCH_DEVICE)
+        on = ["cpu", TORCH_DEVICE] if layout == "a list across devices" else ["cpu"]
+        return [
+            torch.asarray(a, device=on[i % len(on)] if away else TORCH_DEVICE)
+            for i, a in enumerate(v)
+        ]
+
+    near = {k: put(v, away=False) for k, v in fields.items()}
+    away = {k: put(v, away=True) for k, v in fields.items()}
+    obj = field_readers()[name]
+    arg = near["scores"] if name.startswith("KL") else put(xs, away=False)
+    call = obj if isinstance(obj, rg.Pipeline) else obj.compute
+    want, want_metrics = call(near, arg)
+    _, _, want_grads = obj.value_and_grad(near, arg)
+    value, metrics = call(away, arg)
+    value2, metrics2, grads = obj.value_and_grad(away, arg)
+    leaves = [
+        a.detach().clone().requires_grad_(True) for a in (arg if isinstance(arg, list) else [arg])
+    ]
+    loss, _ = call(away, leaves if isinstance(arg, list) else leaves[0])
+    if loss.requires_grad:  # (L2 of a Field target does not depend on the logprobs)
+        loss.backward()
+    device = _listed(arg)[0].device
+    outs = [value, value2, loss, *metrics.values(), *metrics2.values()]
+    outs += [leaf.grad for leaf in leaves if leaf.grad is not None]
+    for out in [*outs, *_listed(grads)]:
+        if not isinstance(out, float):  # (a Pipeline's term weights are floats)
+            assert out.device == device, (name, out.device)
+    for got in (value, value2, loss):
+        close(_host(got), _host(want), f"{name}: value")
+    for k, m in want_metrics.items():
+        close(_host(metrics[k]), _host(m), f"{name}: {k}")
+    for got, by_autograd, want_grad in zip(
+        _listed(grads), leaves, _listed(want_grads), strict=True
+    ):
+        close(_host(got), _host(want_grad), f"{name}: gradient")
+        autograd = 0.0 * want_grad if by_autograd.grad is None else by_autograd.grad
+        close(_host(autograd), _host(want_grad), f"{name}: autograd's gradient")
+
+
+def _host(v: Any) -> Any:
+    """A tensor's values on the host (a float as it is)."""
+    return v.detach().cpu() if hasattr(v, "detach") else v
+
+
+def _listed(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else [v]

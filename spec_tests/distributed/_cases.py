@@ -94,6 +94,31 @@ def rows(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, mask
 
 
+def field_readers() -> dict[str, rg.Regularizer | rg.Pipeline]:
+    """Regularizers that read other arrays of ``data`` (the ``mask``, ``ref``, ``paired`` and
+    ``scores`` fields of :func:`field_data`): the checks that fields on another device than
+    the logprobs are brought to theirs. ``KL(scores)`` takes ``scores`` as its logprobs."""
+    return {
+        "L1(mask)": rg.L1(mask=MASK),
+        "SampledKL(ref, mask)": rg.SampledKL(rg.Field("ref"), mask=MASK, reduce="mean"),
+        "Consistency(paired)": rg.Consistency(rg.Field("paired")),
+        "L2(target=Field)": rg.L2(target=rg.Field("ref"), reduce="seq-mean-token-mean"),
+        "KL(scores)": rg.KL(rg.Field("scores"), mask=MASK),
+        "Pipeline": rg.Pipeline(
+            [(rg.L1(mask=MASK), 0.5), (rg.L2(clip=(-4.0, 0.0)), 2.0)], metrics="array"
+        ),
+    }
+
+
+def field_data(xs: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """The fields :func:`field_readers` read, per datum of ``xs``: ``mask``, reference
+    logprobs (``ref``, also as ``paired``) and ``[n, 5]`` ``scores``."""
+    rng = np.random.default_rng(7)
+    refs = [-rng.gamma(0.8, 1.5, size=a.shape) for a in xs]
+    scores = [rng.normal(size=(a.shape[0], 5)) for a in xs]
+    return {"mask": masks, "ref": refs, "paired": refs, "scores": scores}
+
+
 def split(seq: Any, parts: int) -> list[Any]:
     """``seq`` (a list of datums or the rows of an array) in ``parts`` contiguous pieces."""
     bounds = np.linspace(0, len(seq), parts + 1).round().astype(int)

@@ -28,7 +28,17 @@ from jax.sharding import PartitionSpec as P
 
 jax.config.update("jax_enable_x64", True)
 
-from _cases import MASK, MODES, close, combine, pipeline, ragged, regularizers, rows  # noqa: E402
+from _cases import (  # noqa: E402
+    MODES,
+    close,
+    combine,
+    field_data,
+    field_readers,
+    pipeline,
+    ragged,
+    regularizers,
+    rows,
+)
 
 import regularizers as rg  # noqa: E402
 
@@ -224,21 +234,6 @@ def check_eager() -> None:
             ok(what)
 
 
-def _readers() -> dict[str, Any]:
-    """Regularizers that read other arrays of ``data`` (its ``mask``, ``ref``, ``paired`` and
-    ``scores`` fields), for :func:`check_devices`."""
-    return {
-        "L1(mask)": rg.L1(mask=MASK),
-        "SampledKL(ref, mask)": rg.SampledKL(rg.Field("ref"), mask=MASK, reduce="mean"),
-        "Consistency(paired)": rg.Consistency(rg.Field("paired")),
-        "L2(target=Field)": rg.L2(target=rg.Field("ref"), reduce="seq-mean-token-mean"),
-        "KL(scores)": rg.KL(rg.Field("scores"), mask=MASK),
-        "Pipeline": rg.Pipeline(
-            [(rg.L1(mask=MASK), 0.5), (rg.L2(clip=(-4.0, 0.0)), 2.0)], metrics="array"
-        ),
-    }
-
-
 def _listed(v: Any) -> list[Any]:
     return v if isinstance(v, list) else [v]
 
@@ -255,9 +250,6 @@ def check_devices() -> None:
     devices = jax.devices()
     home = devices[0]
     xs, masks = ragged()
-    rng = np.random.default_rng(7)
-    refs = [-rng.gamma(0.8, 1.5, size=a.shape) for a in xs]
-    scores = [rng.normal(size=(a.shape[0], 5)) for a in xs]
 
     def put(v: Any, spread: bool) -> Any:
         """On the logprobs' device, or (``spread``) away from it: datum i of a list on
@@ -267,10 +259,10 @@ def check_devices() -> None:
         return [jax.device_put(a, devices[1 + i % 3] if spread else home) for i, a in enumerate(v)]
 
     for layout, shape in (("one array", np.concatenate), ("a list", list)):
-        fields = {"mask": masks, "ref": refs, "paired": refs, "scores": scores}
+        fields = field_data(xs, masks)
         near = {k: put(shape(v), False) for k, v in fields.items()}
         away = {k: put(shape(v), True) for k, v in fields.items()}
-        for name, obj in _readers().items():
+        for name, obj in field_readers().items():
             arg = near["scores"] if name.startswith("KL") else put(shape(xs), False)
             call = obj if isinstance(obj, rg.Pipeline) else obj.compute
             want, want_metrics = call(near, arg)
