@@ -322,12 +322,12 @@ def _is_float_array(a: Any) -> bool:
 
 def _flat64(bk: Harness, x: Any) -> np.ndarray:
     parts = x if isinstance(x, (list, tuple)) else [x]
-    return np.concatenate(
-        [
-            np.asarray(p.detach() if hasattr(p, "detach") else p, dtype=np.float64).reshape(-1)
-            for p in parts
-        ]
-    )
+    return np.concatenate([_host64(p).reshape(-1) for p in parts])
+
+
+def _host64(a: Any) -> np.ndarray:
+    """A float64 NumPy copy (a tensor on a GPU is copied to the host first)."""
+    return np.asarray(a.detach().cpu() if hasattr(a, "detach") else a, dtype=np.float64)
 
 
 def _expected_ok(
