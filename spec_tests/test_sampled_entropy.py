@@ -119,3 +119,9 @@ def test_on_policy_value_at_a_logprob_of_minus_inf_is_infinite(bk: Harness, mode
     want = -np.inf if mode == "maximize" else np.inf
     assert bk.float(value) == want
     assert bk.float(value2) == want
+    if bk.library == "torch":  # the training route: autograd's closed-form node
+        leaf = x.detach().clone().requires_grad_(True)
+        with np.errstate(all="ignore"):
+            value3, _ = reg.compute(None, leaf)
+        assert value3.grad_fn is not None
+        assert bk.float(value3.detach()) == want

@@ -502,9 +502,9 @@ class ElasticNetGrad:
 
 
 class SampledEntropyGrad:
-    """SampledEntropy on-policy (no behavior): rho = exp(lp - sg(lp)) is 1, or NaN where lp is
-    not finite, so rho·lp is ``lp + (lp - lp)`` exactly, without ``exp``; the slope
-    rho·(lp + 1) is that plus 1, and 0 at uncounted tokens."""
+    """SampledEntropy on-policy (no behavior): rho = exp(lp - sg(lp)) is 1, at a non-finite lp
+    too (``importance_ratio``), so rho·lp is ``lp`` exactly, without ``exp``; the slope
+    rho·(lp + 1) is ``lp + 1``, and 0 at uncounted tokens."""
 
     @staticmethod
     def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
@@ -513,8 +513,8 @@ class SampledEntropyGrad:
         if w is None or o["behavior"] is not None:
             return None
         v = batch.values
-        p = torch.sub(v, v).add_(v)  # rho·lp
-        total = p.sum()
+        total = v.sum()  # Σ rho·lp
+        p = torch.add(v, 1.0)  # rho·(lp + 1), for the backward (a copy: v may change)
         raw = total if o["mode"] == "maximize" else -total
         metrics = {
             "sampled_entropy_raw": raw,
@@ -527,7 +527,7 @@ class SampledEntropyGrad:
     def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
         w, p = state
         s = _scaled(w, scale.to(batch.dtype))
-        g = torch.add(p, 1.0).mul_(s if reg._opts["mode"] == "maximize" else -s)
+        g = p.mul(s if reg._opts["mode"] == "maximize" else -s)
         return g if batch.mask is None else zero_uncounted(g, batch.mask, True)
 
 
