@@ -67,7 +67,8 @@ and fixed alone; elsewhere (False, or another device: no host sync) by full-size
 def _steps(n: int, width: int, device: Any, temporaries: int = 3) -> list[slice]:
     """Blocks of rows: :data:`BLOCK` elements on the CPU (:data:`DEVICE_BLOCK` elsewhere)
     for a kernel whose block needs about three temporaries, proportionally fewer for one
-    that needs more (JSD: six)."""
+    that needs more (JSD: six). A loop over blocks drops a block's temporaries (``del``)
+    before the next block's are made: else two blocks' are alive at once."""
     block = BLOCK if device.type == "cpu" else DEVICE_BLOCK
     rows = max(1, block * 3 // (temporaries * max(width, 1)))
     return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
@@ -240,6 +241,7 @@ class EntropyGrad:
             else:
                 hs.put(sl, p.mul_(lp).sum(-1).neg_())
                 lses.put(sl, lse)
+                del raw, p, lp  # (see _steps: one block's temporaries at a time)
         h = hs.out
         penalty, slope = _entropy_penalty(o, h, size)
         value, metrics = _finish(batch, "entropy", penalty)
@@ -267,6 +269,7 @@ class EntropyGrad:
                 p = torch.exp(torch.sub(_scaled(v[sl], t), lse[sl], out=gb))
                 gb.clamp_min_(low).add_(h[sl])
             gb.mul_(p).mul_(_rows(c, sl))
+            del p
         return _drop(g, batch.mask)
 
 
@@ -308,6 +311,7 @@ class ZLossGrad:
             lses.put(sl, lse)
             if keep:
                 kept.append(raw.exp_())
+            del raw
         lse = lses.out
         log_z = lse.reshape(-1)
         value, metrics = _finish(batch, "z_loss", log_z * log_z)
@@ -354,8 +358,8 @@ class KLGrad:
         keep = v.numel() <= KEEP
         low = _lowest(v.dtype)
         reverse, forward = how != "forward", how != "reverse"
-        # (six temporaries: on an H200 at [2048, 32000], sized for four its peak was 0.63x
-        # the naive idiom's, for six 0.59x, in the same time)
+        # (sized for six temporaries: at [2048, 32000] with DEVICE_BLOCK, sized for four its
+        # peak was 2.9 [n, V] arrays against 2.0, replayed on the CPU; the naive idiom's is 6)
         blocks = [slice(0, n)] if keep else _steps(n, size, v.device, 6)
         revs, fwds, lses = _Rows(v, blocks), _Rows(v, blocks), _Rows(v, blocks, 2)
         gaps_r, gaps_f, kept = _Rows(v, blocks, 0, torch.bool), _Rows(v, blocks, 0, torch.bool), []
@@ -378,6 +382,7 @@ class KLGrad:
                 kept.append((p, d, q))
             else:
                 lses.put(sl, torch.cat([lse_p, lse_q], 1))
+                del raw_p, raw_q, p, q, work, d
         inf = torch.full((), _INF, dtype=v.dtype, device=v.device)
         kl_r = gap_r = gap_f = None
         values = []
@@ -413,9 +418,10 @@ class KLGrad:
             if saved.kept:
                 p, d, q = saved.kept[i]
             else:  # as the forward computed them
-                lp, p = _logs(_scaled(v[sl], t), lses[sl, 0:1], low, True)
+                d, p = _logs(_scaled(v[sl], t), lses[sl, 0:1], low, True)
                 lq, q = _logs(_scaled(r[sl], t), lses[sl, 1:2], low, gap_f is not None)
-                d = lp.sub_(lq)
+                d.sub_(lq)  # log p - log q
+                del lq
             if kl_r is None:
                 torch.sub(p, q, out=gb)
             else:  # p (log p - log q - KL)
@@ -430,7 +436,9 @@ class KLGrad:
                     if not (host and bool(keep_f[sl].all())):
                         pq.mul_(keep_f[sl])
                     gb.add_(pq)
+                    del pq
             gb.mul_(_rows(c, sl))
+            del p, d, q
         return _drop(g, batch.mask)
 
 
@@ -465,6 +473,7 @@ class JSDGrad:
                 kept.append((p, d))
             else:
                 lses.put(sl, torch.cat([lse_p, lse_q], 1))
+                del p, d, work
         value, metrics = _finish(batch, "jsd", values.out)
         rows = (kls.out.reshape(-1, 1), lses.out)
         saved = _Saved(rows, blocks, kept, [] if keep else [r], work if keep else None)
@@ -487,6 +496,7 @@ class JSDGrad:
                 lse = lses[sl]
                 p, d, _, _ = _jsd_rows(x, y, lse[:, 0:1], lse[:, 1:2], beta, _lowest(v.dtype))
             torch.sub(d, kl_p[sl], out=g[sl]).mul_(p).mul_(_rows(c, sl))
+            del p, d
         return _drop(g, batch.mask)
 
 
