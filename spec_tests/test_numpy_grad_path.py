@@ -479,8 +479,11 @@ def direct_inputs(draw: st.DrawFn, reg: rg.Regularizer) -> tuple[Any, dict[str, 
             np.isfinite(y if reg.mask is None else y[m.astype(bool)]).all()
             for y, m in zip(ys, masks, strict=True)
         )
-    if finite and reg.name == "gradient_penalty":  # rows of norm 0 take the general path
-        finite = all((np.abs(c) > 0).any(axis=-1).all() for c in counted)
+    if finite and reg.name == "gradient_penalty":  # rows of norm 0 take the general path,
+        # and so do rows whose squares underflow (|g|² near V·tiny/eps of the compute dtype)
+        info = np.finfo(np.float32 if dtype == "float16" else dtype)
+        tiny = 4 * width * float(info.tiny) / float(info.eps)
+        finite = all((np.square(c.astype(np.float64)).sum(axis=-1) > tiny).all() for c in counted)
     if finite and reg.name == "orthogonality":  # so do zero rows, and a single row
         axis = -1 if reg.mode == "rows" else -2
         finite = all((np.abs(c) > 0).any(axis=axis).all() for c in counted)
