@@ -25,6 +25,7 @@ from regularizers.testing import generic_path
 from . import strategies as S
 from .conftest import TORCH_DEVICE
 from .distributed._cases import close, field_data, field_readers, ragged
+from .test_fused_grad import _listed
 from .test_properties import CLASSES, IDS, convert, kwargs
 
 Harness = Any
@@ -158,7 +159,3 @@ def test_fields_on_the_host_are_brought_to_the_device(bk: Harness, name: str, la
 def _host(v: Any) -> Any:
     """A tensor's values on the host (a float as it is)."""
     return v.detach().cpu() if hasattr(v, "detach") else v
-
-
-def _listed(v: Any) -> list[Any]:
-    return v if isinstance(v, list) else [v]
