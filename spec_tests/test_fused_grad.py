@@ -412,18 +412,21 @@ def test_consistency_kernel_equals_the_generic_path(bk: Harness, metric: str, re
     assert float(got[0].detach()) == float("inf")  # the -inf against 0
 
 
-@pytest.mark.parametrize("special", [None, float("inf"), float("nan")])
+@pytest.mark.parametrize("special", [None, float("inf"), float("nan"), 1e-300])
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
 def test_gradient_penalty_kernel_equals_the_generic_path(
     bk: Harness, special: Any, reduce: str
 ) -> None:
-    """A zero row (slope 0), a masked row holding inf, ragged datums, the class axis first;
-    with a counted row holding inf or NaN the kernel hands over to the generic one."""
+    """A masked row holding inf, ragged datums, the class axis first; with a counted row
+    holding inf or NaN, or one whose squares underflow (1e-300 · [-1, 2, 0]: Σ g² is 0 in
+    float64, its norm 2.2e-300 is not), the kernel hands over to the generic one."""
     import torch
 
     inf = float("inf")
     x = [[[3.0, 0.0, 0.0], [4.0, 0.0, inf], [0.5, 1.0, 0.0]], [[-1.0], [2.0], [0.0]]]
-    if special is not None:
+    if special == 1e-300:
+        x[1] = [[-1e-300], [2e-300], [0.0]]
+    elif special is not None:
         x[1][1][0] = special
     m = [[1.0, 1.0, 0.0], [1.0]]
     data = {"m": [torch.tensor(a, dtype=torch.float64, device=TORCH_DEVICE) for a in m]}

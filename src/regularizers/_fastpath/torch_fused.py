@@ -569,17 +569,22 @@ class GradientPenaltyGrad:
     """GradientPenalty: the row norms by one fused reduction (no squared ``[n, D]``
     temporary), ``p = (‖g‖ - c)²`` per row, and the slope ``2 (‖g‖ - c) g / ‖g‖`` (0 on a
     zero row). A norm that is not finite (a row holding inf or NaN, or one beyond the
-    dtype's range unscaled) hands the call to the generic kernel, whose scaled norms and
-    conventions cover it: its sum, read on the host (no device sync on the CPU), tells."""
+    dtype's range unscaled), or a counted row whose squares underflow (``Σ g²`` within
+    ``D · tiny / eps`` of 0, a zero row included), hands the call to the generic kernel,
+    whose scaled norms and conventions cover it: their sum and least, read on the host (no
+    device sync on the CPU), tell."""
 
     @staticmethod
     def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
         w, v = _weight(batch), batch.values
         if w is None or v.ndim != 2 or v.device.type != "cpu" or not batch.size:
             return None
-        norm = torch.linalg.vector_norm(v, dim=-1)
+        norm = torch.linalg.vector_norm(v, dim=-1)  # (unscaled: Σ g² may under/overflow)
         total = norm.sum()
-        if not math.isfinite(total.item()):
+        counted = norm if batch.mask is None else norm.masked_fill(~batch.mask, math.inf)
+        top, low = torch.stack([total, counted.amin()]).tolist()  # (one read on the host)
+        info = torch.finfo(v.dtype)
+        if not (math.isfinite(top) and low > math.sqrt(v.shape[1] * info.tiny / info.eps)):
             return None
         d = norm - float(reg._opts["target_norm"])
         p = d * d
