@@ -137,13 +137,29 @@ def _routed_and_generic(
     mp: pytest.MonkeyPatch, reg: Any, args: tuple[Any, ...], kernel: bool
 ) -> tuple[Any, Any]:
     """``_autograd(reg, *args)`` through the route (``kernel``: its fused kernel ran, both
-    ways) and through the generic path, with what must hold of both besides the numbers."""
+    ways) and through the generic path, with what must hold of both besides the numbers;
+    and ``value_and_grad`` of tensors that need no gradient, by the same kernel run forward
+    then backward at once: the route's numbers to the bit."""
+    import torch
+
     with _spy(mp) as ran:
         got = _autograd(reg, *args)
     assert got[0].grad_fn.name() == ROUTED, "the route was not taken"
     if kernel:
         assert ran[:1] == [f"{reg.name}.forward"], ran
         assert ran[-1] == "grad", ran
+    data, x, mask, counts = args
+    with _spy(mp) as ran:
+        value, metrics, grads = reg.value_and_grad(data, x, counts=counts, **kwargs(mask))
+    if kernel:
+        assert ran == [f"{reg.name}.forward", "grad"], ran
+    exact = {"rtol": 0.0, "atol": 0.0, "equal_nan": True}
+    torch.testing.assert_close(value, got[0].detach(), **exact)
+    assert metrics.keys() == got[1].keys()
+    for k in metrics:
+        torch.testing.assert_close(metrics[k], got[1][k], **exact)
+    for a, b in zip(_listed(grads), got[2], strict=True):
+        torch.testing.assert_close(a, b, **exact)
     with generic_path():
         want = _autograd(reg, *args)
     assert want[0].grad_fn.name() != ROUTED

@@ -16,12 +16,13 @@ included.
 :func:`try_route` is the training path's counterpart: on torch tensors that require grad, a
 built-in with a closed form is recorded by autograd as one node whose backward is that closed
 form (``torch_autograd``), with fused kernels where ``torch_fused.GRAD`` has one;
-:func:`try_autograd` does the same for ``value_and_grad``, and :func:`try_jax` gives JAX the
-closed form as a ``jax.custom_jvp`` (``jax_closed_form``). On NumPy, ``value_and_grad`` takes
-:func:`try_small_value_and_grad` before any Batch is made (``numpy_direct``: the whole call
-in whole-array NumPy, fields of ``data`` and a Field mask included), then
-:func:`try_value_and_grad` (``numpy_blocked``'s kernels on a prepared Batch); a Pipeline's
-terms take :func:`try_terms_value_and_grad`.
+:func:`try_autograd` serves ``value_and_grad`` on torch tensors by the same kernels (run
+forward, then backward with a scale of 1; recorded as that node where they require grad),
+and :func:`try_jax` gives JAX the closed form as a ``jax.custom_jvp`` (``jax_closed_form``).
+On NumPy, ``value_and_grad`` takes :func:`try_small_value_and_grad` before any Batch is
+made (``numpy_direct``: the whole call in whole-array NumPy, fields of ``data`` and a Field
+mask included), then :func:`try_value_and_grad` (``numpy_blocked``'s kernels on a prepared
+Batch); a Pipeline's terms take :func:`try_terms_value_and_grad`.
 
 ``disabled()`` turns fast paths off in the current context (thread- and task-local), which is
 how the tests and benchmarks reach the generic path.
@@ -134,9 +135,9 @@ def try_route_terms(
 
 
 def try_autograd(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
-    """``(value, metrics, g)`` for ``value_and_grad`` on torch tensors that require grad,
-    with the value differentiable through ``reg``'s closed form (``g`` its gradient w.r.t.
-    ``batch.values``), or None: record the generic path."""
+    """``(value, metrics, g)`` for ``value_and_grad`` on torch tensors by ``reg``'s kernel
+    (``g`` its gradient w.r.t. ``batch.values``), the value differentiable through the
+    closed form where the tensors require grad; or None: the generic path."""
     if type(batch.values).__module__ != "torch" or _torch_compiling() or not _routable(reg):
         return None
     from .torch_autograd import value_metrics_and_grad

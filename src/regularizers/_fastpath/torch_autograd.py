@@ -414,18 +414,23 @@ def compute_plain(reg: Any, x: Any, kernel: Any) -> tuple[Array, Metrics] | None
 
 
 def value_metrics_and_grad(reg: Any, batch: Any) -> tuple[Array, Metrics, Array] | None:
-    """``(value, metrics, g)`` for ``value_and_grad`` on tensors that require grad: ``g`` =
-    d value / d ``batch.values`` by the closed form, and the value differentiable through
-    it; None where the generic path must be recorded."""
+    """``(value, metrics, g)`` for ``value_and_grad`` on torch tensors: ``g`` = d value /
+    d ``batch.values`` by the closed form (``reg``'s kernel in ``torch_fused.GRAD`` where it
+    has one, run forward then backward at once; else ``evaluate_with_grad``); where the
+    tensors require grad, the value is differentiable through it. None where the generic
+    path must be recorded (a field it reads requires grad, or ``torch.func``)."""
     values = batch.values
-    if not (values.requires_grad and torch.is_grad_enabled()) or _functorch_active():
+    recorded = values.requires_grad and torch.is_grad_enabled()
+    if _functorch_active():
         return None
     watch: list[str] = []
-    constant = batch.constant_values(values.detach(), watch)
+    constant = batch.constant_values(values.detach() if recorded else values, watch)
     with torch.no_grad():
-        value, metrics, g = Generic.forward(reg, constant)
+        value, metrics, g = _closed_form(reg, constant)
     if watch:
         return None
+    if not recorded:
+        return value, metrics, g
 
     def generic(arrays: tuple[Any, ...]) -> list[Any]:
         return [reg.evaluate(batch.constant_values(arrays[0], []))[0]]
@@ -433,6 +438,21 @@ def value_metrics_and_grad(reg: Any, batch: Any) -> tuple[Array, Metrics, Array]
     node = _Call([_Run(reg, _Values(values), _Saved, g)], _Values(values), generic)
     (out,) = _apply(node, [value], values)
     return out, metrics, g
+
+
+def _closed_form(reg: Any, batch: Any) -> tuple[Any, Metrics, Any]:
+    """Value, metrics and gradient w.r.t. ``batch.values`` (which ``Batch.pullback`` takes to
+    ``logprobs``): the kernel's forward and its backward with a scale of 1, as
+    ``loss.backward()`` runs them; else :class:`Generic`."""
+    from .torch_fused import GRAD
+
+    kernel = GRAD.get(reg.name)
+    got = None if kernel is None else kernel.forward(reg, batch)
+    if kernel is None or got is None:
+        return Generic.forward(reg, batch)
+    value, metrics, state = got
+    one = torch.ones((), dtype=value.dtype, device=value.device)
+    return value, metrics, kernel.grad(reg, batch, state, one)
 
 
 class _Values:
