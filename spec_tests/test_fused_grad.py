@@ -662,18 +662,22 @@ def test_fused_class_axis_penalties_equal_the_generic_path(
 ) -> None:
     """Entropy, KL, JSD and ZLoss by their kernels, their arrays kept or (``blocked``)
     recomputed block by block in the backward pass, the rows to fix found as indices or
-    not (``indexed``): -inf classes, rows of all -inf, support gaps, masked rows holding
-    ±inf/NaN, every ``reduce``, ``counts``, half precision."""
+    not (``indexed``), built on torch's fused softmax kernels or not (``fused``): -inf
+    classes, rows of all -inf, support gaps, masked rows holding ±inf/NaN, every
+    ``reduce``, ``counts``, half precision."""
     from regularizers._fastpath import torch_distributions
 
     x, ref, kind, mask, counts = case
     dtype = data.draw(st.sampled_from(["float16", "bfloat16", "float32", "float64"]), label="dt")
     blocked = data.draw(st.booleans(), label="blocked")
     indexed = data.draw(st.booleans(), label="indexed")
+    fused = data.draw(st.booleans(), label="fused")
     xs, refs = _cast(x, dtype), _cast(ref, dtype)
     d, m = _mask_args(kind, mask)
     d = {**(d or {}), "ref": refs}
     with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
+        # torch's fused softmax kernels (a GPU's form) or the log-normalization step by step
+        mp.setattr(torch_distributions, "SOFTMAX", fused)
         if blocked:  # the large-input path: nothing kept, blocks of a few rows
             mp.setattr(torch_distributions, "KEEP", 0)
             for name in ("BLOCK", "DEVICE_BLOCK"):  # (the CPU's, and a GPU's)
@@ -695,9 +699,10 @@ def test_fused_class_axis_penalties_equal_the_generic_path(
     _close(grads, want_grads, grtol, grtol * gscale, "gradient")
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("blocked", [False, True])
 def test_class_axis_kernels_on_a_moved_axis_and_twice(
-    bk: Harness, blocked: bool, monkeypatch: pytest.MonkeyPatch
+    bk: Harness, blocked: bool, fused: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``axis=0`` (the class axis moved last and back), and ``retain_graph``: the backward
     run twice gives the same gradient."""
@@ -705,6 +710,7 @@ def test_class_axis_kernels_on_a_moved_axis_and_twice(
 
     from regularizers._fastpath import torch_distributions
 
+    monkeypatch.setattr(torch_distributions, "SOFTMAX", fused)
     if blocked:
         monkeypatch.setattr(torch_distributions, "KEEP", 0)
         monkeypatch.setattr(torch_distributions, "BLOCK", 8)
