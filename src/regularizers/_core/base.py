@@ -19,6 +19,7 @@ import array_api_compat
 
 from .. import checks
 from .._fastpath.dispatch import (
+    prepare_options,
     try_autograd,
     try_compute,
     try_jax,
@@ -235,12 +236,17 @@ class Regularizer:
         call: str = "compute(data, logprobs)",
         _zero: Any = None,
         _known: Any = None,
+        _whole: Any = None,
     ) -> Batch:
         """The :class:`~regularizers.Batch` of one call (validated, flattened, masked).
 
-        ``_zero`` and ``_known`` are internal: a native path's exact replacement for the
-        ``where`` that sets uncounted tokens to 0, and the namespace of ``logprobs`` where
-        the caller has checked them already (see ``_core.inputs.prepare``)."""
+        ``_zero``, ``_known`` and ``_whole`` are internal: a native path's exact replacement
+        for the ``where`` that sets uncounted tokens to 0, the namespace of ``logprobs``
+        where the caller has checked them already (see ``_core.inputs.prepare``), and its
+        check, where reading a value on the host costs nothing (the CPU), that every token
+        is valid (``valid_tokens``): then the Batch is not restricted, and counts and
+        reductions stay those of the unmasked call (the same numbers, without the mask's
+        ``where``s)."""
         m = self._opts["mask"] if mask is UNSET else checks.mask("mask", mask)
         batch = prepare(
             data,
@@ -257,7 +263,9 @@ class Regularizer:
             known=_known,
         )
         valid = self.valid_tokens(batch)
-        return batch if valid is None else batch.restrict(valid)
+        if valid is None or (batch.mask is None and _whole is not None and _whole(valid)):
+            return batch
+        return batch.restrict(valid)
 
     def compute(
         self,
@@ -350,7 +358,12 @@ class Regularizer:
             if small is not None:
                 return small
         batch = self.prepare(
-            data, logprobs, mask=mask, counts=counts, call="value_and_grad(data, logprobs)"
+            data,
+            logprobs,
+            mask=mask,
+            counts=counts,
+            call="value_and_grad(data, logprobs)",
+            **prepare_options(self, logprobs),
         )
         value, metrics, g = (
             try_autograd(self, batch)

@@ -38,6 +38,7 @@ from .common import ENABLED, disabled
 
 __all__ = [
     "disabled",
+    "prepare_options",
     "try_autograd",
     "try_compute",
     "try_jax",
@@ -132,6 +133,19 @@ def try_route_terms(
     from .torch_fused import GRAD
 
     return compute(terms, data, logprobs, counts, "compute(data, logprobs)", GRAD)
+
+
+def prepare_options(reg: Any, logprobs: Any) -> dict[str, Any]:
+    """What a native path adds to ``prepare`` for ``value_and_grad`` on ``logprobs``: on
+    eager torch tensors of a built-in with a kernel, ``_whole`` (``torch_fused.all_valid``),
+    as the training path's own ``prepare`` has it, so that both give the same numbers."""
+    first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
+    if type(first).__module__ not in _TORCH_MODULES or _torch_compiling() or not _routable(reg):
+        return {}
+    from .torch_autograd import _functorch_active
+    from .torch_fused import all_valid
+
+    return {} if _functorch_active() else {"_whole": all_valid}
 
 
 def try_autograd(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:

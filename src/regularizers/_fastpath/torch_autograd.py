@@ -47,7 +47,7 @@ from array_api_compat import array_namespace
 from .._core.inputs import check_data
 from .._core.typing import Array, Metrics
 from .common import disabled
-from .torch_fused import PLAIN, zero_uncounted
+from .torch_fused import PLAIN, all_valid, zero_uncounted
 
 __all__ = ["ClosedForm", "Generic", "compute", "value_metrics_and_grad"]
 
@@ -275,6 +275,7 @@ def compute(
                 call=call,
                 _zero=zero_uncounted,
                 _known=_XP if floats else None,  # (types and dtypes read above)
+                _whole=all_valid,
             )
             if batch._target_arrays is not batch._arrays:  # a Field target: its own gradient
                 return None

@@ -56,6 +56,13 @@ def zero_uncounted(a: Any, mask: Any, fresh: bool = False) -> Any:
     return torch.where(m, z, z.new_zeros(()))  # (counted entries of z: a's own, by the product)
 
 
+def all_valid(valid: Any) -> bool:
+    """Whether a ``[n]`` bool tensor on the CPU is all True (read on the host, which costs
+    less than the mask's ``where``s it saves: ~4 us at 1e3 against ~40); False elsewhere
+    (no device sync)."""
+    return bool(valid.device.type == "cpu" and valid.all())
+
+
 def _flat(logprobs: Any) -> Any:
     """The input as one flat tensor, or None where the generic path must run."""
     # (dispatch has already stepped aside under torch.compile tracing.) Under the torch.func
