@@ -291,15 +291,15 @@ class EntropyGrad:
         low = _lowest(v.dtype)
         for i, sl in enumerate(saved.blocks):
             gb = g[sl]
-            if lse is None:  # (fused) -p (log p + H) = entr(p) - p H, times -c
+            if saved.kept:
+                lp, p = saved.kept[i]
+                torch.add(lp, h[sl], out=gb)
+            elif lse is None:  # (fused) -p (log p + H) = entr(p) - p H, times -c
                 p = torch.softmax(_scaled(v[sl], t), -1)
                 torch.special.entr(p, out=gb).addcmul_(p, h[sl], value=-1.0)
                 gb.mul_(-_rows(c, sl))
                 del p
                 continue
-            if saved.kept:
-                lp, p = saved.kept[i]
-                torch.add(lp, h[sl], out=gb)
             else:  # log p and p again, as the forward computed them
                 p = torch.exp(torch.sub(_scaled(v[sl], t), lse[sl], out=gb))
                 gb.clamp_min_(low).add_(h[sl])
