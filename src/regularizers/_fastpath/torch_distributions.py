@@ -66,12 +66,13 @@ SOFTMAX: bool | None = None
 ``exp``, sum, ``log``: bit-identical values). None: KL, JSD and ZLoss always; Entropy off the
 CPU only, where it is ``Σ entr(softmax(z))`` (``entr(p) = -p log p``, 0 at 0: three kernels
 forward, four backward). On a GPU the count of kernels is the cost: on an H200 at ``[2048,
-32000]``, ``loss.backward()`` against the naive idiom went from 1.33x to 1.04x (Entropy),
-2.31x to 1.90x (KL) and 1.31x to 1.14x (JSD). On this project's 2-core CPU, KL, JSD and ZLoss
-took 10-20% less time so at 1e3, on the Tinker-sized batch and at ``[2048, 32000]``, while
-Entropy's ``entr`` form was slower beyond 1e3 (5.1 against 5.0 ms on the Tinker batch, 364
-against 316 ms at ``[2048, 32000]``). Fused values agree with the generic path's to
-rounding, not to the bit. The tests set True and False to run both forms anywhere."""
+32000]``, ``loss.backward()`` against the naive idiom went from 1.33x to 0.95-1.04x (Entropy; two
+runs), 2.31x to 1.90x (KL) and 1.31x to 1.14x (JSD). On this project's 2-core CPU, KL, JSD
+and ZLoss took 10-25% less time so at 1e3, on the Tinker-sized batch and at ``[2048,
+32000]``, while Entropy's ``entr`` form was slower beyond 1e3 (5.1 against 2.1 ms per step
+on the Tinker batch, 364 against 316 ms at ``[2048, 32000]``). Fused values agree with the
+generic path's to rounding, not to the bit. The tests set True and False to run both forms
+anywhere."""
 
 _INF = math.inf
 INDEXED = True
