@@ -80,15 +80,22 @@ def test_fast_path_equals_generic_path(
     # Small blocks too, so that combining blocks (Chan's formula, running extrema) is tested.
     block = data.draw(st.sampled_from([None, 1, 7, 64]), label="block")
     native = _native_torch if bk.library == "torch" else _native_numpy
-    saved = native.BLOCK
+    # (NumPy walks a large input by STREAM elements, the blocks it prepares by BLOCK)
+    names = [n for n in ("BLOCK", "STREAM") if hasattr(native, n)]
+    # and sums a block by BLAS in rows of _ROW: short rows, so that blocks of 64 have them
+    row = data.draw(st.sampled_from([None, 4, 5]), label="row") if bk.library == "numpy" else None
+    names += ["_ROW"] if row else []
+    saved = {n: getattr(native, n) for n in names}
     # exp(1e4) overflows to inf on both paths alike: NumPy's warning is not the question here.
     with np.errstate(over="ignore", invalid="ignore"):
         try:
-            native.BLOCK = block or saved
+            for n in names:
+                setattr(native, n, row if n == "_ROW" else block or saved[n])
             assert _fastpath.try_compute(reg, xs) is not None, "the fast path was not taken"
             fast_value, fast_metrics = reg.compute(None, xs)
         finally:
-            native.BLOCK = saved
+            for n in names:
+                setattr(native, n, saved[n])
         with _fastpath.disabled():
             assert _fastpath.try_compute(reg, xs) is None
             value, metrics = reg.compute(None, xs)
@@ -118,6 +125,30 @@ def test_fast_path_equals_generic_path(
             bk.to_numpy(a), bk.to_numpy(b), rtol=rtol, atol=atol, equal_nan=True, err_msg=name
         )
     assert fast_metrics.keys() == metrics.keys()
+
+
+@pytest.mark.backends("numpy")
+@pytest.mark.parametrize("n", [0, 1, 1023, 1024, 1025, 5000])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_blocked_sum_by_blas_rows(n: int, dtype: str) -> None:
+    """``_sum`` (a block's total by BLAS row sums, then the rest) is the block's sum: to
+    float64 rounding, inf and NaN where ``np.sum`` has them."""
+    rng = np.random.default_rng(n)
+    b = rng.normal(0.0, 30.0, size=n).astype(dtype)
+    expected = float(np.sum(b.astype(np.float64)))
+    eps = float(np.finfo(dtype).eps)
+    assert abs(_native_numpy._sum(b) - expected) <= 4 * eps * float(np.abs(b).sum()) + 1e-300
+    with np.errstate(invalid="ignore"):  # (inf - inf: NaN, as np.sum)
+        for special in (np.inf, -np.inf, np.nan):
+            if n:
+                c = b.copy()
+                c[n // 2] = special
+                expected = float(np.sum(c.astype(np.float64)))
+                np.testing.assert_equal(_native_numpy._sum(c), expected)
+        if n > 1:
+            c = b.copy()
+            c[0], c[-1] = np.inf, -np.inf
+            assert np.isnan(_native_numpy._sum(c))
 
 
 def test_fast_path_steps_aside(bk: Harness) -> None:

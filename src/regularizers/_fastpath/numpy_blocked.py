@@ -19,6 +19,7 @@ from .._core.ops import clamp
 from .common import chan_merge, reduced
 
 BLOCK = 1 << 16  # elements: 256 KiB of float32 (512 KiB of float64), inside a 1 MiB L2 cache
+STREAM = 1 << 18  # elements per block of compute's walk over a large input (see _blocks)
 _FLOATS = (np.float16, np.float32, np.float64)
 
 
@@ -30,10 +31,34 @@ def _arrays(logprobs: Any) -> list[np.ndarray] | None:
 
 
 def _blocks(arrays: list[np.ndarray]) -> Any:
+    """Views of ``STREAM`` elements. Measured at 1e7 float32 on a 1 MiB L2 cache: L1's
+    abs-then-sum walk takes 2.5 ms in blocks of 2^18 against 3.5 in blocks of 2^16 (which
+    fit the cache): ``np.abs`` from memory into the buffer runs faster on the longer runs."""
+    step = STREAM
     for a in arrays:
         flat = a.reshape(-1)
-        for i in range(0, flat.shape[0], BLOCK):
-            yield flat[i : i + BLOCK]
+        for i in range(0, flat.shape[0], step):
+            yield flat[i : i + step]
+
+
+_ROW = 1024
+_ONES: dict[Any, np.ndarray] = {}  # per (dtype, row): ones, read-only (shared by threads)
+
+
+def _sum(b: np.ndarray) -> float:
+    """``Σ b`` of a 1-D block, as a float: row sums of ``_ROW`` elements by a BLAS
+    matrix-vector product, then NumPy's pairwise sum of those. On a cached block of 2^18
+    float32 it is about twice as fast as ``b.sum()`` and as accurate (mean relative error
+    4.4e-8 against 4.9e-8; one BLAS dot with a vector of ones: 1.1e-7)."""
+    row = _ROW
+    m = b.shape[0] - b.shape[0] % row
+    ones = _ONES.get((b.dtype, row))
+    if ones is None:
+        ones = np.ones(row, dtype=b.dtype)
+        ones.flags.writeable = False
+        ones = _ONES.setdefault((b.dtype, row), ones)
+    head = float(np.add.reduce(np.dot(b[:m].reshape(-1, row), ones))) if m else 0.0
+    return head + float(np.add.reduce(b[m:]))
 
 
 def _prepared(reg: Any, logprobs: Any) -> Any:
@@ -69,7 +94,7 @@ def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     if got[0] == "small":
         return _small_l1(reg, got[1])
     _, arrays, dtype, n = got
-    buf = np.empty(min(n, BLOCK), dtype=dtype)
+    buf = np.empty(min(n, STREAM), dtype=dtype)
     probs = reg.target == "probs"
     raw = 0.0
     for block in _blocks(arrays):
@@ -78,7 +103,7 @@ def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
             np.exp(block, out=b, dtype=dtype)  # not the float16 loop
         else:
             np.abs(block, out=b)
-        raw += float(b.sum())
+        raw += _sum(b)
     return _out(reg, {"l1_raw": raw, "l1_mean": raw / max(n, 1)}, dtype)
 
 
@@ -91,7 +116,7 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     if got[0] == "small":
         return _small_l2(reg, got[1])
     _, arrays, dtype, n = got
-    buf = np.empty(min(n, BLOCK), dtype=dtype)
+    buf = np.empty(min(n, STREAM), dtype=dtype)
     probs = reg.target == "probs"
 
     lo, hi = (_finite(b, dtype) for b in reg.clip) if reg.clip is not None else (None, None)
@@ -118,7 +143,7 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
         for block in _blocks(arrays):
             b = prepare(block)
             k = b.shape[0]
-            bmean = float(b.sum()) / k
+            bmean = _sum(b) / k
             cmin = _nan_min(cmin, float(b.min()))
             cmax = _nan_max(cmax, float(b.max()))
             b -= bmean
