@@ -151,6 +151,39 @@ def test_blocked_sum_by_blas_rows(n: int, dtype: str) -> None:
             assert np.isnan(_native_numpy._sum(c))
 
 
+@pytest.mark.backends("numpy")
+@pytest.mark.parametrize("loc", [0.0, -1.0, -30.0, 1e3])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_block_deviations_both_ways(loc: float, dtype: str) -> None:
+    """``_deviations`` (a block's Σ(b - mean)², by Σb² - k·mean² where that cancels little,
+    else by the shifted block) is the float64 sum of squared deviations from the mean,
+    taken either way; with an inf or NaN it is NaN or inf as the shifted dot has it."""
+    rng = np.random.default_rng(7)
+    b = (rng.normal(0.0, 2.0, size=3000) + loc).astype(dtype)
+    exact = b.astype(np.float64)
+    mean = float(exact.mean())
+    expected = float(((exact - mean) ** 2).sum())
+    fast = 3000 * mean * mean <= 0.5 * float((exact * exact).sum())
+    assert fast == (loc in (0.0, -1.0))  # (both ways are taken below)
+    buf = np.empty_like(b)
+    got = _native_numpy._deviations(b, mean, buf)
+    eps = float(np.finfo(dtype).eps)
+    # relative to the result either way (taken fast, Σb² is at most twice the result)
+    assert abs(got - expected) <= 128 * eps * expected
+    before = b.copy()
+    _native_numpy._deviations(b, mean, buf)
+    np.testing.assert_array_equal(b, before)  # the block is read, not shifted in place
+    with np.errstate(invalid="ignore", over="ignore"):
+        for special in (np.inf, np.nan):
+            c = b.copy()
+            c[5] = special
+            m = float(np.mean(c.astype(np.float64)))
+            shifted = c.astype(np.float64) - m
+            np.testing.assert_equal(
+                _native_numpy._deviations(c, m, buf), float(np.dot(shifted, shifted))
+            )
+
+
 def test_fast_path_steps_aside(bk: Harness) -> None:
     """Masks, subclasses, autograd, foreign dtypes: the generic path (and its errors) runs."""
     x = bk.asarray(np.array([-1.0, 0.0, 2.0]))

