@@ -25,6 +25,8 @@ TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test")
 LINT_DEPS = nox.project.dependency_groups(PYPROJECT, "lint")
 # Always this range: a looser one pulls a multi-GB CUDA build of torch.
 TORCH = "torch>=2.13,<2.14"
+# Triton's interpreter runs its kernels on the CPU (3.9 is the one checked with that torch)
+TRITON = "triton>=3.5,<4"
 
 # backend configuration -> what its session installs besides the test group
 BACKENDS: dict[str, list[str]] = {
@@ -39,6 +41,7 @@ TEST_SESSIONS = [f"tests-{name}" for name in BACKENDS]
 nox.options.sessions = [
     *TEST_SESSIONS,
     "tests-tinker",
+    "tests-triton",
     "tests-keras",
     "tests-docs",
     "distributed",
@@ -106,6 +109,21 @@ def tests_tinker(session: nox.Session) -> None:
     session.install(".", *TEST_DEPS, "tinker", TORCH)
     session.run(
         "pytest", "spec_tests/test_tinker.py", "--tinker", "--backend", "torch", *session.posargs
+    )
+
+
+@session(name="tests-triton")
+def tests_triton(session: nox.Session) -> None:
+    """KL's Triton kernels (a GPU's default) on the CPU, under Triton's interpreter: the
+    class-axis kernels' properties, which then draw them, and their own test."""
+    session.install(".", *TEST_DEPS, TORCH, TRITON)
+    session.run(
+        "pytest",
+        "spec_tests/test_fused_grad.py",
+        "spec_tests/test_kl.py",
+        *("--backend", "torch", "-k", "triton or class_axis"),
+        *session.posargs,
+        env={"TRITON_INTERPRET": "1"},
     )
 
 

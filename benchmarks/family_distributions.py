@@ -19,7 +19,10 @@ another's peak):
 - ``ours_vag``: ``reg.value_and_grad(None, z)``: value, metrics and the closed-form gradient,
   computed block by block over tokens (the library's generic array API path);
 - ``ours_autograd``: ``reg(z)`` on a tensor that requires grad, then ``.backward()``: torch
-  autograd records one node whose backward is the closed form (``_fastpath/torch_autograd``).
+  autograd records one node whose backward is the closed form (``_fastpath/torch_autograd``);
+  on a GPU, KL's forward and backward are one Triton kernel each (``_fastpath/torch_triton``);
+- ``ours_torch_kernels`` (only when named in ``--impls``): ``ours_autograd`` with the Triton
+  kernels off, torch's kernels instead.
 
 Measured: the median wall time of ``--repeats`` runs after one warm run, and the peak memory
 beyond the inputs, reported in units of one ``[T, V]`` float32 array (the gradient itself is
@@ -101,7 +104,21 @@ def ours_autograd(case: str, z: Any, r: Any) -> Any:
     return value.detach(), z.grad
 
 
-IMPL = {"naive": naive, "ours_vag": ours_vag, "ours_autograd": ours_autograd}
+def ours_torch_kernels(case: str, z: Any, r: Any) -> Any:
+    """``ours_autograd`` with KL's Triton kernels off (``torch_triton.TRITON = False``): its
+    torch kernels, as a GPU ran them before the Triton ones (not run unless named)."""
+    from regularizers._fastpath import torch_triton
+
+    torch_triton.TRITON = False
+    return ours_autograd(case, z, r)
+
+
+IMPL = {
+    "naive": naive,
+    "ours_vag": ours_vag,
+    "ours_autograd": ours_autograd,
+    "ours_torch_kernels": ours_torch_kernels,
+}
 
 
 def child(case: str, impl: str, device: str, repeats: int) -> dict[str, Any]:

@@ -672,12 +672,15 @@ def test_fused_class_axis_penalties_equal_the_generic_path(
     blocked = data.draw(st.booleans(), label="blocked")
     indexed = data.draw(st.booleans(), label="indexed")
     fused = data.draw(st.booleans(), label="fused")
+    triton = _triton_runs() and data.draw(st.booleans(), label="triton")
     xs, refs = _cast(x, dtype), _cast(ref, dtype)
     d, m = _mask_args(kind, mask)
     d = {**(d or {}), "ref": refs}
     with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
         # torch's fused softmax kernels (a GPU's form) or the log-normalization step by step
         mp.setattr(torch_distributions, "SOFTMAX", fused)
+        # reverse KL of float32 rows by the Triton kernels (on a GPU, or their interpreter)
+        ran = _triton_spy(mp, triton)
         if blocked:  # the large-input path: nothing kept, blocks of a few rows
             mp.setattr(torch_distributions, "KEEP", 0)
             for name in ("BLOCK", "DEVICE_BLOCK"):  # (the CPU's, and a GPU's)
@@ -685,6 +688,11 @@ def test_fused_class_axis_penalties_equal_the_generic_path(
         if not indexed:  # the rows to fix by full-size kernels (as on a GPU: no host sync)
             mp.setattr(torch_distributions, "INDEXED", False)
         got, want = _routed_and_generic(mp, reg, (d, xs, m, counts), True)
+    takes = triton and reg.name == "kl" and reg.direction == "reverse" and dtype != "float64"
+    if takes:  # forward and backward, through compute and through value_and_grad
+        assert ran == ["kl_forward", "kl_backward"] * 2, ran
+    else:
+        assert not ran, ran
     (value, metrics, grads), (want_value, want_metrics, want_grads) = got, want
     rtol = 1e-9 if dtype == "float64" else 1e-4
     grtol = {"float16": 1e-2, "bfloat16": 1e-1}.get(dtype, rtol * 10)
@@ -697,6 +705,149 @@ def test_fused_class_axis_penalties_equal_the_generic_path(
         [1.0] + [float(g.detach().abs().nan_to_num().max()) for g in want_grads if g.numel()]
     )
     _close(grads, want_grads, grtol, grtol * gscale, "gradient")
+
+
+def _triton_runs() -> bool:
+    """Whether the Triton kernels of KL can run here: ``triton`` imports, and the tests'
+    device is a GPU or Triton's interpreter is on (``TRITON_INTERPRET=1``, as the ``triton``
+    nox session sets it)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return str(TORCH_DEVICE).startswith("cuda") or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_spy(mp: pytest.MonkeyPatch, on: bool) -> list[str]:
+    """``torch_triton.TRITON`` set to ``on`` (False: never, whatever the device), and the
+    names of its kernels that ran."""
+    from regularizers._fastpath import torch_triton
+
+    mp.setattr(torch_triton, "TRITON", on)
+    ran: list[str] = []
+    for name in ("kl_forward", "kl_backward"):
+        real = getattr(torch_triton, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            ran.append(_name)
+            return _real(*args)
+
+        mp.setattr(torch_triton, name, spy)
+    return ran
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("reduce", ["mean", "seq-mean-token-mean"])
+def test_kl_by_the_triton_kernels(bk: Harness, temperature: float, reduce: str) -> None:
+    """Reverse KL of float32 rows by the Triton kernels equals the torch kernels and the
+    generic path: rows of 5000 classes (two of the kernels' blocks of 4096, the maximum of
+    a row in either), -inf classes in either block, a support gap in the second, a row of
+    all -inf, NaN and +inf in masked rows and in a counted one, a masked row."""
+    import torch
+
+    if not _triton_runs():
+        pytest.skip("Triton cannot run here: no triton, or neither a GPU nor its interpreter")
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(9, 5000, generator=gen) * 3
+    r = z + torch.randn(9, 5000, generator=gen)
+    z[0, 4500] = 40.0  # the maximum in the second block
+    z[1, 10] = 40.0  # in the first
+    z[2, 4100:4200] = -float("inf")
+    r[2, 10:20] = -float("inf")
+    z[2, 10:20] = -float("inf")  # -inf in both: no gap
+    r[3, 4300] = -float("inf")  # a support gap: KL +inf
+    z[4] = -float("inf")  # a row of all -inf (not counted)
+    z[5, 7] = float("nan")
+    r[6, 9] = float("inf")
+    z[7, 3] = float("nan")  # never counted
+    # counted: the finite rows (a finite value); then the gap's row too (+inf); then NaN's
+    for counted in ([0, 1, 2, 8], [0, 1, 2, 3, 8], [0, 1, 2, 3, 5, 6, 8]):
+        m = torch.zeros(9, dtype=torch.bool)
+        m[counted] = True
+        args = ({"ref": r.to(TORCH_DEVICE), "m": m.to(TORCH_DEVICE)}, z.to(TORCH_DEVICE))
+        reg = rg.KL(rg.Field("ref"), temperature=temperature, reduce=reduce, mask=rg.Field("m"))
+        with pytest.MonkeyPatch.context() as mp, np.errstate(all="ignore"):
+            ran = _triton_spy(mp, True)
+            got = _autograd(reg, *args, None, None)
+            assert ran == ["kl_forward", "kl_backward"], ran
+        with pytest.MonkeyPatch.context() as mp:
+            _triton_spy(mp, False)
+            torch_kernels = _autograd(reg, *args, None, None)
+        with generic_path():
+            want = _autograd(reg, *args, None, None)
+        value = float(got[0].detach())
+        assert np.isfinite(value) == (3 not in counted)
+        assert np.isnan(value) == (5 in counted)
+        for other in (torch_kernels, want):
+            _close(got[0], other[0], 1e-5, 1e-6, "value")
+            for k in other[1]:
+                _close(got[1][k], other[1][k], 1e-5, 1e-6, k)
+            # (at a row's top class p ≈ 1 and log p - log q - KL cancels: what is left is the
+            # rounding of lse at logits of 40/T, ulp(40) = 3.8e-6, times the reduce weight)
+            _close(got[2], other[2], 1e-5, 4e-6 / temperature, "gradient")
+        g = got[2][0]
+        assert bool((g[3] == 0).all())
+        assert bool((g[~m.to(g.device)] == 0).all())
+        assert bool(torch.isfinite(g[[0, 1, 2, 8]]).all())
+
+
+@pytest.mark.parametrize("fails", ["forward", "backward"])
+def test_kl_where_the_triton_kernels_cannot_run(
+    bk: Harness, fails: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Triton kernel that cannot run (a GPU older than Triton supports, a broken install)
+    is said once in a RuntimeWarning, and KL's torch kernels serve the call and every later
+    one: after the forward's failure from the start; after the backward's, from the Triton
+    forward's ``lse`` (stand-in kernels here, so that this runs without Triton)."""
+    import torch
+
+    from regularizers._fastpath import torch_triton
+
+    inf = float("inf")
+
+    def failing(*args: Any, **meta: Any) -> None:
+        raise RuntimeError("no kernel image for this device")
+
+    def forward(z: Any, r: Any, kl: Any, lse: Any, gap: Any, *args: Any, **meta: Any) -> None:
+        t = args[3]
+        x, y = z / t, r / t
+        low = -torch.finfo(torch.float32).max
+        lp, lq = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
+        lse[:, 0], lse[:, 1] = torch.logsumexp(x, -1), torch.logsumexp(y, -1)
+        kl.copy_((lp.exp() * (lp.clamp_min(low) - lq.clamp_min(low))).sum(-1))
+        gap.copy_(((z != -inf) & (r == -inf)).any(-1))
+
+    class Grid:  # what ``kernel[grid]`` gives: the launcher
+        def __init__(self, run: Any) -> None:
+            self.run = run
+
+        def __getitem__(self, grid: Any) -> Any:
+            return self.run
+
+    gen = torch.Generator().manual_seed(3)
+    z = (torch.randn(6, 10, generator=gen) * 3).to(TORCH_DEVICE)
+    r = (z + torch.randn(6, 10, generator=gen).to(TORCH_DEVICE)).contiguous()
+    z[1, 2], r[2, 3] = -inf, -inf  # a -inf class; a support gap (its KL +inf)
+    reg = rg.KL(rg.Field("ref"), temperature=0.5, reduce="mean", mask=rg.Field("m"))
+    m = torch.ones(6, dtype=torch.bool, device=TORCH_DEVICE)
+    m[2] = False  # (a finite value)
+    args = ({"ref": r, "m": m}, z, None, None)
+    with generic_path():
+        want = _autograd(reg, *args)
+    kernels = (Grid(failing if fails == "forward" else forward), Grid(failing))
+    monkeypatch.setattr(torch_triton, "TRITON", True)
+    monkeypatch.setattr(torch_triton, "_KERNELS", kernels)
+    with pytest.warns(RuntimeWarning, match="KL's Triton kernels cannot run here"):
+        got = _autograd(reg, *args)
+    assert torch_triton._KERNELS is False
+    assert not torch_triton.available(z, r)
+    again = _autograd(reg, *args)  # (no warning: filterwarnings makes one an error)
+    for result in (got, again):
+        _close(result[0], want[0], 1e-5, 1e-6, "value")
+        for k in want[1]:
+            _close(result[1][k], want[1][k], 1e-5, 1e-6, k)
+        _close(result[2], want[2], 1e-5, 1e-6, "gradient")
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from . import torch_triton
+
 __all__ = ["GRAD", "EntropyGrad", "JSDGrad", "KLGrad", "ZLossGrad"]
 
 KEEP = 1 << 21
@@ -397,6 +399,16 @@ class KLGrad:
         v = batch.values
         r = batch.field(o["reference"], role="reference", counted=False)
         n, size = v.shape
+        # one pass, on a GPU (its lse are what the blocks below would keep: one block)
+        usable = how == "reverse" and torch_triton.available(v, r)
+        tri = torch_triton.kl_forward(v, r, t) if usable else None
+        if tri is not None:
+            kl_r, lse, gap_r = tri
+            per = torch.where(gap_r, torch.full((), _INF, dtype=v.dtype, device=v.device), kl_r)
+            kl_r.masked_fill_(gap_r, 0.0)  # (as below)
+            value, metrics = _finish(batch, "kl", per)
+            saved = _Saved((kl_r.reshape(-1, 1), lse), [slice(0, n)], [], [r])
+            return value, metrics, (saved, gap_r, None, r, True)
         keep = v.numel() <= KEEP
         fused = _fused(v.device, True)
         low = _lowest(v.dtype)
@@ -445,11 +457,11 @@ class KLGrad:
         value, metrics = _finish(batch, "kl", per)
         rows = (None if kl_r is None else kl_r.reshape(-1, 1), None if fused else lses.out)
         saved = _Saved(rows, blocks, kept, [] if keep else [r], work if keep else None)
-        return value, metrics, (saved, gap_r, gap_f, None if keep else r)
+        return value, metrics, (saved, gap_r, gap_f, None if keep else r, False)
 
     @staticmethod
     def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
-        saved, gap_r, gap_f, r = state
+        saved, gap_r, gap_f, r, triton = state
         saved.check()
         t = reg._opts["temperature"]
         v, (kl_r, lses) = batch.values, saved.rows
@@ -459,6 +471,11 @@ class KLGrad:
         keep_f = None if gap_f is None else (~gap_f).to(v.dtype).reshape(-1, 1)
         if not both:  # the one direction's gap rows: a coefficient of 0
             c = c * (keep_r if keep_r is not None else keep_f)
+        if triton:  # (reverse: c is [n, 1]; where the kernel cannot run, the loop below)
+            out = torch.empty_like(v)
+            g = torch_triton.kl_backward(v, r, t, lses, kl_r.reshape(-1), c.reshape(-1), out)
+            if g is not None:
+                return _drop(g, batch.mask)
         g = saved.gradient(v)
         low = _lowest(v.dtype)
         for i, sl in enumerate(saved.blocks):
