@@ -688,9 +688,11 @@ def test_fused_class_axis_penalties_equal_the_generic_path(
         if not indexed:  # the rows to fix by full-size kernels (as on a GPU: no host sync)
             mp.setattr(torch_distributions, "INDEXED", False)
         got, want = _routed_and_generic(mp, reg, (d, xs, m, counts), True)
-    takes = triton and reg.name == "kl" and reg.direction == "reverse" and dtype != "float64"
+    kl = reg.name == "kl" and reg.direction == "reverse"
+    takes = triton and (kl or reg.name == "jsd") and dtype != "float64"
     if takes:  # forward and backward, through compute and through value_and_grad
-        assert ran == ["kl_forward", "kl_backward"] * 2, ran
+        name = "kl" if kl else "jsd"
+        assert ran == [f"{name}_forward", f"{name}_backward"] * 2, ran
     else:
         assert not ran, ran
     (value, metrics, grads), (want_value, want_metrics, want_grads) = got, want
@@ -726,7 +728,7 @@ def _triton_spy(mp: pytest.MonkeyPatch, on: bool) -> list[str]:
 
     mp.setattr(torch_triton, "TRITON", on)
     ran: list[str] = []
-    for name in ("kl_forward", "kl_backward"):
+    for name in ("kl_forward", "kl_backward", "jsd_forward", "jsd_backward"):
         real = getattr(torch_triton, name)
 
         def spy(*args: Any, _real: Any = real, _name: str = name) -> Any:
@@ -737,13 +739,16 @@ def _triton_spy(mp: pytest.MonkeyPatch, on: bool) -> list[str]:
     return ran
 
 
+@pytest.mark.parametrize("penalty", ["kl", "jsd"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("reduce", ["mean", "seq-mean-token-mean"])
-def test_kl_by_the_triton_kernels(bk: Harness, temperature: float, reduce: str) -> None:
-    """Reverse KL of float32 rows by the Triton kernels equals the torch kernels and the
-    generic path: rows of 5000 classes (two of the kernels' blocks of 4096, the maximum of
-    a row in either), -inf classes in either block, a support gap in the second, a row of
-    all -inf, NaN and +inf in masked rows and in a counted one, a masked row."""
+def test_kl_and_jsd_by_the_triton_kernels(
+    bk: Harness, penalty: str, temperature: float, reduce: str
+) -> None:
+    """Reverse KL and JSD of float32 rows by the Triton kernels equal the torch kernels and
+    the generic path: rows of 5000 classes (two of the kernels' blocks of 4096, the maximum
+    of a row in either), -inf classes in either block, a class -inf in the reference only
+    (KL's support gap), a row of all -inf, NaN and +inf in masked rows and in counted ones."""
     import torch
 
     if not _triton_runs():
@@ -766,18 +771,22 @@ def test_kl_by_the_triton_kernels(bk: Harness, temperature: float, reduce: str) 
         m = torch.zeros(9, dtype=torch.bool)
         m[counted] = True
         args = ({"ref": r.to(TORCH_DEVICE), "m": m.to(TORCH_DEVICE)}, z.to(TORCH_DEVICE))
-        reg = rg.KL(rg.Field("ref"), temperature=temperature, reduce=reduce, mask=rg.Field("m"))
+        opts = {"temperature": temperature, "reduce": reduce, "mask": rg.Field("m")}
+        if penalty == "kl":
+            reg: rg.Regularizer = rg.KL(rg.Field("ref"), **opts)
+        else:
+            reg = rg.JSD(rg.Field("ref"), beta=0.3, **opts)
         with pytest.MonkeyPatch.context() as mp, np.errstate(all="ignore"):
             ran = _triton_spy(mp, True)
             got = _autograd(reg, *args, None, None)
-            assert ran == ["kl_forward", "kl_backward"], ran
+            assert ran == [f"{penalty}_forward", f"{penalty}_backward"], ran
         with pytest.MonkeyPatch.context() as mp:
             _triton_spy(mp, False)
             torch_kernels = _autograd(reg, *args, None, None)
         with generic_path():
             want = _autograd(reg, *args, None, None)
         value = float(got[0].detach())
-        assert np.isfinite(value) == (3 not in counted)
+        assert np.isfinite(value) == (5 not in counted and (penalty == "jsd" or 3 not in counted))
         assert np.isnan(value) == (5 in counted)
         for other in (torch_kernels, want):
             _close(got[0], other[0], 1e-5, 1e-6, "value")
@@ -787,7 +796,8 @@ def test_kl_by_the_triton_kernels(bk: Harness, temperature: float, reduce: str) 
             # rounding of lse at logits of 40/T, ulp(40) = 3.8e-6, times the reduce weight)
             _close(got[2], other[2], 1e-5, 4e-6 / temperature, "gradient")
         g = got[2][0]
-        assert bool((g[3] == 0).all())
+        if penalty == "kl":  # (the gap's row: KL +inf, no gradient)
+            assert bool((g[3] == 0).all())
         assert bool((g[~m.to(g.device)] == 0).all())
         assert bool(torch.isfinite(g[[0, 1, 2, 8]]).all())
 

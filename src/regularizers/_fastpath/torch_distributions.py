@@ -525,6 +525,14 @@ class JSDGrad:
         v = batch.values
         r = batch.field(o["reference"], role="reference", counted=False)
         n, size = v.shape
+        # two passes, on a GPU (the lse, then the terms; the lse are what the blocks keep)
+        tri = torch_triton.jsd_forward(v, r, t, beta) if torch_triton.available(v, r) else None
+        if tri is not None:
+            kl, lse = tri
+            kl_p = kl[:, 0:1].contiguous()  # (a column of its own, for the backward)
+            value, metrics = _finish(batch, "jsd", beta * kl[:, 1] + (1.0 - beta) * kl[:, 0])
+            saved = _Saved((kl_p, lse), [slice(0, n)], [], [r])
+            return value, metrics, (saved, r, True)
         keep = v.numel() <= KEEP
         fused = _fused(v.device, True)
         blocks = [slice(0, n)] if keep else _steps(n, size, v.device, 6)
@@ -547,16 +555,21 @@ class JSDGrad:
         value, metrics = _finish(batch, "jsd", values.out)
         rows = (kls.out.reshape(-1, 1), None if fused else lses.out)
         saved = _Saved(rows, blocks, kept, [] if keep else [r], work if keep else None)
-        return value, metrics, (saved, None if keep else r)
+        return value, metrics, (saved, None if keep else r, False)
 
     @staticmethod
     def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
-        saved, r = state
+        saved, r, triton = state
         saved.check()
         o = reg._opts
         beta, t = o["beta"], o["temperature"]
         v, (kl_p, lses) = batch.values, saved.rows
         c = _coefficient(batch, scale, (1.0 - beta) / t)
+        if triton:  # (where the kernel cannot run, the loop below, from the same lse)
+            out, k, cr = torch.empty_like(v), kl_p.reshape(-1), c.reshape(-1) if c.ndim else c
+            g = torch_triton.jsd_backward(v, r, t, beta, lses, k, cr, out)
+            if g is not None:
+                return _drop(g, batch.mask)
         g = saved.gradient(v)
         for i, sl in enumerate(saved.blocks):
             if saved.kept:

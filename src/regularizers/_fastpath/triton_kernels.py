@@ -1,0 +1,151 @@
+"""The Triton kernels of ``torch_triton`` (imported by it on first use, where ``triton``
+imports): KL's forward and backward, JSD's, one program per row of ``[n, V]``."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def kl_forward(z_ptr, r_ptr, kl_ptr, lse_ptr, gap_ptr, size, sz, sr, t, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m_z = float("-inf")
+    m_r = float("-inf")
+    s_z = 0.0
+    s_r = 0.0
+    acc = 0.0
+    gap = 0
+    for start in range(0, size, BLOCK):
+        offs = start + cols
+        valid = offs < size
+        x = tl.load(z_ptr + row * sz + offs, mask=valid, other=float("-inf")) / t
+        y = tl.load(r_ptr + row * sr + offs, mask=valid, other=float("-inf")) / t
+        x_out = x == float("-inf")  # (p = 0: no term, whatever r holds there)
+        new_z = tl.maximum(m_z, tl.max(x, 0))
+        alpha = tl.where(new_z == float("-inf"), 1.0, tl.exp(m_z - new_z))
+        e = tl.where(x_out, 0.0, tl.exp(x - new_z))
+        s_z = s_z * alpha + tl.sum(e, 0)
+        acc = acc * alpha + tl.sum(tl.where(x_out, 0.0, e * (x - y)), 0)
+        m_z = new_z
+        new_r = tl.maximum(m_r, tl.max(y, 0))
+        beta = tl.where(new_r == float("-inf"), 1.0, tl.exp(m_r - new_r))
+        f = tl.where(y == float("-inf"), 0.0, tl.exp(y - new_r))
+        s_r = s_r * beta + tl.sum(f, 0)
+        m_r = new_r
+        hit = (x != float("-inf")) & (y == float("-inf")) & valid
+        gap = gap | tl.max(hit.to(tl.int32), 0)
+    lse_z = m_z + tl.log(s_z)
+    lse_r = m_r + tl.log(s_r)
+    tl.store(kl_ptr + row, acc / s_z - lse_z + lse_r)
+    tl.store(lse_ptr + 2 * row, lse_z)
+    tl.store(lse_ptr + 2 * row + 1, lse_r)
+    tl.store(gap_ptr + row, gap)  # (int8: stored as the pointer's type)
+
+
+@triton.jit
+def kl_backward(
+    z_ptr, r_ptr, g_ptr, lse_ptr, kl_ptr, c_ptr, size, sz, sr, sg, t, low, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    lse_z = tl.load(lse_ptr + 2 * row)
+    lse_r = tl.load(lse_ptr + 2 * row + 1)
+    k = tl.load(kl_ptr + row)
+    c = tl.load(c_ptr + row)
+    for start in range(0, size, BLOCK):
+        offs = start + cols
+        valid = offs < size
+        x = tl.load(z_ptr + row * sz + offs, mask=valid, other=0.0) / t
+        y = tl.load(r_ptr + row * sr + offs, mask=valid, other=0.0) / t
+        lp = x - lse_z
+        p = tl.exp(lp)
+        lp = tl.where(lp < low, low, lp)  # (NaN stays NaN)
+        lq = y - lse_r
+        lq = tl.where(lq < low, low, lq)
+        g = (lp - lq - k) * p * c
+        tl.store(g_ptr + row * sg + offs, g, mask=valid)
+
+
+@triton.jit
+def _jsd_terms(x, y, lse_z, lse_r, log_b, log_1b, low):
+    """``(p, log p - log m, q, log q - log m)`` of one block, as ``_jsd_rows`` has them."""
+    lp = x - lse_z
+    lq = y - lse_r
+    a = lq + log_b  # log(β q)
+    b = lp + log_1b  # log((1 - β) p)
+    top = tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+    top = tl.where(top < low, low, top)  # (-inf where both are: no -inf - -inf)
+    lm = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+    lm = tl.where(lm < low, low, lm)
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    lp = tl.where(lp < low, low, lp)
+    lq = tl.where(lq < low, low, lq)
+    return p, lp - lm, q, lq - lm
+
+
+@triton.jit
+def _lse2(z_ptr, r_ptr, row, size, sz, sr, t, BLOCK: tl.constexpr):
+    """``lse(z/t)`` and ``lse(r/t)`` of one row, online."""
+    cols = tl.arange(0, BLOCK)
+    m_z = float("-inf")
+    m_r = float("-inf")
+    s_z = 0.0
+    s_r = 0.0
+    for start in range(0, size, BLOCK):
+        offs = start + cols
+        valid = offs < size
+        x = tl.load(z_ptr + row * sz + offs, mask=valid, other=float("-inf")) / t
+        y = tl.load(r_ptr + row * sr + offs, mask=valid, other=float("-inf")) / t
+        new_z = tl.maximum(m_z, tl.max(x, 0))
+        alpha = tl.where(new_z == float("-inf"), 1.0, tl.exp(m_z - new_z))
+        s_z = s_z * alpha + tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - new_z)), 0)
+        m_z = new_z
+        new_r = tl.maximum(m_r, tl.max(y, 0))
+        beta = tl.where(new_r == float("-inf"), 1.0, tl.exp(m_r - new_r))
+        s_r = s_r * beta + tl.sum(tl.where(y == float("-inf"), 0.0, tl.exp(y - new_r)), 0)
+        m_r = new_r
+    return m_z + tl.log(s_z), m_r + tl.log(s_r)
+
+
+@triton.jit
+def jsd_forward(
+    z_ptr, r_ptr, kl_ptr, lse_ptr, size, sz, sr, t, log_b, log_1b, low, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    lse_z, lse_r = _lse2(z_ptr, r_ptr, row, size, sz, sr, t, BLOCK)
+    cols = tl.arange(0, BLOCK)
+    kl_p = 0.0
+    kl_q = 0.0
+    for start in range(0, size, BLOCK):
+        offs = start + cols
+        valid = offs < size
+        x = tl.load(z_ptr + row * sz + offs, mask=valid, other=float("-inf")) / t
+        y = tl.load(r_ptr + row * sr + offs, mask=valid, other=float("-inf")) / t
+        p, dp, q, dq = _jsd_terms(x, y, lse_z, lse_r, log_b, log_1b, low)
+        kl_p += tl.sum(tl.where(valid, p * dp, 0.0), 0)
+        kl_q += tl.sum(tl.where(valid, q * dq, 0.0), 0)
+    tl.store(kl_ptr + 2 * row, kl_p)
+    tl.store(kl_ptr + 2 * row + 1, kl_q)
+    tl.store(lse_ptr + 2 * row, lse_z)
+    tl.store(lse_ptr + 2 * row + 1, lse_r)
+
+
+@triton.jit
+def jsd_backward(
+    z_ptr, r_ptr, g_ptr, lse_ptr, kl_ptr, c_ptr, size, sz, sr, sg, t, log_b, log_1b, low,
+    C_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    lse_z = tl.load(lse_ptr + 2 * row)
+    lse_r = tl.load(lse_ptr + 2 * row + 1)
+    k = tl.load(kl_ptr + row)
+    c = tl.load(c_ptr + row) if C_ROWS else tl.load(c_ptr)
+    for start in range(0, size, BLOCK):
+        offs = start + cols
+        valid = offs < size
+        x = tl.load(z_ptr + row * sz + offs, mask=valid, other=0.0) / t
+        y = tl.load(r_ptr + row * sr + offs, mask=valid, other=0.0) / t
+        p, dp, _q, _dq = _jsd_terms(x, y, lse_z, lse_r, log_b, log_1b, low)
+        tl.store(g_ptr + row * sg + offs, (dp - k) * p * c, mask=valid)
