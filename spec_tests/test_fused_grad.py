@@ -689,9 +689,9 @@ def test_fused_class_axis_penalties_equal_the_generic_path(
             mp.setattr(torch_distributions, "INDEXED", False)
         got, want = _routed_and_generic(mp, reg, (d, xs, m, counts), True)
     kl = reg.name == "kl" and reg.direction == "reverse"
-    takes = triton and (kl or reg.name == "jsd") and dtype != "float64"
+    takes = triton and (kl or reg.name in ("jsd", "entropy")) and dtype != "float64"
     if takes:  # forward and backward, through compute and through value_and_grad
-        name = "kl" if kl else "jsd"
+        name = "kl" if kl else reg.name
         assert ran == [f"{name}_forward", f"{name}_backward"] * 2, ran
     else:
         assert not ran, ran
@@ -728,7 +728,8 @@ def _triton_spy(mp: pytest.MonkeyPatch, on: bool) -> list[str]:
 
     mp.setattr(torch_triton, "TRITON", on)
     ran: list[str] = []
-    for name in ("kl_forward", "kl_backward", "jsd_forward", "jsd_backward"):
+    names = ("kl", "jsd", "entropy")
+    for name in [f"{n}_{way}" for n in names for way in ("forward", "backward")]:
         real = getattr(torch_triton, name)
 
         def spy(*args: Any, _real: Any = real, _name: str = name) -> Any:
@@ -739,16 +740,17 @@ def _triton_spy(mp: pytest.MonkeyPatch, on: bool) -> list[str]:
     return ran
 
 
-@pytest.mark.parametrize("penalty", ["kl", "jsd"])
+@pytest.mark.parametrize("penalty", ["kl", "jsd", "entropy"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("reduce", ["mean", "seq-mean-token-mean"])
-def test_kl_and_jsd_by_the_triton_kernels(
+def test_class_axis_penalties_by_the_triton_kernels(
     bk: Harness, penalty: str, temperature: float, reduce: str
 ) -> None:
-    """Reverse KL and JSD of float32 rows by the Triton kernels equal the torch kernels and
-    the generic path: rows of 5000 classes (two of the kernels' blocks of 4096, the maximum
-    of a row in either), -inf classes in either block, a class -inf in the reference only
-    (KL's support gap), a row of all -inf, NaN and +inf in masked rows and in counted ones."""
+    """Reverse KL, JSD and Entropy of float32 rows by the Triton kernels equal the torch
+    kernels and the generic path: rows of 5000 classes (two of the kernels' blocks of 4096,
+    the maximum of a row in either), -inf classes in either block, a class -inf in the
+    reference only (KL's support gap), a row of all -inf, NaN and +inf in masked rows and in
+    counted ones; Entropy with a threshold (a slope per row) too."""
     import torch
 
     if not _triton_runs():
@@ -774,8 +776,10 @@ def test_kl_and_jsd_by_the_triton_kernels(
         opts = {"temperature": temperature, "reduce": reduce, "mask": rg.Field("m")}
         if penalty == "kl":
             reg: rg.Regularizer = rg.KL(rg.Field("ref"), **opts)
-        else:
+        elif penalty == "jsd":
             reg = rg.JSD(rg.Field("ref"), beta=0.3, **opts)
+        else:  # (a hinge at 3 nats: the rows of a 40 below it, the others above)
+            reg = rg.Entropy(threshold=3.0 if reduce == "mean" else None, **opts)
         with pytest.MonkeyPatch.context() as mp, np.errstate(all="ignore"):
             ran = _triton_spy(mp, True)
             got = _autograd(reg, *args, None, None)
@@ -786,8 +790,9 @@ def test_kl_and_jsd_by_the_triton_kernels(
         with generic_path():
             want = _autograd(reg, *args, None, None)
         value = float(got[0].detach())
-        assert np.isfinite(value) == (5 not in counted and (penalty == "jsd" or 3 not in counted))
-        assert np.isnan(value) == (5 in counted)
+        nan = 5 in counted and not (penalty == "entropy" and reduce == "mean")  # (the hinge's 0)
+        assert np.isnan(value) == nan
+        assert np.isfinite(value) == (not nan and (penalty != "kl" or 3 not in counted))
         for other in (torch_kernels, want):
             _close(got[0], other[0], 1e-5, 1e-6, "value")
             for k in other[1]:

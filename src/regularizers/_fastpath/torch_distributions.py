@@ -252,6 +252,17 @@ class EntropyGrad:
         o = reg._opts
         v, t = batch.values, o["temperature"]
         n, size = v.shape
+        tri = torch_triton.entropy_forward(v, t) if torch_triton.available(v) else None
+        if tri is not None:  # one pass, on a GPU (its lse is what the blocks below keep)
+            h, lse = tri
+            penalty, slope = _entropy_penalty(o, h, size)
+            value, metrics = _finish(batch, "entropy", penalty)
+            metrics["entropy_mean"] = batch.mean(h)
+            return (
+                value,
+                metrics,
+                (_Saved((h.reshape(-1, 1), lse), [slice(0, n)], [], []), slope, True),
+            )
         fused = _fused(v.device, False)
         keep = v.numel() <= KEEP and not fused
         low = _lowest(v.dtype)
@@ -279,17 +290,22 @@ class EntropyGrad:
         value, metrics = _finish(batch, "entropy", penalty)
         metrics["entropy_mean"] = batch.mean(h)
         rows = (h.reshape(-1, 1), None if fused else lses.out)
-        return value, metrics, (_Saved(rows, blocks, kept, [], spare), slope)
+        return value, metrics, (_Saved(rows, blocks, kept, [], spare), slope, False)
 
     @staticmethod
     def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
-        saved, slope = state
+        saved, slope, triton = state
         t = reg._opts["temperature"]
         v, (h, lse) = batch.values, saved.rows
         if isinstance(slope, float):
             c = _coefficient(batch, scale, -slope / t)
         else:
             c = _coefficient(batch, scale, -1.0 / t, slope)
+        if triton:  # (where the kernel cannot run, the loop below, from the same lse)
+            out, cr = torch.empty_like(v), c.reshape(-1) if c.ndim else c
+            g = torch_triton.entropy_backward(v, t, lse, h.reshape(-1), cr, out)
+            if g is not None:
+                return _drop(g, batch.mask)
         g = saved.gradient(v)
         low = _lowest(v.dtype)
         for i, sl in enumerate(saved.blocks):

@@ -149,3 +149,48 @@ def jsd_backward(
         y = tl.load(r_ptr + row * sr + offs, mask=valid, other=0.0) / t
         p, dp, _q, _dq = _jsd_terms(x, y, lse_z, lse_r, log_b, log_1b, low)
         tl.store(g_ptr + row * sg + offs, (dp - k) * p * c, mask=valid)
+
+
+@triton.jit
+def entropy_forward(z_ptr, h_ptr, lse_ptr, size, sz, t, BLOCK: tl.constexpr):
+    """``H = lse - Σ p x`` (``x = z/t``; -inf classes have no term) and ``lse``, online."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = float("-inf")
+    s = 0.0
+    acc = 0.0
+    for start in range(0, size, BLOCK):
+        offs = start + cols
+        valid = offs < size
+        x = tl.load(z_ptr + row * sz + offs, mask=valid, other=float("-inf")) / t
+        out = x == float("-inf")
+        new = tl.maximum(m, tl.max(x, 0))
+        alpha = tl.where(new == float("-inf"), 1.0, tl.exp(m - new))
+        e = tl.where(out, 0.0, tl.exp(x - new))
+        s = s * alpha + tl.sum(e, 0)
+        acc = acc * alpha + tl.sum(tl.where(out, 0.0, e * x), 0)
+        m = new
+    lse = m + tl.log(s)
+    tl.store(h_ptr + row, lse - acc / s)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def entropy_backward(
+    z_ptr, g_ptr, lse_ptr, h_ptr, c_ptr, size, sz, sg, t, low,
+    C_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``c · p (log p + H)``, ``log p`` clamped to ``low`` (``EntropyGrad``'s steps)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    lse = tl.load(lse_ptr + row)
+    h = tl.load(h_ptr + row)
+    c = tl.load(c_ptr + row) if C_ROWS else tl.load(c_ptr)
+    for start in range(0, size, BLOCK):
+        offs = start + cols
+        valid = offs < size
+        x = tl.load(z_ptr + row * sz + offs, mask=valid, other=0.0) / t
+        lp = x - lse
+        p = tl.exp(lp)
+        lp = tl.where(lp < low, low, lp)
+        tl.store(g_ptr + row * sg + offs, (lp + h) * p * c, mask=valid)
