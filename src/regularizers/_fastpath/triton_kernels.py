@@ -6,6 +6,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _online(m, s, x):
+    """One block of an online log-sum-exp: the new maximum, the sum rescaled to it plus the
+    block's terms, the factor of that rescaling and the terms ``exp(x - max)`` (0 at -inf)."""
+    new = tl.maximum(m, tl.max(x, 0))
+    alpha = tl.where(new == float("-inf"), 1.0, tl.exp(m - new))
+    e = tl.where(x == float("-inf"), 0.0, tl.exp(x - new))
+    return new, s * alpha + tl.sum(e, 0), alpha, e
+
+
+@triton.jit
 def kl_forward(z_ptr, r_ptr, kl_ptr, lse_ptr, gap_ptr, size, sz, sr, t, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -20,18 +30,10 @@ def kl_forward(z_ptr, r_ptr, kl_ptr, lse_ptr, gap_ptr, size, sz, sr, t, BLOCK: t
         valid = offs < size
         x = tl.load(z_ptr + row * sz + offs, mask=valid, other=float("-inf")) / t
         y = tl.load(r_ptr + row * sr + offs, mask=valid, other=float("-inf")) / t
-        x_out = x == float("-inf")  # (p = 0: no term, whatever r holds there)
-        new_z = tl.maximum(m_z, tl.max(x, 0))
-        alpha = tl.where(new_z == float("-inf"), 1.0, tl.exp(m_z - new_z))
-        e = tl.where(x_out, 0.0, tl.exp(x - new_z))
-        s_z = s_z * alpha + tl.sum(e, 0)
-        acc = acc * alpha + tl.sum(tl.where(x_out, 0.0, e * (x - y)), 0)
-        m_z = new_z
-        new_r = tl.maximum(m_r, tl.max(y, 0))
-        beta = tl.where(new_r == float("-inf"), 1.0, tl.exp(m_r - new_r))
-        f = tl.where(y == float("-inf"), 0.0, tl.exp(y - new_r))
-        s_r = s_r * beta + tl.sum(f, 0)
-        m_r = new_r
+        m_z, s_z, alpha, e = _online(m_z, s_z, x)
+        # (p = 0 at a -inf class: no term, whatever r holds there)
+        acc = acc * alpha + tl.sum(tl.where(x == float("-inf"), 0.0, e * (x - y)), 0)
+        m_r, s_r, _beta, _f = _online(m_r, s_r, y)
         hit = (x != float("-inf")) & (y == float("-inf")) & valid
         gap = gap | tl.max(hit.to(tl.int32), 0)
     lse_z = m_z + tl.log(s_z)
@@ -97,14 +99,8 @@ def _lse2(z_ptr, r_ptr, row, size, sz, sr, t, BLOCK: tl.constexpr):
         valid = offs < size
         x = tl.load(z_ptr + row * sz + offs, mask=valid, other=float("-inf")) / t
         y = tl.load(r_ptr + row * sr + offs, mask=valid, other=float("-inf")) / t
-        new_z = tl.maximum(m_z, tl.max(x, 0))
-        alpha = tl.where(new_z == float("-inf"), 1.0, tl.exp(m_z - new_z))
-        s_z = s_z * alpha + tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - new_z)), 0)
-        m_z = new_z
-        new_r = tl.maximum(m_r, tl.max(y, 0))
-        beta = tl.where(new_r == float("-inf"), 1.0, tl.exp(m_r - new_r))
-        s_r = s_r * beta + tl.sum(tl.where(y == float("-inf"), 0.0, tl.exp(y - new_r)), 0)
-        m_r = new_r
+        m_z, s_z, _alpha, _e = _online(m_z, s_z, x)
+        m_r, s_r, _beta, _f = _online(m_r, s_r, y)
     return m_z + tl.log(s_z), m_r + tl.log(s_r)
 
 
@@ -163,13 +159,8 @@ def entropy_forward(z_ptr, h_ptr, lse_ptr, size, sz, t, BLOCK: tl.constexpr):
         offs = start + cols
         valid = offs < size
         x = tl.load(z_ptr + row * sz + offs, mask=valid, other=float("-inf")) / t
-        out = x == float("-inf")
-        new = tl.maximum(m, tl.max(x, 0))
-        alpha = tl.where(new == float("-inf"), 1.0, tl.exp(m - new))
-        e = tl.where(out, 0.0, tl.exp(x - new))
-        s = s * alpha + tl.sum(e, 0)
-        acc = acc * alpha + tl.sum(tl.where(out, 0.0, e * x), 0)
-        m = new
+        m, s, alpha, e = _online(m, s, x)
+        acc = acc * alpha + tl.sum(tl.where(x == float("-inf"), 0.0, e * x), 0)
     lse = m + tl.log(s)
     tl.store(h_ptr + row, lse - acc / s)
     tl.store(lse_ptr + row, lse)
