@@ -807,31 +807,45 @@ def test_class_axis_penalties_by_the_triton_kernels(
         assert bool(torch.isfinite(g[[0, 1, 2, 8]]).all())
 
 
+@pytest.mark.parametrize("penalty", ["kl", "jsd", "entropy"])
 @pytest.mark.parametrize("fails", ["forward", "backward"])
-def test_kl_where_the_triton_kernels_cannot_run(
-    bk: Harness, fails: str, monkeypatch: pytest.MonkeyPatch
+def test_where_the_triton_kernels_cannot_run(
+    bk: Harness, penalty: str, fails: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Triton kernel that cannot run (a GPU older than Triton supports, a broken install)
-    is said once in a RuntimeWarning, and KL's torch kernels serve the call and every later
-    one: after the forward's failure from the start; after the backward's, from the Triton
-    forward's ``lse`` (stand-in kernels here, so that this runs without Triton)."""
+    is said once in a RuntimeWarning, and the torch kernels serve the call and every later
+    one: after the forward's failure from the start; after the backward's, from what the
+    Triton forward kept (its ``lse``; stand-in kernels here, so that this runs without
+    Triton)."""
     import torch
 
     from regularizers._fastpath import torch_triton
 
     inf = float("inf")
+    low = -torch.finfo(torch.float32).max
 
     def failing(*args: Any, **meta: Any) -> None:
         raise RuntimeError("no kernel image for this device")
 
-    def forward(z: Any, r: Any, kl: Any, lse: Any, gap: Any, *args: Any, **meta: Any) -> None:
-        t = args[3]
-        x, y = z / t, r / t
-        low = -torch.finfo(torch.float32).max
+    def kl(z: Any, r: Any, kl: Any, lse: Any, gap: Any, *args: Any, **meta: Any) -> None:
+        x, y = z / args[3], r / args[3]
         lp, lq = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
         lse[:, 0], lse[:, 1] = torch.logsumexp(x, -1), torch.logsumexp(y, -1)
         kl.copy_((lp.exp() * (lp.clamp_min(low) - lq.clamp_min(low))).sum(-1))
         gap.copy_(((z != -inf) & (r == -inf)).any(-1))
+
+    def jsd(z: Any, r: Any, kl: Any, lse: Any, *args: Any, **meta: Any) -> None:
+        t, log_b, log_1b = args[3], args[4], args[5]
+        lp, lq = torch.log_softmax(z / t, -1), torch.log_softmax(r / t, -1)
+        lse[:, 0], lse[:, 1] = torch.logsumexp(z / t, -1), torch.logsumexp(r / t, -1)
+        lm = torch.logaddexp(lq + log_b, lp + log_1b).clamp_min(low)
+        kl[:, 0] = (lp.exp() * (lp.clamp_min(low) - lm)).sum(-1)
+        kl[:, 1] = (lq.exp() * (lq.clamp_min(low) - lm)).sum(-1)
+
+    def entropy(z: Any, h: Any, lse: Any, *args: Any, **meta: Any) -> None:
+        lp = torch.log_softmax(z / args[2], -1)
+        h.copy_(-(lp.exp() * lp.clamp_min(low)).sum(-1))
+        lse[:, 0] = torch.logsumexp(z / args[2], -1)
 
     class Grid:  # what ``kernel[grid]`` gives: the launcher
         def __init__(self, run: Any) -> None:
@@ -844,16 +858,24 @@ def test_kl_where_the_triton_kernels_cannot_run(
     z = (torch.randn(6, 10, generator=gen) * 3).to(TORCH_DEVICE)
     r = (z + torch.randn(6, 10, generator=gen).to(TORCH_DEVICE)).contiguous()
     z[1, 2], r[2, 3] = -inf, -inf  # a -inf class; a support gap (its KL +inf)
-    reg = rg.KL(rg.Field("ref"), temperature=0.5, reduce="mean", mask=rg.Field("m"))
     m = torch.ones(6, dtype=torch.bool, device=TORCH_DEVICE)
     m[2] = False  # (a finite value)
+    opts = {"temperature": 0.5, "reduce": "mean", "mask": rg.Field("m")}
+    reg = {
+        "kl": lambda: rg.KL(rg.Field("ref"), **opts),
+        "jsd": lambda: rg.JSD(rg.Field("ref"), beta=0.3, **opts),
+        "entropy": lambda: rg.Entropy(**opts),
+    }[penalty]()
     args = ({"ref": r, "m": m}, z, None, None)
     with generic_path():
         want = _autograd(reg, *args)
-    kernels = (Grid(failing if fails == "forward" else forward), Grid(failing))
+    forward = {"kl": kl, "jsd": jsd, "entropy": entropy}[penalty]
+    kernels = [Grid(failing)] * 6
+    if fails == "backward":
+        kernels[{"kl": 0, "jsd": 2, "entropy": 4}[penalty]] = Grid(forward)
     monkeypatch.setattr(torch_triton, "TRITON", True)
-    monkeypatch.setattr(torch_triton, "_KERNELS", kernels)
-    with pytest.warns(RuntimeWarning, match="KL's Triton kernels cannot run here"):
+    monkeypatch.setattr(torch_triton, "_KERNELS", tuple(kernels))
+    with pytest.warns(RuntimeWarning, match="Triton kernels of Entropy, KL and JSD cannot run"):
         got = _autograd(reg, *args)
     assert torch_triton._KERNELS is False
     assert not torch_triton.available(z, r)

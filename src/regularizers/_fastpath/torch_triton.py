@@ -28,8 +28,10 @@ token's KL +inf and its gradient row 0; NaN, and +inf in either operand, give Na
 :data:`TRITON` chooses: None (the default) uses these kernels for float32 ``[n, V]`` rows on
 a CUDA device where ``triton`` imports; True uses them on any device (the tests run them on
 the CPU under Triton's interpreter, ``TRITON_INTERPRET=1``); False never. ``triton`` is
-imported on first use only, and a kernel that cannot be compiled for the device is said once
-in a warning, after which the torch kernels serve every call.
+imported on first use only; each kernel compiles on its first call for a block size (the
+vocabulary's power of two, up to 4096: about a second, once per process); and a kernel that
+cannot be compiled for the device is said once in a warning, after which the torch kernels
+serve every call.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ TRITON: bool | None = None
 """Whether ``KLGrad``, ``JSDGrad`` and ``EntropyGrad`` run these kernels (see the module
 docstring)."""
 
-_KERNELS: Any = None  # (forward, backward) once built; False: triton is missing or failed
+_KERNELS: Any = None  # the six kernels once built; False: triton is missing, or they failed
 
 
 def _kernels() -> Any:
@@ -70,10 +72,9 @@ def _kernels() -> Any:
 
 def _launch(index: int, rows: int, *args: Any, **meta: Any) -> bool:
     """Run kernel ``index`` (KL's forward and backward, then JSD's, Entropy's) over ``rows``
-    programs;
-    False where it cannot be compiled for this device (a GPU older than Triton supports, a
-    broken install): then, said once in a warning, the torch kernels serve every later
-    call."""
+    programs; False where it cannot be compiled for this device (a GPU older than Triton
+    supports, a broken install): then, said once in a warning, the torch kernels serve every
+    later call."""
     global _KERNELS
     kernels = _kernels()
     if not kernels:
@@ -83,8 +84,8 @@ def _launch(index: int, rows: int, *args: Any, **meta: Any) -> bool:
     except Exception as exc:  # (compilation: Triton raises several types, driver errors too)
         _KERNELS = False
         warnings.warn(
-            f"regularizers: KL's Triton kernels cannot run here ({type(exc).__name__}: "
-            f"{exc}); KL uses its torch kernels from now on",
+            f"regularizers: the Triton kernels of Entropy, KL and JSD cannot run here "
+            f"({type(exc).__name__}: {exc}); their torch kernels serve from now on",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -135,8 +136,7 @@ def kl_backward(v: Any, r: Any, t: float, lse: Any, kl: Any, c: Any, out: Any) -
     n, size = v.shape
     block = _block(size)
     if not _launch(
-        1, n, v, r, out, lse, kl, c, size, v.stride(0), r.stride(0), out.stride(0), float(t),
-        -float(torch.finfo(torch.float32).max),
+        1, n, v, r, out, lse, kl, c, size, v.stride(0), r.stride(0), out.stride(0), float(t), _LOW,
         BLOCK=block, num_warps=8 if block >= 2048 else 4,
     ):  # fmt: skip
         return None
