@@ -96,13 +96,11 @@ def _launch(index: int, rows: int, *args: Any, **meta: Any) -> bool:
 def available(v: Any, r: Any = None) -> bool:
     """Whether the kernels serve the rows ``v`` and the reference ``r`` (both ``[n, V]``;
     Entropy has none)."""
-    if TRITON is False:
+    if TRITON is False or (TRITON is None and not v.is_cuda):  # (the CPU's call: one check)
         return False
     if v.dtype != torch.float32 or v.stride(-1) != 1:
         return False
     if r is not None and (r.dtype != torch.float32 or r.stride(-1) != 1 or v.device != r.device):
-        return False
-    if TRITON is None and v.device.type != "cuda":
         return False
     return bool(_kernels())
 
