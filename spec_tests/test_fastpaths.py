@@ -184,6 +184,41 @@ def test_block_deviations_both_ways(loc: float, dtype: str) -> None:
             )
 
 
+@pytest.mark.backends("torch")
+@pytest.mark.parametrize("loc", [0.0, -1.0, -30.0, 1e3])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_block_deviations_both_ways(loc: float, dtype: str) -> None:
+    """torch's ``_deviations`` (a CPU block's Σ(b - mean)² by Σb² - s²/k where that cancels
+    little, else None: the caller shifts the block) is the float64 sum of squared deviations
+    where it answers, answers exactly where the cancellation is small, reads the block
+    without writing it, and leaves an inf or NaN to the shifted path."""
+    import torch
+
+    rng = np.random.default_rng(7)
+    b = (rng.normal(0.0, 2.0, size=3000) + loc).astype(dtype)
+    exact = b.astype(np.float64)
+    mean = float(exact.mean())
+    expected = float(((exact - mean) ** 2).sum())
+    fast = 3000 * mean * mean <= 0.5 * float((exact * exact).sum())
+    assert fast == (loc in (0.0, -1.0))  # (both ways are taken below)
+    t = torch.from_numpy(b.copy())
+    got = _native_torch._deviations(t, t.sum(), 3000)
+    np.testing.assert_array_equal(t.numpy(), b)  # read, not shifted in place
+    if not fast:
+        assert got is None
+        return
+    assert got.dtype == t.dtype
+    assert got.shape == ()
+    eps = float(np.finfo(dtype).eps)
+    # relative to the result (taken, Σb² is at most twice the result); the float32 dot and
+    # sum of 3000 elements each carry a few eps of Σb²
+    assert abs(float(got) - expected) <= 128 * eps * expected
+    for special in (np.inf, np.nan):
+        c = t.clone()
+        c[5] = special
+        assert _native_torch._deviations(c, c.sum(), 3000) is None
+
+
 def test_fast_path_steps_aside(bk: Harness) -> None:
     """Masks, subclasses, autograd, foreign dtypes: the generic path (and its errors) runs."""
     x = bk.asarray(np.array([-1.0, 0.0, 2.0]))

@@ -7,6 +7,8 @@ the extrema). Where the input must be transformed first (``exp``, clipping, a ce
 done block by block (``BLOCK`` elements), so no full-size temporary exists; ``center="mean"``
 combines per-block means and squared deviations with Chan's parallel formula: one read
 of memory, numerically stable (torch's own ``var_mean`` is several times slower on CPU).
+On the CPU a block's squared deviations are ``Σb² - s²/k`` where that cancels little
+(:func:`_deviations`), else the shifted block's dot.
 Half precision accumulates in float32.
 
 Taken only when autograd does not need the graph (no input requires grad, or grad mode is
@@ -30,7 +32,7 @@ from .torch_distributions import GRAD as _CLASS_AXIS
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
-BLOCK = 1 << 18  # elements per block where the input is transformed (1 MiB of float32)
+BLOCK = 1 << 20  # elements per block where the input is transformed (4 MiB of float32)
 SMALL = 1 << 12  # up to here, the fewest kernel calls win (one slow kernel beats two fast)
 
 
@@ -48,6 +50,8 @@ def zero_uncounted(a: Any, mask: Any, fresh: bool = False) -> Any:
     ``benchmarks/profile_training.py``); on other devices, the ``where``."""
     m = mask if a.ndim == 1 else mask.reshape((-1,) + (1,) * (a.ndim - 1))
     if a.device.type != "cpu" or mask.dtype != torch.bool or not a.is_floating_point():
+        return torch.where(m, a, a.new_zeros(()))
+    if a.numel() <= SMALL:  # one kernel: at 1e3, 4 us against 13 for the product's four
         return torch.where(m, a, a.new_zeros(()))
     keep = m.view(torch.uint8).to(a.dtype)  # (then a same-dtype product: ~2x faster)
     z = a.mul_(keep) if fresh else a * keep
@@ -188,13 +192,17 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
         return _l2_out(reg, raw, top_dev * top_dev, n)
     if center == "mean":
         sums, m2s, lows, highs, sizes = [], [], [], [], []
+        host = x.device.type == "cpu"  # (a block's totals read on the host: no device sync)
         for b in _blocks(x, dtype, probs, lo, hi):
             k = b.numel()
             s = b.sum()
             low, high = torch.aminmax(b)
-            b.sub_(s / k)  # the block is in cache: this pass costs little
             sums.append(s)
-            m2s.append(torch.dot(b, b))
+            m2 = _deviations(b, s, k) if host else None
+            if m2 is None:
+                b.sub_(s / k)  # the block is in cache: this pass costs little
+                m2 = torch.dot(b, b)
+            m2s.append(m2)
             lows.append(low)
             highs.append(high)
             sizes.append(k)
@@ -227,6 +235,19 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
 
 
 _TOP = {t: float(torch.finfo(t).max) for t in (torch.float32, torch.float64)}
+
+
+def _deviations(b: Any, s: Any, k: int) -> Any:
+    """``Σ (b - mean)²`` of a block on the CPU from its ``Σ b²`` (one dot, no shifted pass),
+    ``Σ b`` being ``s``: ``Σ b² - s²/k``, computed on the host in float64, where that
+    cancels at most half of ``Σ b²`` (one bit), as for logprobs, whose spread is as large
+    as their mean; else None (not finite, or a mean that dominates the spread: the caller
+    shifts the block). ``numpy_blocked._deviations`` is the NumPy path's counterpart."""
+    sq, total = torch.dot(b, b).item(), s.item()
+    dev = total * (total / k)
+    if sq - sq == 0 and dev <= 0.5 * sq:  # (finite, and little cancelled)
+        return torch.full((), sq - dev, dtype=b.dtype)
+    return None
 
 
 @lru_cache(maxsize=256)
