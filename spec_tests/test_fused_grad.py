@@ -587,6 +587,37 @@ def test_an_input_modified_in_place_before_backward_is_refused(bk: Harness) -> N
 
 
 # ---- the penalties over a class axis (torch_distributions) ----------------------------------
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+@pytest.mark.parametrize("special", [None, "inf masked", "nan masked", "inf counted"])
+@pytest.mark.parametrize("shape", ["small", "one more", "large", "rows"])
+def test_zero_uncounted_is_the_where(bk: Harness, shape: str, special: Any, fresh: bool) -> None:
+    """``zero_uncounted`` (the training path's ``where(mask, a, 0)``: one ``where`` up to
+    ``SMALL`` elements, above it a product by the mask's bytes checked for finiteness) is
+    the ``where`` bit for bit on either side of ``SMALL``, with an inf or NaN under the mask
+    or counted, over a ``[n]`` or ``[n, V]`` array; it writes into ``a`` only where told."""
+    import torch
+
+    from regularizers._fastpath.torch_fused import SMALL, zero_uncounted
+
+    n, tail = {"small": (SMALL, ()), "one more": (SMALL + 1, ()), "large": (3 * SMALL, ())}.get(
+        shape, (SMALL // 4 + 1, (8,))
+    )
+    rng = np.random.default_rng(3)
+    a = torch.from_numpy(rng.normal(size=(n, *tail)).astype(np.float32)).to(TORCH_DEVICE)
+    mask = torch.from_numpy(rng.random(n) < 0.7).to(TORCH_DEVICE)
+    mask[:2] = torch.tensor([False, True])
+    if special is not None:
+        a[0 if "masked" in special else 1] = float("nan") if "nan" in special else float("inf")
+    expected = torch.where(mask.reshape((-1,) + (1,) * len(tail)), a, 0.0)
+    before = a.clone()
+    got = zero_uncounted(a, mask, fresh)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    if not fresh:
+        torch.testing.assert_close(a, before, rtol=0, atol=0, equal_nan=True)
+
+
 CLASS_AXIS = ("entropy", "kl", "jsd", "z_loss")
 
 
