@@ -586,6 +586,25 @@ def test_an_input_modified_in_place_before_backward_is_refused(bk: Harness) -> N
             value.backward()
 
 
+@pytest.mark.parametrize("n", [0, 1, 1000, 35422])
+def test_all_valid_is_all(bk: Harness, n: int) -> None:
+    """``all_valid`` (read on the host by the training path, so that a call whose tokens are
+    all valid keeps an unrestricted Batch) is ``all()`` of a boolean ``[n]`` tensor on the
+    CPU, wherever a False is; elsewhere (another device) False, without a read."""
+    import torch
+
+    from regularizers._fastpath.torch_fused import all_valid
+
+    valid = torch.ones(n, dtype=torch.bool, device=TORCH_DEVICE)
+    on_cpu = valid.device.type == "cpu"
+    assert all_valid(valid) is on_cpu
+    for i in sorted({0, n // 2, n - 1}) if n else []:
+        some = valid.clone()
+        some[i] = False
+        assert all_valid(some) is False
+    assert all_valid(valid[: n // 2]) is on_cpu  # (a view)
+
+
 # ---- the penalties over a class axis (torch_distributions) ----------------------------------
 
 

@@ -63,8 +63,11 @@ def zero_uncounted(a: Any, mask: Any, fresh: bool = False) -> Any:
 def all_valid(valid: Any) -> bool:
     """Whether a ``[n]`` bool tensor on the CPU is all True (read on the host, which costs
     less than the mask's ``where``s it saves: ~4 us at 1e3 against ~40); False elsewhere
-    (no device sync)."""
-    return bool(valid.device.type == "cpu" and valid.all())
+    (no device sync). The least of its bytes, not ``all()``: at 35K elements 3.5 us against
+    17.5 (torch's boolean reduction is not vectorized on this CPU)."""
+    if valid.device.type != "cpu" or valid.dtype != torch.bool:
+        return False
+    return not valid.numel() or bool(valid.view(torch.uint8).min())
 
 
 def _flat(logprobs: Any) -> Any:
