@@ -151,6 +151,20 @@ def test_blocked_sum_by_blas_rows(n: int, dtype: str) -> None:
             assert np.isnan(_native_numpy._sum(c))
 
 
+def _deviation_block(loc: float, dtype: str) -> tuple[np.ndarray, float, float, bool]:
+    """A block of 3000 values around ``loc``, its float64 mean and squared deviations, and
+    whether ``Σb² - k·mean²`` cancels at most half of ``Σb²`` (so for ``loc`` 0 and -1, not
+    for -30 and 1e3: both ways are taken by the tests below)."""
+    rng = np.random.default_rng(7)
+    b = (rng.normal(0.0, 2.0, size=3000) + loc).astype(dtype)
+    exact = b.astype(np.float64)
+    mean = float(exact.mean())
+    expected = float(((exact - mean) ** 2).sum())
+    fast = 3000 * mean * mean <= 0.5 * float((exact * exact).sum())
+    assert fast == (loc in (0.0, -1.0))
+    return b, mean, expected, fast
+
+
 @pytest.mark.backends("numpy")
 @pytest.mark.parametrize("loc", [0.0, -1.0, -30.0, 1e3])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -158,13 +172,7 @@ def test_block_deviations_both_ways(loc: float, dtype: str) -> None:
     """``_deviations`` (a block's Σ(b - mean)², by Σb² - k·mean² where that cancels little,
     else by the shifted block) is the float64 sum of squared deviations from the mean,
     taken either way; with an inf or NaN it is NaN or inf as the shifted dot has it."""
-    rng = np.random.default_rng(7)
-    b = (rng.normal(0.0, 2.0, size=3000) + loc).astype(dtype)
-    exact = b.astype(np.float64)
-    mean = float(exact.mean())
-    expected = float(((exact - mean) ** 2).sum())
-    fast = 3000 * mean * mean <= 0.5 * float((exact * exact).sum())
-    assert fast == (loc in (0.0, -1.0))  # (both ways are taken below)
+    b, mean, expected, _ = _deviation_block(loc, dtype)
     buf = np.empty_like(b)
     got = _native_numpy._deviations(b, mean, buf)
     eps = float(np.finfo(dtype).eps)
@@ -194,13 +202,7 @@ def test_torch_block_deviations_both_ways(loc: float, dtype: str) -> None:
     without writing it, and leaves an inf or NaN to the shifted path."""
     import torch
 
-    rng = np.random.default_rng(7)
-    b = (rng.normal(0.0, 2.0, size=3000) + loc).astype(dtype)
-    exact = b.astype(np.float64)
-    mean = float(exact.mean())
-    expected = float(((exact - mean) ** 2).sum())
-    fast = 3000 * mean * mean <= 0.5 * float((exact * exact).sum())
-    assert fast == (loc in (0.0, -1.0))  # (both ways are taken below)
+    b, _, expected, fast = _deviation_block(loc, dtype)
     t = torch.from_numpy(b.copy())
     got = _native_torch._deviations(t, t.sum(), 3000)
     np.testing.assert_array_equal(t.numpy(), b)  # read, not shifted in place
