@@ -195,7 +195,7 @@ def test_block_deviations_both_ways(loc: float, dtype: str) -> None:
 @pytest.mark.backends("torch")
 @pytest.mark.parametrize("loc", [0.0, -1.0, -30.0, 1e3])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_torch_block_deviations_both_ways(loc: float, dtype: str) -> None:
+def test_torch_block_deviations_both_ways(bk: Harness, loc: float, dtype: str) -> None:
     """torch's ``_deviations`` (a CPU block's Σ(b - mean)² by Σb² - s²/k where that cancels
     little, else None: the caller shifts the block) is the float64 sum of squared deviations
     where it answers, answers exactly where the cancellation is small, reads the block
