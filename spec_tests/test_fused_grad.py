@@ -605,9 +605,6 @@ def test_all_valid_is_all(bk: Harness, n: int) -> None:
     assert all_valid(valid[: n // 2]) is on_cpu  # (a view)
 
 
-# ---- the penalties over a class axis (torch_distributions) ----------------------------------
-
-
 @pytest.mark.parametrize("fresh", [False, True])
 @pytest.mark.parametrize("special", [None, "inf masked", "nan masked", "inf counted"])
 @pytest.mark.parametrize("shape", ["small", "one more", "large", "rows"])
@@ -637,6 +634,7 @@ def test_zero_uncounted_is_the_where(bk: Harness, shape: str, special: Any, fres
         torch.testing.assert_close(a, before, rtol=0, atol=0, equal_nan=True)
 
 
+# ---- the penalties over a class axis (torch_distributions) ----------------------------------
 CLASS_AXIS = ("entropy", "kl", "jsd", "z_loss")
 
 
