@@ -267,22 +267,29 @@ def compute(
                     if run is not None:
                         runs.append(run)
                         continue
+            kernel = kernels.get(reg.name)
+            # a kernel that zeroes what it derives from the values at uncounted tokens (see
+            # MASKS_ITS_OWN) is handed them unmasked: no masked copy is made unless it declines
+            own = getattr(kernel, "MASKS_ITS_OWN", False) and reg._opts["target"] == "logprobs"
             batch = reg.prepare(
                 data,
                 lp,
                 mask=mask,
                 counts=counts,
                 call=call,
-                _zero=zero_uncounted,
+                _zero=_as_they_are if own else zero_uncounted,
                 _known=_XP if floats else None,  # (types and dtypes read above)
                 _whole=all_valid,
             )
             if batch._target_arrays is not batch._arrays:  # a Field target: its own gradient
                 return None
             object.__setattr__(batch, "_watch", watch)
-            kernel = kernels.get(reg.name)
+            if own:
+                object.__setattr__(batch, "_zero", zero_uncounted)  # (for fields it reads)
             got = None if kernel is None else kernel.forward(reg, batch)
             if got is None:
+                if own and batch.mask is not None:  # the values as prepare would leave them
+                    object.__setattr__(batch, "values", zero_uncounted(batch.values, batch.mask))
                 kernel = Generic
                 got = Generic.forward(reg, batch)
             value, metrics, state = got
@@ -308,6 +315,12 @@ def compute(
     node = _Call(runs, shape, generic, direct)
     values = _apply(node, [v for v, _ in results], *arrays)
     return [(v, metrics) for v, (_, metrics) in zip(values, results, strict=True)]
+
+
+def _as_they_are(a: Any, mask: Any, fresh: bool = False) -> Any:
+    """``prepare``'s masking for a kernel that masks what it derives (``MASKS_ITS_OWN``):
+    none; the values keep what the caller's tensors hold at uncounted tokens."""
+    return a
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
