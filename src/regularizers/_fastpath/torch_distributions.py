@@ -300,9 +300,9 @@ class EntropyGrad:
             c = _coefficient(batch, scale, -1.0 / t, slope)
         if triton:  # (where the kernel cannot run, the loop below, from the same lse)
             out, cr = torch.empty_like(v), c.reshape(-1) if c.ndim else c
-            g = torch_triton.entropy_backward(v, t, lse, h.reshape(-1), cr, out)
-            if g is not None:
-                return _drop(g, batch.mask)
+            g = torch_triton.entropy_backward(v, t, lse, h.reshape(-1), cr, out, batch.mask)
+            if g is not None:  # (uncounted rows 0: dropped by the kernel)
+                return g
         g = saved.gradient(v)
         low = _lowest(v.dtype)
         for i, sl in enumerate(saved.blocks):
@@ -494,9 +494,10 @@ class KLGrad:
             c = c * (keep_r if keep_r is not None else keep_f)
         if triton:  # (reverse: c is [n, 1]; where the kernel cannot run, the loop below)
             out = torch.empty_like(v)
-            g = torch_triton.kl_backward(v, r, t, lses, kl_r.reshape(-1), c.reshape(-1), out)
-            if g is not None:
-                return _drop(g, batch.mask)
+            k, cr = kl_r.reshape(-1), c.reshape(-1)
+            g = torch_triton.kl_backward(v, r, t, lses, k, cr, out, batch.mask)
+            if g is not None:  # (uncounted rows 0: dropped by the kernel)
+                return g
         g = saved.gradient(v)
         low = _lowest(v.dtype)
         for i, sl in enumerate(saved.blocks):
@@ -588,9 +589,9 @@ class JSDGrad:
         c = _coefficient(batch, scale, (1.0 - beta) / t)
         if triton:  # (where the kernel cannot run, the loop below, from the same lse)
             out, k, cr = torch.empty_like(v), kl_p.reshape(-1), c.reshape(-1) if c.ndim else c
-            g = torch_triton.jsd_backward(v, r, t, beta, lses, k, cr, out)
-            if g is not None:
-                return _drop(g, batch.mask)
+            g = torch_triton.jsd_backward(v, r, t, beta, lses, k, cr, out, batch.mask)
+            if g is not None:  # (uncounted rows 0: dropped by the kernel)
+                return g
         g = saved.gradient(v)
         for i, sl in enumerate(saved.blocks):
             if saved.kept:

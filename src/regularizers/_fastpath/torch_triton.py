@@ -126,16 +126,20 @@ def kl_forward(v: Any, r: Any, t: float) -> tuple[Any, Any, Any] | None:
     return kl, lse, gap.bool()
 
 
-def kl_backward(v: Any, r: Any, t: float, lse: Any, kl: Any, c: Any, out: Any) -> Any:
+def kl_backward(
+    v: Any, r: Any, t: float, lse: Any, kl: Any, c: Any, out: Any, keep: Any = None
+) -> Any:
     """``out = c · p (log p - log q - kl)`` row by row, ``c`` ``[n]`` (with ``1/t``, the
     incoming gradient and 0 at gap rows), ``kl`` ``[n]`` (0 at gap rows), ``lse`` from
-    :func:`kl_forward`; ``log p`` and ``log q`` clamped to float32's lowest finite number.
-    None where the kernel cannot run."""
+    :func:`kl_forward`; ``log p`` and ``log q`` clamped to float32's lowest finite number;
+    0 over the rows where ``keep`` (``[n]`` bool, the Batch's mask) is False, whatever they
+    held. None where the kernel cannot run."""
     n, size = v.shape
     block = _block(size)
+    k = _keep(keep, c)
     if not _launch(
-        1, n, v, r, out, lse, kl, c, size, v.stride(0), r.stride(0), out.stride(0), float(t), _LOW,
-        BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        1, n, v, r, out, lse, kl, c, k, size, v.stride(0), r.stride(0), out.stride(0), float(t),
+        _LOW, KEEP=keep is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
     ):  # fmt: skip
         return None
     return out
@@ -159,16 +163,18 @@ def jsd_forward(v: Any, r: Any, t: float, beta: float) -> tuple[Any, Any] | None
 
 
 def jsd_backward(
-    v: Any, r: Any, t: float, beta: float, lse: Any, kl_p: Any, c: Any, out: Any
+    v: Any, r: Any, t: float, beta: float, lse: Any, kl_p: Any, c: Any, out: Any, keep: Any = None
 ) -> Any:
     """``out = c · p (log p - log m - KL(p‖m))`` row by row (``c`` 0-d or ``[n]``, with
-    ``(1 - β)/t`` and the incoming gradient); None where the kernel cannot run."""
+    ``(1 - β)/t`` and the incoming gradient), 0 over the rows ``keep`` drops (as
+    :func:`kl_backward`); None where the kernel cannot run."""
     n, size = v.shape
     block = _block(size)
     if not _launch(
-        3, n, v, r, out, lse, kl_p, c, size, v.stride(0), r.stride(0), out.stride(0), float(t),
-        math.log(beta), math.log1p(-beta), _LOW,
-        C_ROWS=c.ndim > 0, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        3, n, v, r, out, lse, kl_p, c, _keep(keep, c), size, v.stride(0), r.stride(0),
+        out.stride(0), float(t), math.log(beta), math.log1p(-beta), _LOW,
+        C_ROWS=c.ndim > 0, KEEP=keep is not None, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
     ):  # fmt: skip
         return None
     return out
@@ -189,20 +195,31 @@ def entropy_forward(v: Any, t: float) -> tuple[Any, Any] | None:
     return h, lse
 
 
-def entropy_backward(v: Any, t: float, lse: Any, h: Any, c: Any, out: Any) -> Any:
+def entropy_backward(v: Any, t: float, lse: Any, h: Any, c: Any, out: Any, keep: Any = None) -> Any:
     """``out = c · p (log p + H)`` row by row (``c`` 0-d or ``[n]``: ``-slope/t`` and the
-    incoming gradient); None where the kernel cannot run."""
+    incoming gradient), 0 over the rows ``keep`` drops (as :func:`kl_backward`); None where
+    the kernel cannot run."""
     n, size = v.shape
     block = _block(size)
     if not _launch(
-        5, n, v, out, lse, h, c, size, v.stride(0), out.stride(0), float(t), _LOW,
-        C_ROWS=c.ndim > 0, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        5, n, v, out, lse, h, c, _keep(keep, c), size, v.stride(0), out.stride(0), float(t),
+        _LOW, C_ROWS=c.ndim > 0, KEEP=keep is not None, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
     ):  # fmt: skip
         return None
     return out
 
 
 _LOW = -float(torch.finfo(torch.float32).max)
+
+
+def _keep(keep: Any, other: Any) -> Any:
+    """The pointer a backward reads its rows' bytes from: ``keep`` (bool ``[n]``) as bytes,
+    or, with no mask, any tensor of the call (``KEEP`` is then False: it is not read)."""
+    if keep is None:
+        return other
+    k = keep.view(torch.uint8)
+    return k if k.stride(0) == 1 else k.contiguous()
 
 
 def _build() -> tuple[Any, ...]:

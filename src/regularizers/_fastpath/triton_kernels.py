@@ -1,5 +1,9 @@
 """The Triton kernels of ``torch_triton`` (imported by it on first use, where ``triton``
-imports): KL's forward and backward, JSD's, one program per row of ``[n, V]``."""
+imports): KL's forward and backward, JSD's, Entropy's, one program per row of ``[n, V]``.
+
+A backward with ``KEEP`` reads a byte per row (``keep_ptr``, the Batch's mask) and writes 0
+over the rows it says are not counted, whatever they held (NaN, inf): the ``masked_fill``
+of the row that the torch kernels do after the gradient, in the same pass."""
 
 import triton
 import triton.language as tl
@@ -46,14 +50,17 @@ def kl_forward(z_ptr, r_ptr, kl_ptr, lse_ptr, gap_ptr, size, sz, sr, t, BLOCK: t
 
 @triton.jit
 def kl_backward(
-    z_ptr, r_ptr, g_ptr, lse_ptr, kl_ptr, c_ptr, size, sz, sr, sg, t, low, BLOCK: tl.constexpr
-):
+    z_ptr, r_ptr, g_ptr, lse_ptr, kl_ptr, c_ptr, keep_ptr, size, sz, sr, sg, t, low,
+    KEEP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     lse_z = tl.load(lse_ptr + 2 * row)
     lse_r = tl.load(lse_ptr + 2 * row + 1)
     k = tl.load(kl_ptr + row)
     c = tl.load(c_ptr + row)
+    if KEEP:  # (the row's byte of the mask: is it counted)
+        kept = tl.load(keep_ptr + row) != 0
     for start in range(0, size, BLOCK):
         offs = start + cols
         valid = offs < size
@@ -65,6 +72,8 @@ def kl_backward(
         lq = y - lse_r
         lq = tl.where(lq < low, low, lq)
         g = (lp - lq - k) * p * c
+        if KEEP:
+            g = tl.where(kept, g, 0.0)
         tl.store(g_ptr + row * sg + offs, g, mask=valid)
 
 
@@ -129,8 +138,8 @@ def jsd_forward(
 
 @triton.jit
 def jsd_backward(
-    z_ptr, r_ptr, g_ptr, lse_ptr, kl_ptr, c_ptr, size, sz, sr, sg, t, log_b, log_1b, low,
-    C_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    z_ptr, r_ptr, g_ptr, lse_ptr, kl_ptr, c_ptr, keep_ptr, size, sz, sr, sg, t, log_b, log_1b,
+    low, C_ROWS: tl.constexpr, KEEP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -138,13 +147,18 @@ def jsd_backward(
     lse_r = tl.load(lse_ptr + 2 * row + 1)
     k = tl.load(kl_ptr + row)
     c = tl.load(c_ptr + row) if C_ROWS else tl.load(c_ptr)
+    if KEEP:  # (the row's byte of the mask: is it counted)
+        kept = tl.load(keep_ptr + row) != 0
     for start in range(0, size, BLOCK):
         offs = start + cols
         valid = offs < size
         x = tl.load(z_ptr + row * sz + offs, mask=valid, other=0.0) / t
         y = tl.load(r_ptr + row * sr + offs, mask=valid, other=0.0) / t
         p, dp, _q, _dq = _jsd_terms(x, y, lse_z, lse_r, log_b, log_1b, low)
-        tl.store(g_ptr + row * sg + offs, (dp - k) * p * c, mask=valid)
+        g = (dp - k) * p * c
+        if KEEP:
+            g = tl.where(kept, g, 0.0)
+        tl.store(g_ptr + row * sg + offs, g, mask=valid)
 
 
 @triton.jit
@@ -168,8 +182,8 @@ def entropy_forward(z_ptr, h_ptr, lse_ptr, size, sz, t, BLOCK: tl.constexpr):
 
 @triton.jit
 def entropy_backward(
-    z_ptr, g_ptr, lse_ptr, h_ptr, c_ptr, size, sz, sg, t, low,
-    C_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    z_ptr, g_ptr, lse_ptr, h_ptr, c_ptr, keep_ptr, size, sz, sg, t, low,
+    C_ROWS: tl.constexpr, KEEP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """``c · p (log p + H)``, ``log p`` clamped to ``low`` (``EntropyGrad``'s steps)."""
     row = tl.program_id(0).to(tl.int64)
@@ -177,6 +191,8 @@ def entropy_backward(
     lse = tl.load(lse_ptr + row)
     h = tl.load(h_ptr + row)
     c = tl.load(c_ptr + row) if C_ROWS else tl.load(c_ptr)
+    if KEEP:  # (the row's byte of the mask: is it counted)
+        kept = tl.load(keep_ptr + row) != 0
     for start in range(0, size, BLOCK):
         offs = start + cols
         valid = offs < size
@@ -184,4 +200,7 @@ def entropy_backward(
         lp = x - lse
         p = tl.exp(lp)
         lp = tl.where(lp < low, low, lp)
-        tl.store(g_ptr + row * sg + offs, (lp + h) * p * c, mask=valid)
+        g = (lp + h) * p * c
+        if KEEP:
+            g = tl.where(kept, g, 0.0)
+        tl.store(g_ptr + row * sg + offs, g, mask=valid)
