@@ -122,8 +122,10 @@ def tests_tinker(session: nox.Session) -> None:
 
 @session(name="tests-triton")
 def tests_triton(session: nox.Session) -> None:
-    """KL's Triton kernels (a GPU's default) on the CPU, under Triton's interpreter: the
-    class-axis kernels' properties, which then draw them, and their own test."""
+    """The Triton kernels of Entropy, KL and JSD (a GPU's default) on the CPU, under
+    Triton's interpreter: the class-axis kernels' properties, which then draw them, and
+    their own tests; and each compiled for sm_80 and sm_90 (in a process without the
+    interpreter)."""
     session.install(".", *TEST_DEPS, TORCH, TRITON)
     session.run(
         "pytest",

@@ -935,6 +935,56 @@ def test_where_the_triton_kernels_cannot_run(
         _close(result[2], want[2], 1e-5, 1e-6, "gradient")
 
 
+_COMPILE = """
+import itertools, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from regularizers._fastpath import torch_triton
+
+TYPES = {"keep_ptr": "*u8", "gap_ptr": "*i8", "size": "i32", "sz": "i32", "sr": "i32",
+         "sg": "i32", "t": "fp32", "low": "fp32", "log_b": "fp32", "log_1b": "fp32"}
+CHOICES = {"BLOCK": [16, 4096], "KEEP": [False, True], "C_ROWS": [False, True]}
+for kernel in torch_triton._build():
+    params = kernel.params
+    consts = [p.name for p in params if p.is_constexpr]
+    signature = {p.name: "constexpr" if p.is_constexpr else TYPES.get(
+        p.name, "*fp32" if p.name.endswith("_ptr") else None) for p in params}
+    assert None not in signature.values(), (kernel.__name__, signature)
+    for values in itertools.product(*(CHOICES[c] for c in consts)):
+        for arch in (80, 90):
+            meta = dict(zip(consts, values))
+            source = ASTSource(fn=kernel, signature=signature, constexprs=meta)
+            done = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+            assert done.asm["cubin"], (kernel.__name__, meta, arch)
+            print(kernel.__name__, arch, meta)
+"""
+
+
+def test_the_triton_kernels_compile_for_a_gpu(bk: Harness) -> None:
+    """Every Triton kernel compiles to an A100's and an H100's machine code (sm_80, sm_90,
+    by Triton's own ``ptxas``; no GPU needed) for each choice of its compile-time
+    arguments: what the interpreter (``TRITON_INTERPRET=1``), which runs the kernels as
+    Python, cannot show. In a process of its own, without the interpreter."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.split("\n")
+    for name in ("kl_forward", "kl_backward", "jsd_forward", "jsd_backward", "entropy_forward"):
+        assert any(line.startswith(name + " ") for line in lines), done.stdout
+    # the backwards with and without the mask's bytes (KEEP), on both GPUs
+    assert sum(line.startswith("entropy_backward ") for line in lines) == 2 * 2 * 2 * 2
+
+
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("blocked", [False, True])
 def test_class_axis_kernels_on_a_moved_axis_and_twice(
