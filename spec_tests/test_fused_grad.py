@@ -710,7 +710,8 @@ def test_fused_class_axis_penalties_equal_the_generic_path(
 ) -> None:
     """Entropy, KL, JSD and ZLoss by their kernels, their arrays kept or (``blocked``)
     recomputed block by block in the backward pass, the rows to fix found as indices or
-    not (``indexed``), built on torch's fused softmax kernels or not (``fused``): -inf
+    not (``indexed``), built on torch's fused softmax kernels or not or as each chooses
+    (``fused``): -inf
     classes, rows of all -inf, support gaps, masked rows holding ±inf/NaN, every
     ``reduce``, ``counts``, half precision."""
     from regularizers._fastpath import torch_distributions
@@ -719,13 +720,14 @@ def test_fused_class_axis_penalties_equal_the_generic_path(
     dtype = data.draw(st.sampled_from(["float16", "bfloat16", "float32", "float64"]), label="dt")
     blocked = data.draw(st.booleans(), label="blocked")
     indexed = data.draw(st.booleans(), label="indexed")
-    fused = data.draw(st.booleans(), label="fused")
+    fused = data.draw(st.sampled_from([True, False, None]), label="fused")
     triton = _triton_runs() and data.draw(st.booleans(), label="triton")
     xs, refs = _cast(x, dtype), _cast(ref, dtype)
     d, m = _mask_args(kind, mask)
     d = {**(d or {}), "ref": refs}
     with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
-        # torch's fused softmax kernels (a GPU's form) or the log-normalization step by step
+        # torch's fused softmax kernels (a GPU's form), the log-normalization step by step,
+        # or each kernel's own choice (None: Entropy's log_softmax where it keeps its arrays)
         mp.setattr(torch_distributions, "SOFTMAX", fused)
         # reverse KL of float32 rows by the Triton kernels (on a GPU, or their interpreter)
         ran = _triton_spy(mp, triton)
@@ -985,13 +987,15 @@ def test_the_triton_kernels_compile_for_a_gpu(bk: Harness) -> None:
     assert sum(line.startswith("entropy_backward ") for line in lines) == 2 * 2 * 2 * 2
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", [False, True, None])
 @pytest.mark.parametrize("blocked", [False, True])
 def test_class_axis_kernels_on_a_moved_axis_and_twice(
-    bk: Harness, blocked: bool, fused: bool, monkeypatch: pytest.MonkeyPatch
+    bk: Harness, blocked: bool, fused: bool | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``axis=0`` (the class axis moved last and back), and ``retain_graph``: the backward
-    run twice gives the same gradient."""
+    run twice gives the same gradient; each form of the kernels (``fused``: None is each
+    kernel's own choice, Entropy's ``log_softmax`` where it keeps its arrays), with a -inf
+    class, a row of all -inf and a temperature, equals the generic path."""
     import torch
 
     from regularizers._fastpath import torch_distributions
@@ -1005,9 +1009,10 @@ def test_class_axis_kernels_on_a_moved_axis_and_twice(
     z = torch.randn(5, 4, 3, generator=gen, dtype=torch.float64) * 3
     r = torch.randn(5, 4, 3, generator=gen, dtype=torch.float64) * 3
     z[1, 2, :] = -float("inf")
+    z[:, 3, 0] = -float("inf")  # a row of all -inf (along axis 0): not counted
     r[0, 1, 1] = -float("inf")
     for reg in (
-        rg.Entropy(axis=0, mode="maximize"),
+        rg.Entropy(axis=0, mode="maximize", temperature=0.7),
         rg.KL(r, axis=0, direction="symmetric"),
         rg.JSD(r, axis=0, beta=0.25),
         rg.ZLoss(axis=0, reduce="mean"),

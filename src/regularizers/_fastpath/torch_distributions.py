@@ -66,16 +66,21 @@ SOFTMAX: bool | None = None
 """Whether the kernels log-normalize by torch's fused kernels (``log_softmax``, ``softmax``,
 ``logsumexp``: one pass each) instead of step by step as the generic path does (max, shift,
 ``exp``, sum, ``log``: bit-identical values). None: KL, JSD and ZLoss always; Entropy off the
-CPU only, where it is ``Σ entr(softmax(z))`` (``entr(p) = -p log p``, 0 at 0: three kernels
-forward, four backward). On a GPU the count of kernels is the cost: on an H200 at ``[2048,
-32000]``, ``loss.backward()`` against the naive idiom went from 1.33x to 0.95-1.04x (Entropy; two
-runs), 2.31x to 1.90x (KL) and 1.31x to 1.14x (JSD). On this project's 2-core CPU, KL, JSD
-and ZLoss took 10-25% less time so at 1e3, on the Tinker-sized batch and at ``[2048,
-32000]``, while Entropy's ``entr`` form was slower beyond 1e3 (5.1 against 2.1 ms per step
-on the Tinker batch, 364 against 316 ms at ``[2048, 32000]``). Fused values agree with the
-generic path's to rounding, not to the bit. The tests set True and False to run both forms
-anywhere. (On a GPU where ``triton`` imports, Entropy, reverse KL and JSD of float32 rows run
-as Triton kernels instead: ``torch_triton``.)"""
+CPU as ``Σ entr(softmax(z))`` (``entr(p) = -p log p``, 0 at 0: three kernels forward, four
+backward), and on the CPU from ``log_softmax`` where its arrays are kept for the backward
+(up to :data:`KEEP` elements; one kernel where the steps take eleven), else in steps. On a
+GPU the count of kernels is the cost: on an H200 at ``[2048, 32000]``, ``loss.backward()``
+against the naive idiom went from 1.33x to 0.95-1.04x (Entropy; two runs), 2.31x to 1.90x
+(KL) and 1.31x to 1.14x (JSD). On this project's 2-core CPU, KL, JSD and ZLoss took 10-25%
+less time so at 1e3, on the Tinker-sized batch and at ``[2048, 32000]``, while Entropy's
+``entr`` form was slower beyond 1e3 (5.1 against 2.1 ms per step on the Tinker batch, 364
+against 316 ms at ``[2048, 32000]``); its ``log_softmax`` form took 13% less time than the
+steps at 1e3 and 8% less on the Tinker batch, but recomputed block by block for the
+backward at ``[2048, 32000]`` it was the slower (0.63-0.66x the naive idiom's time against
+0.39-0.47x). Fused values agree with the generic path's to rounding, not to the bit. The
+tests set True, False and None to run every form anywhere. (On a GPU where ``triton``
+imports, Entropy, reverse KL and JSD of float32 rows run as Triton kernels instead:
+``torch_triton``.)"""
 
 _INF = math.inf
 INDEXED = True
@@ -260,10 +265,13 @@ class EntropyGrad:
             return (
                 value,
                 metrics,
-                (_Saved((h.reshape(-1, 1), lse), [slice(0, n)], [], []), slope, True),
+                (_Saved((h.reshape(-1, 1), lse), [slice(0, n)], [], []), slope, "triton"),
             )
-        fused = _fused(v.device, False)
+        fused = _fused(v.device, False)  # Σ entr(softmax(z))
         keep = v.numel() <= KEEP and not fused
+        # the CPU's default where the arrays are kept: log p by log_softmax (the steps take
+        # eleven kernels; recomputed in blocks for the backward, it was the slower one)
+        how = "entr" if fused else "log_softmax" if SOFTMAX is None and keep else "steps"
         low = _lowest(v.dtype)
         blocks = [slice(0, n)] if keep else _steps(n, size, v.device)
         hs, lses, kept, spare = _Rows(v, blocks), _Rows(v, blocks, 1), [], None
@@ -273,7 +281,10 @@ class EntropyGrad:
                 hs.put(sl, torch.special.entr(p, out=p).sum(-1))
                 del p
                 continue
-            raw, lse = _log_normalize(_scaled(v[sl], t))
+            if how == "log_softmax":  # (a row of all -inf is NaN here: not counted)
+                raw, lse = torch.log_softmax(_scaled(v[sl], t), -1), None
+            else:
+                raw, lse = _log_normalize(_scaled(v[sl], t))
             p = torch.exp(raw)
             lp = raw.clamp_min_(low)  # -inf classes: p = 0, and p · log p = 0
             if keep:
@@ -287,18 +298,18 @@ class EntropyGrad:
         h = hs.out
         value, metrics, slope = _entropy_finish(batch, o, h, size)
         rows = (h.reshape(-1, 1), None if fused else lses.out)
-        return value, metrics, (_Saved(rows, blocks, kept, [], spare), slope, False)
+        return value, metrics, (_Saved(rows, blocks, kept, [], spare), slope, how)
 
     @staticmethod
     def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
-        saved, slope, triton = state
+        saved, slope, how = state
         t = reg._opts["temperature"]
         v, (h, lse) = batch.values, saved.rows
         if isinstance(slope, float):
             c = _coefficient(batch, scale, -slope / t)
         else:
             c = _coefficient(batch, scale, -1.0 / t, slope)
-        if triton:  # (where the kernel cannot run, the loop below, from the same lse)
+        if how == "triton":  # (where the kernel cannot run, the loop below, from the same lse)
             out, cr = torch.empty_like(v), c.reshape(-1) if c.ndim else c
             g = torch_triton.entropy_backward(v, t, lse, h.reshape(-1), cr, out, batch.mask)
             if g is not None:  # (uncounted rows 0: dropped by the kernel)
@@ -310,7 +321,7 @@ class EntropyGrad:
             if saved.kept:
                 lp, p = saved.kept[i]
                 torch.add(lp, h[sl], out=gb)
-            elif lse is None:  # (fused) -p (log p + H) = entr(p) - p H, times -c
+            elif how == "entr":  # -p (log p + H) = entr(p) - p H, times -c
                 p = torch.softmax(_scaled(v[sl], t), -1)
                 torch.special.entr(p, out=gb).addcmul_(p, h[sl], value=-1.0)
                 gb.mul_(-_rows(c, sl))
