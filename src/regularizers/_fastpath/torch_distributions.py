@@ -154,10 +154,12 @@ class _Rows:
             self.out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
     def put(self, sl: slice, x: Any) -> None:
+        """``x`` for the rows ``sl``; None (only for ``_gap``'s ``[c]`` bool: no row) as
+        False there, or, for the one block, as the result."""
         if self.out is None:  # (the one block)
             self.out = x
         else:
-            self.out[sl] = x
+            self.out[sl] = False if x is None else x
 
 
 def _coefficient(batch: Any, scale: Any, factor: float, slope: Any = None) -> Any:
@@ -190,17 +192,24 @@ def _drop(g: Any, mask: Any) -> Any:
 
 def _gap(first: Any, second: Any) -> Any:
     """``[c]`` bool: some class is not -inf in ``first`` but -inf in ``second`` (a support
-    gap, as the generic path defines it: NaN counts as not -inf). Exact, but only the rows
-    where ``second`` holds a -inf (or a NaN) are looked at closely."""
+    gap, as the generic path defines it: NaN counts as not -inf); None where it is known on
+    the host that no row has one. Exact, but only the rows where ``second`` holds a -inf (or
+    a NaN) are looked at closely."""
     if not (INDEXED and first.device.type == "cpu"):  # no host sync: every row, full size
         return ((first != -_INF) & (second == -_INF)).any(-1)
     suspect = ~(second.amin(-1) > -_INF)  # a -inf or a NaN in the row
     idx = torch.nonzero(suspect).squeeze(1)
+    if not idx.numel():  # (the common case: then no where, no fill, no factor of 0 or 1)
+        return None
     gap = torch.zeros_like(suspect)
-    if idx.numel():
-        a, b = first.index_select(0, idx), second.index_select(0, idx)
-        gap.index_copy_(0, idx, ((a != -_INF) & (b == -_INF)).any(-1))
+    a, b = first.index_select(0, idx), second.index_select(0, idx)
+    gap.index_copy_(0, idx, ((a != -_INF) & (b == -_INF)).any(-1))
     return gap
+
+
+def _at_gaps(gap: Any, kl: Any) -> Any:
+    """``kl`` with +inf at the rows of a support gap."""
+    return torch.where(gap, torch.full((), _INF, dtype=kl.dtype, device=kl.device), kl)
 
 
 def _finish(batch: Any, prefix: str, p: Any) -> tuple[Any, dict[str, Any]]:
@@ -436,7 +445,7 @@ class KLGrad:
         tri = torch_triton.kl_forward(v, r, t) if usable else None
         if tri is not None:
             kl_r, lse, gap_r = tri
-            per = torch.where(gap_r, torch.full((), _INF, dtype=v.dtype, device=v.device), kl_r)
+            per = _at_gaps(gap_r, kl_r)
             kl_r.masked_fill_(gap_r, 0.0)  # (as below)
             value, metrics = _finish(batch, "kl", per)
             saved = _Saved((kl_r.reshape(-1, 1), lse), [slice(0, n)], [], [r])
@@ -475,16 +484,16 @@ class KLGrad:
                 if not fused:
                     lses.put(sl, torch.cat([lse_p, lse_q], 1))
                 del raw_p, raw_q, p, q, work, d
-        inf = torch.full((), _INF, dtype=v.dtype, device=v.device)
         kl_r = gap_r = gap_f = None
-        values = []
+        values = []  # (a direction's KL, +inf at its gap rows: None where it has none)
         if reverse:
             kl_r, gap_r = revs.out, gaps_r.out
-            values.append(torch.where(gap_r, inf, kl_r))
-            kl_r.masked_fill_(gap_r, 0.0)  # (for the gradient, whose row is 0: finite)
+            values.append(kl_r if gap_r is None else _at_gaps(gap_r, kl_r))
+            if gap_r is not None:
+                kl_r.masked_fill_(gap_r, 0.0)  # (for the gradient, whose row is 0: finite)
         if forward:
             gap_f = gaps_f.out
-            values.append(torch.where(gap_f, inf, fwds.out))
+            values.append(fwds.out if gap_f is None else _at_gaps(gap_f, fwds.out))
         per = values[0] if len(values) == 1 else 0.5 * (values[0] + values[1])
         value, metrics = _finish(batch, "kl", per)
         rows = (None if kl_r is None else kl_r.reshape(-1, 1), None if fused else lses.out)
@@ -495,14 +504,16 @@ class KLGrad:
     def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
         saved, gap_r, gap_f, r, triton = state
         saved.check()
-        t = reg._opts["temperature"]
+        t, how = reg._opts["temperature"], reg._opts["direction"]
         v, (kl_r, lses) = batch.values, saved.rows
-        both = gap_r is not None and gap_f is not None
+        both = how == "symmetric"
         c = _coefficient(batch, scale, (0.5 if both else 1.0) / t)
+        # (a direction's rows of 0 and 1, 0 at its gap rows; None where it has no gap)
         keep_r = None if gap_r is None else (~gap_r).to(v.dtype).reshape(-1, 1)
         keep_f = None if gap_f is None else (~gap_f).to(v.dtype).reshape(-1, 1)
-        if not both:  # the one direction's gap rows: a coefficient of 0
-            c = c * (keep_r if keep_r is not None else keep_f)
+        keep = keep_r if how == "reverse" else keep_f
+        if not both and keep is not None:  # the one direction's gap rows: a coefficient of 0
+            c = c * keep
         if triton:  # (reverse: c is [n, 1]; where the kernel cannot run, the loop below)
             out = torch.empty_like(v)
             k, cr = kl_r.reshape(-1), c.reshape(-1)
@@ -518,7 +529,7 @@ class KLGrad:
             else:  # as the forward computed them
                 lse_p, lse_q = (None, None) if lses is None else (lses[sl, 0:1], lses[sl, 1:2])
                 d, p = _logs(_scaled(v[sl], t), lse_p, low, True)
-                lq, q = _logs(_scaled(r[sl], t), lse_q, low, gap_f is not None)
+                lq, q = _logs(_scaled(r[sl], t), lse_q, low, how != "reverse")
                 d.sub_(lq)  # log p - log q
                 del lq
             if kl_r is None:
@@ -526,13 +537,11 @@ class KLGrad:
             else:  # p (log p - log q - KL)
                 torch.sub(d, kl_r[sl], out=gb).mul_(p)
                 if both:  # each direction 0 at its own gap rows, then their sum
-                    assert keep_r is not None
-                    assert keep_f is not None
                     pq = torch.sub(p, q)
                     host = gb.device.type == "cpu"  # (on a GPU: multiply, no host read)
-                    if not (host and bool(keep_r[sl].all())):
+                    if keep_r is not None and not (host and bool(keep_r[sl].all())):
                         gb.mul_(keep_r[sl])
-                    if not (host and bool(keep_f[sl].all())):
+                    if keep_f is not None and not (host and bool(keep_f[sl].all())):
                         pq.mul_(keep_f[sl])
                     gb.add_(pq)
                     del pq
