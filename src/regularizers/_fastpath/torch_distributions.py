@@ -485,7 +485,7 @@ class KLGrad:
                     lses.put(sl, torch.cat([lse_p, lse_q], 1))
                 del raw_p, raw_q, p, q, work, d
         kl_r = gap_r = gap_f = None
-        values = []  # (a direction's KL, +inf at its gap rows: None where it has none)
+        values = []  # (each direction's KL, +inf at its gap rows; a gap None: it has none)
         if reverse:
             kl_r, gap_r = revs.out, gaps_r.out
             values.append(kl_r if gap_r is None else _at_gaps(gap_r, kl_r))
