@@ -27,8 +27,10 @@ another's peak):
 Measured: the median wall time of ``--repeats`` runs after one warm run, and the peak memory
 beyond the inputs, reported in units of one ``[T, V]`` float32 array (the gradient itself is
 one). On CPU that is the growth of the process's peak resident set (``ru_maxrss``: torch's CPU
-allocator keeps no statistics); on CUDA, ``torch.cuda.max_memory_allocated``. The last table
-gives ours/naive ratios, all measured in this one run.
+allocator keeps no statistics); on CUDA, ``torch.cuda.max_memory_allocated``. On CUDA also
+where the time goes (:func:`split`): the host's time per call (the call returns before the
+GPU is done) and the GPU's alone. The last table gives ours/naive ratios, all measured in
+this one run.
 """
 
 from __future__ import annotations
@@ -121,6 +123,34 @@ IMPL = {
 }
 
 
+def split(fn: Any, case: str, z: Any, r: Any, repeats: int) -> dict[str, Any]:
+    """On a GPU, where one call's time goes: ``host_s``, the median time the host takes to
+    queue a call (no sync inside it); ``gpu_s``, the GPU's time per call alone, with
+    ``repeats`` calls queued behind a ~0.15 s sleep kernel and timed by CUDA events around
+    them; ``queued``: whether the host had queued them all before the GPU reached the first
+    (else the GPU waited for the host in between, and ``gpu_s`` includes that wait)."""
+    import torch
+
+    host = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        value, grad = fn(case, z, r)
+        host.append(time.perf_counter() - start)
+        del value, grad
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(3e8))  # (cycles: ~0.15 s at an H200's 2 GHz)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(repeats):
+        fn(case, z, r)
+    end.record()
+    queued = not begin.query()  # (the GPU still sleeping: it ran the calls back to back)
+    torch.cuda.synchronize()
+    gpu = begin.elapsed_time(end) / 1e3 / repeats
+    return {"host_s": statistics.median(host), "gpu_s": gpu, "queued": queued}
+
+
 def child(case: str, impl: str, device: str, repeats: int) -> dict[str, Any]:
     """One implementation of one case, in this (fresh) process."""
     import torch
@@ -165,6 +195,7 @@ def child(case: str, impl: str, device: str, repeats: int) -> dict[str, Any]:
         "median_s": statistics.median(times),
         "peak_extra_bytes": extra,
         "peak_extra_arrays": extra / (t * v * 4),
+        **(split(fn, case, z, r, repeats) if device == "cuda" else {}),
     }
 
 
@@ -203,10 +234,15 @@ def main() -> int:
         for impl in impls:
             res = run_child(case, impl, args.device, args.repeats)
             results.append(res)
+            where = ""
+            if "gpu_s" in res:  # (a GPU: the host's time per call, and the GPU's alone)
+                host, gpu = res["host_s"] * 1e3, res["gpu_s"] * 1e3
+                where = f"   host {host:.2f} ms, GPU alone {gpu:.2f} ms"
+                where += "" if res["queued"] else " (the GPU waited for the host)"
             print(
                 f"{case:8s} {CASES[case]!s:14s} {impl:14s} median {res['median_s'] * 1e3:9.1f} ms"
                 f"  peak extra {res['peak_extra_bytes'] / 2**20:8.0f} MiB"
-                f" = {res['peak_extra_arrays']:5.2f} x [T, V]   value {res['value']:.6g}",
+                f" = {res['peak_extra_arrays']:5.2f} x [T, V]   value {res['value']:.6g}{where}",
                 flush=True,
             )
     print("\nours / naive (same run, same device):")
