@@ -219,8 +219,12 @@ def test_fused_sampled_kl_equals_the_generic_path(
     bk: Harness, reg: rg.SampledKL, case: Any, data: st.DataObject
 ) -> None:
     """k1, k2 and k3 by the fused kernel: a reference that holds inf or NaN where the mask
-    hides it, log-ratios of 0 (where k3 and its slope vanish), half precision."""
+    hides it, log-ratios of 0 (where k3 and its slope vanish), half precision; the mask
+    applied by ``where`` or (``SMALL`` lowered to reach it at these sizes) by the product
+    whose finiteness check's sum the kernel reuses."""
     import torch
+
+    from regularizers._fastpath import torch_fused
 
     x, kind, mask, counts = case
     if kind == "none" and data.draw(st.booleans(), label="masked"):
@@ -237,9 +241,12 @@ def test_fused_sampled_kl_equals_the_generic_path(
     refs = _cast(ref if isinstance(x, list) else ref[0], dtype)
     d, m = _mask_args(kind, mask)
     d = {**(d or {}), "ref": refs}
+    product = data.draw(st.booleans(), label="product")
     with np.errstate(all="ignore"):
         finite = all(bool(torch.isfinite(r).all()) for r in _listed(refs))
         with pytest.MonkeyPatch.context() as mp, _spy(mp) as ran:
+            if product:
+                mp.setattr(torch_fused, "SMALL", 2)
             value, metrics, grads = _autograd(reg, d, xs, m, counts)
         assert value.grad_fn.name() == ROUTED
         if reg.reduce != "seq-mean-token-mean" and reg.gradient == "estimator":
@@ -257,6 +264,45 @@ def test_fused_sampled_kl_equals_the_generic_path(
         # form says k' + k, autodiff k' + k·0 (NaN): both not finite, compared elsewhere
         grads, want_grads = _where_finite(xs, grads), _where_finite(xs, want_grads)
     _close(grads, want_grads, grtol, atol, "gradient")
+
+
+@pytest.mark.parametrize("product", [False, True])
+@pytest.mark.parametrize("hidden", [-1.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_fused_sampled_kl_at_uncounted_tokens(
+    bk: Harness, estimator: str, hidden: float, product: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uncounted tokens whose log-ratio is not 0 (a number, or a reference of inf or NaN
+    there) count in no metric, by ``where`` or by the product (``SMALL`` lowered) whose
+    finiteness check's sum the kernel reuses as ``Σ d``; every reduce that has one weight."""
+    import torch
+
+    from regularizers._fastpath import torch_fused
+
+    if product:
+        monkeypatch.setattr(torch_fused, "SMALL", 2)
+    x = [[-1.0, -2.0, -3.0, -0.5, -4.0], [-0.25, -7.0]]
+    ref = [[-1.5, -2.0, hidden, -0.1, -1.0], [-0.5, -3.0]]
+    mask = [[1.0, 1.0, 0.0, 1.0, 0.0], [1.0, 0.0]]
+
+    def tensors(rows: list[list[float]]) -> list[Any]:
+        return [torch.tensor(r, dtype=torch.float64, device=TORCH_DEVICE) for r in rows]
+
+    data = {"ref": tensors(ref), "m": tensors(mask)}
+    for reduce in ("sum", "mean", "seq-mean-token-sum"):
+        reg = rg.SampledKL(rg.Field("ref"), estimator=estimator, reduce=reduce, mask=rg.Field("m"))
+        with _spy(monkeypatch) as ran:
+            got = _autograd(reg, data, tensors(x), None, None)
+        assert got[0].grad_fn.name() == ROUTED
+        assert ran == ["sampled_kl.forward", "grad"], ran
+        with generic_path():
+            want = _autograd(reg, data, tensors(x), None, None)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=0)
+        assert got[1].keys() == want[1].keys()
+        for k in got[1]:
+            torch.testing.assert_close(got[1][k], want[1][k], rtol=1e-12, atol=0, msg=k)
+        for a, b in zip(got[2], want[2], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("cls", CLOSED, ids=[c.__name__ for c in CLOSED])
@@ -428,15 +474,23 @@ def test_consistency_kernel_equals_the_generic_path(bk: Harness, metric: str, re
     assert float(got[0].detach()) == float("inf")  # the -inf against 0
 
 
+@pytest.mark.parametrize("product", [False, True])
 @pytest.mark.parametrize("special", [None, float("inf"), float("nan"), 1e-300])
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
 def test_gradient_penalty_kernel_equals_the_generic_path(
-    bk: Harness, special: Any, reduce: str
+    bk: Harness, special: Any, reduce: str, product: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A masked row holding inf, ragged datums, the class axis first; with a counted row
     holding inf or NaN, or one whose squares underflow (1e-300 · [-1, 2, 0]: Σ g² is 0 in
-    float64, its norm 2.2e-300 is not), the kernel hands over to the generic one."""
+    float64, its norm 2.2e-300 is not), the kernel hands over to the generic one. The mask
+    by ``where``, or (``product``: ``SMALL`` lowered) by the product whose check's sum the
+    kernel reuses."""
     import torch
+
+    from regularizers._fastpath import torch_fused
+
+    if product:
+        monkeypatch.setattr(torch_fused, "SMALL", 1)
 
     inf = float("inf")
     x = [[[3.0, 0.0, 0.0], [4.0, 0.0, inf], [0.5, 1.0, 0.0]], [[-1.0], [2.0], [0.0]]]
@@ -612,10 +666,11 @@ def test_zero_uncounted_is_the_where(bk: Harness, shape: str, special: Any, fres
     """``zero_uncounted`` (the training path's ``where(mask, a, 0)``: one ``where`` up to
     ``SMALL`` elements, above it a product by the mask's bytes checked for finiteness) is
     the ``where`` bit for bit on either side of ``SMALL``, with an inf or NaN under the mask
-    or counted, over a ``[n]`` or ``[n, V]`` array; it writes into ``a`` only where told."""
+    or counted, over a ``[n]`` or ``[n, V]`` array; it writes into ``a`` only where told.
+    ``zero_uncounted_sum`` gives the same array and its sum (the check's own, where made)."""
     import torch
 
-    from regularizers._fastpath.torch_fused import SMALL, zero_uncounted
+    from regularizers._fastpath.torch_fused import SMALL, zero_uncounted, zero_uncounted_sum
 
     n, tail = {"small": (SMALL, ()), "one more": (SMALL + 1, ()), "large": (3 * SMALL, ())}.get(
         shape, (SMALL // 4 + 1, (8,))
@@ -628,10 +683,16 @@ def test_zero_uncounted_is_the_where(bk: Harness, shape: str, special: Any, fres
         a[0 if "masked" in special else 1] = float("nan") if "nan" in special else float("inf")
     expected = torch.where(mask.reshape((-1,) + (1,) * len(tail)), a, 0.0)
     before = a.clone()
+    twin = a.clone()
     got = zero_uncounted(a, mask, fresh)
     torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
     if not fresh:
         torch.testing.assert_close(a, before, rtol=0, atol=0, equal_nan=True)
+    got, total = zero_uncounted_sum(twin, mask, fresh)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(total, expected.sum(), rtol=0, atol=0, equal_nan=True)
+    if not fresh:
+        torch.testing.assert_close(twin, before, rtol=0, atol=0, equal_nan=True)
 
 
 # ---- the penalties over a class axis (torch_distributions) ----------------------------------

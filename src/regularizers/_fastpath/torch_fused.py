@@ -49,15 +49,29 @@ def zero_uncounted(a: Any, mask: Any, fresh: bool = False) -> Any:
     its check ~20 us, in place on an array of the call's own (no allocation; see
     ``benchmarks/profile_training.py``); on other devices, and up to ``SMALL`` elements,
     the ``where``."""
+    return _zeroed(a, mask, fresh)[0]
+
+
+def zero_uncounted_sum(a: Any, mask: Any, fresh: bool = False) -> tuple[Any, Any]:
+    """``zero_uncounted(a, mask, fresh)`` and the sum of its result, a 0-d tensor: where the
+    product's finiteness check has summed it already, that sum (the same reduction of the
+    same array), not a second pass."""
+    z, total = _zeroed(a, mask, fresh)
+    return z, (z.sum() if total is None else total)
+
+
+def _zeroed(a: Any, mask: Any, fresh: bool) -> tuple[Any, Any]:
+    """``zero_uncounted``'s result, and its sum where the check made it (else None)."""
     m = mask if a.ndim == 1 else mask.reshape((-1,) + (1,) * (a.ndim - 1))
     product = a.device.type == "cpu" and mask.dtype == torch.bool and a.is_floating_point()
     if not product or a.numel() <= SMALL:  # (small: one kernel, 4 us at 1e3 against 13)
-        return torch.where(m, a, a.new_zeros(()))
+        return torch.where(m, a, a.new_zeros(())), None
     keep = m.view(torch.uint8).to(a.dtype)  # (then a same-dtype product: ~2x faster)
     z = a.mul_(keep) if fresh else a * keep
-    if math.isfinite(z.sum().item()):
-        return z
-    return torch.where(m, z, z.new_zeros(()))  # (counted entries of z: a's own, by the product)
+    total = z.sum()
+    if math.isfinite(total.item()):
+        return z, total
+    return torch.where(m, z, z.new_zeros(())), None  # (counted entries of z: a's own)
 
 
 def all_valid(valid: Any) -> bool:
@@ -435,18 +449,21 @@ class SampledKLGrad:
         e = None
         if est == "k3":  # with -d = r - lp: k = expm1(-d) - (-d), written over -d
             d = r - batch.values
-            if batch.mask is not None:  # (whatever the reference holds there)
-                d = zero_uncounted(d, batch.mask, True)
-            total = -d.sum()
+            if batch.mask is None:
+                total = -d.sum()
+            else:  # (whatever the reference holds there)
+                d, total = zero_uncounted_sum(d, batch.mask, True)
+                total = -total
             e = torch.expm1(d)
             k = torch.sub(e, d, out=d)
         else:
             d = batch.values - r
-            if batch.mask is not None:
-                d = zero_uncounted(d, batch.mask, True)
-            total = d.sum()
+            if batch.mask is None:
+                total = d.sum()
+            else:
+                d, total = zero_uncounted_sum(d, batch.mask, True)
             k = d * d * 0.5 if est == "k2" else d
-        raw = k.sum()
+        raw = total if est == "k1" else k.sum()
         peak = batch.max(k) if est == "k1" else (k.amax() if batch.size else batch.zero())
         metrics = {
             "sampled_kl_raw": raw,
@@ -625,9 +642,10 @@ class GradientPenaltyGrad:
             return None
         d = norm - float(reg._opts["target_norm"])
         p = d * d
-        if batch.mask is not None:  # (an uncounted row holds 0: its p is c²)
-            p = zero_uncounted(p, batch.mask, True)
-        raw = p.sum()
+        if batch.mask is None:
+            raw = p.sum()
+        else:  # (an uncounted row holds 0: its p is c²)
+            p, raw = zero_uncounted_sum(p, batch.mask, True)
         metrics = {
             "gradient_penalty_raw": raw,
             "gradient_penalty_mean": batch.per_token(raw),
