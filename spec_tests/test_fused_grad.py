@@ -174,11 +174,18 @@ def _routed_and_generic(
 def test_fused_elementwise_kernels_equal_the_generic_path(
     bk: Harness, reg: rg.Regularizer, case: Any, data: st.DataObject
 ) -> None:
+    from regularizers._fastpath import torch_fused
+
     x, kind, mask, counts = case
     dtype = data.draw(st.sampled_from(["float16", "bfloat16", "float32", "float64"]), label="dt")
     xs = _cast(x, dtype)
     d, m = _mask_args(kind, mask)
+    # ``SMALL`` lowered: the kernels' forms for large inputs (the mask by a checked product,
+    # L2's peak by ``aminmax``) at the sizes drawn here
+    large = data.draw(st.booleans(), label="large")
     with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
+        if large:
+            mp.setattr(torch_fused, "SMALL", 2)
         # (one aggregation weight: the fused kernel)
         kernel = reg.reduce != "seq-mean-token-mean"
         got, want = _routed_and_generic(mp, reg, (d, xs, m, counts), kernel)
@@ -193,6 +200,44 @@ def test_fused_elementwise_kernels_equal_the_generic_path(
         # elsewhere
         grads, want_grads = _where_finite(xs, grads), _where_finite(xs, want_grads)
     _close(grads, want_grads, grtol, atol, "gradient")
+
+
+@pytest.mark.parametrize("large", [False, True])
+@pytest.mark.parametrize(
+    "reg",
+    [
+        rg.L1(reduce="mean"),
+        rg.L2(),
+        rg.L2(clip=(-3.0, -0.5), center="mean", reduce="mean"),
+        rg.L2(center=-1.0, reduce="seq-mean-token-sum"),
+        rg.Huber(delta=0.5, reduce="mean"),
+        rg.ElasticNet(l1_ratio=0.3),
+        rg.SampledEntropy(mode="maximize", reduce="mean"),
+    ],
+    ids=repr,
+)
+def test_elementwise_kernels_on_either_side_of_small(bk: Harness, reg: Any, large: bool) -> None:
+    """Each elementwise kernel on one ragged, masked batch whose extreme is negative (the
+    logprobs' side: a peak from the largest value alone is wrong) with a masked inf, by its
+    forms for small inputs and (``large``: ``SMALL`` lowered) for large ones, equals the
+    generic path; the property above draws both forms, this reaches each every run."""
+    import torch
+
+    from regularizers._fastpath import torch_fused
+
+    x = [np.array([-0.25, -4.0, -1.0, 0.0, -2.5]), np.array([-0.5, -np.inf, -6.0])]
+    mask = [np.array([1.0, 1.0, 0.0, 1.0, 1.0]), np.array([1.0, 0.0, 0.0])]
+    xs = _cast(x, "float64")
+    with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
+        if large:
+            mp.setattr(torch_fused, "SMALL", 2)
+        m = [torch.asarray(a, device=TORCH_DEVICE) for a in mask]
+        (value, metrics, grads), want = _routed_and_generic(mp, reg, (None, xs, m, None), True)
+    rtol, atol = S.training_tolerance(x, "float64", reg, mask)
+    _close(value, want[0], rtol, atol, "value")
+    for k in metrics:
+        _close(metrics[k], want[1][k], rtol, atol, k)
+    _close(grads, want[2], rtol, atol, "gradient")
 
 
 def _where_finite(xs: Any, grads: Any) -> list[Any]:
