@@ -213,6 +213,8 @@ def test_fused_elementwise_kernels_equal_the_generic_path(
         rg.Huber(delta=0.5, reduce="mean"),
         rg.ElasticNet(l1_ratio=0.3),
         rg.SampledEntropy(mode="maximize", reduce="mean"),
+        rg.Consistency(rg.Field("y"), reduce="mean"),
+        rg.Consistency(rg.Field("y"), metric="l1"),
     ],
     ids=repr,
 )
@@ -220,19 +222,26 @@ def test_elementwise_kernels_on_either_side_of_small(bk: Harness, reg: Any, larg
     """Each elementwise kernel on one ragged, masked batch whose extreme is negative (the
     logprobs' side: a peak from the largest value alone is wrong) with a masked inf, by its
     forms for small inputs and (``large``: ``SMALL`` lowered) for large ones, equals the
-    generic path; the property above draws both forms, this reaches each every run."""
+    generic path; the property above draws both forms, this reaches each every run.
+    Consistency's paired view holds a NaN where uncounted and -inf where the input has it
+    (an element its ``valid_tokens`` drops)."""
     import torch
 
     from regularizers._fastpath import torch_fused
 
     x = [np.array([-0.25, -4.0, -1.0, 0.0, -2.5]), np.array([-0.5, -np.inf, -6.0])]
-    mask = [np.array([1.0, 1.0, 0.0, 1.0, 1.0]), np.array([1.0, 0.0, 0.0])]
+    mask = [np.array([1.0, 1.0, 0.0, 1.0, 1.0]), np.array([1.0, 0.0, 1.0])]
+    y = [np.array([-0.5, -3.0, np.nan, 1.0, -2.5]), np.array([-1.5, -np.inf, -5.0])]
+    x[1][2] = y[1][2] = -np.inf  # -inf in both, counted by the mask: dropped by Consistency
     xs = _cast(x, "float64")
+    data = {"y": _cast(y, "float64")} if isinstance(reg, rg.Consistency) else None
+    if data is None:
+        mask[1][2] = 0.0  # (elsewhere that -inf is masked: the others count it as +inf)
     with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
         if large:
             mp.setattr(torch_fused, "SMALL", 2)
         m = [torch.asarray(a, device=TORCH_DEVICE) for a in mask]
-        (value, metrics, grads), want = _routed_and_generic(mp, reg, (None, xs, m, None), True)
+        (value, metrics, grads), want = _routed_and_generic(mp, reg, (data, xs, m, None), True)
     rtol, atol = S.training_tolerance(x, "float64", reg, mask)
     _close(value, want[0], rtol, atol, "value")
     for k in metrics:

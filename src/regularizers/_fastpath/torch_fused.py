@@ -588,7 +588,13 @@ class SampledEntropyGrad:
 class ConsistencyGrad:
     """Consistency, metric "mse" or "l1": ``d = x - y`` once, 0 at uncounted tokens (an
     element -inf in both arrays is one: its ``-inf - -inf`` is set to 0 with the rest), then
-    ``d²`` or ``|d|`` and the slope ``2d`` or ``sign(d)``."""
+    ``d²`` or ``|d|`` and the slope ``2d`` or ``sign(d)``.
+
+    ``MASKS_ITS_OWN``: the values are read only through ``d`` (and ``valid_tokens``, whose
+    verdict on an uncounted token the mask overrides), so they come unmasked, as
+    SampledKL's do."""
+
+    MASKS_ITS_OWN = True
 
     @staticmethod
     def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
