@@ -2,7 +2,8 @@
 
 Run by ``benchmarks/run.py`` once per backend, each in its own process (Keras 3 chooses its
 backend at import). Every implementation of a case is timed in the same process, on the same
-array, interleaved round by round, and reported as a median.
+array, interleaved round by round in a shuffled order, and reported as a median; each ratio
+to ours is the median over rounds of the two timed in the same round (:func:`paired`).
 
 Implementations, for each case and size:
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -233,9 +235,13 @@ def sync(out: Any) -> Any:
 
 def time_all(
     impls: dict[str, Callable[[Any], Any]], x: Any, budget: float, smoke: bool = False
-) -> dict[str, float]:
-    """Median seconds per call; implementations interleaved round by round (``smoke``: one
-    call each, after one warm-up)."""
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per call, implementations interleaved round by round in an order
+    shuffled each round; and, where ``"ours"`` is one of them, the paired ratios: for each
+    other implementation the median over rounds of ours / it, both timed in the same round
+    (what the table reports: a slow stretch of a busy machine weighs on both sides of each
+    pair, and no implementation always runs in the same place of a round). ``smoke``: one
+    call each, after one warm-up."""
     if smoke:
         for fn in impls.values():
             sync(fn(x))
@@ -244,7 +250,7 @@ def time_all(
             t0 = time.perf_counter()
             sync(fn(x))
             out[name] = time.perf_counter() - t0
-        return out
+        return out, paired(out, {k: [v] for k, v in out.items()})
     for fn in impls.values():  # warm up (and compile)
         sync(fn(x))
         sync(fn(x))
@@ -255,13 +261,29 @@ def time_all(
     rounds = int(min(200, max(7, budget / one_round)))
     inner = 1 if one_round > 1e-3 else int(min(200, 1e-3 / one_round) + 1)
     samples: dict[str, list[float]] = {k: [] for k in impls}
+    order = list(impls.items())
+    shuffle = random.Random(0).shuffle  # (seeded: a run is repeatable)
     for _ in range(rounds):
-        for name, fn in impls.items():
+        shuffle(order)
+        for name, fn in order:
             t0 = time.perf_counter()
             for _ in range(inner):
                 sync(fn(x))
             samples[name].append((time.perf_counter() - t0) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    return medians, paired(medians, samples)
+
+
+def paired(medians: dict[str, float], samples: dict[str, list[float]]) -> dict[str, float]:
+    """``{name: median over rounds of ours / name}`` for every implementation but ours."""
+    if "ours" not in samples:
+        return {}
+    ours = samples["ours"]
+    return {
+        k: statistics.median([a / b for a, b in zip(ours, v, strict=True)])
+        for k, v in samples.items()
+        if k != "ours"
+    }
 
 
 def memory_child(backend: str, case: str, impl: str, n: int) -> None:
@@ -338,8 +360,8 @@ def main() -> None:
             todo = {"floor": floor, **case_impls}
             if case in keras:
                 todo["keras"] = keras[case]
-            times = time_all(todo, x, args.budget if n >= 10**6 else args.budget / 3, smoke)
-            results["cases"].append({"case": case, "n": n, "seconds": times})
+            times, ratios = time_all(todo, x, args.budget if n >= 10**6 else args.budget / 3, smoke)
+            results["cases"].append({"case": case, "n": n, "seconds": times, "paired": ratios})
             print(
                 f"# {backend} {case} n={n}: "
                 + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()),
@@ -362,8 +384,10 @@ def main() -> None:
     else:
         flat_floor = lambda xs: np.concatenate(xs).sum()  # noqa: E731
     ours_l1 = impls["l1"]["ours"]
-    times = time_all({"floor": flat_floor, "ours": ours_l1}, xs, args.budget, smoke)
-    results["cases"].append({"case": "l1_ragged", "n": n_ragged, "seconds": times})
+    times, ratios = time_all({"floor": flat_floor, "ours": ours_l1}, xs, args.budget, smoke)
+    results["cases"].append(
+        {"case": "l1_ragged", "n": n_ragged, "seconds": times, "paired": ratios}
+    )
     # the training path: forward + backward of every built-in (benchmarks/training.py)
     if backend == "torch":  # both sides on one thread: at these sizes an op is microseconds,
         import torch  # and on a busy 2-core machine threads mostly measure their own wake-up
@@ -375,8 +399,8 @@ def main() -> None:
     if problems:
         raise SystemExit("ours and the hand-written code disagree:\n" + "\n".join(problems))
     for case, n, case_impls, arg in entries:
-        times = time_all(case_impls, arg, args.budget / 2, smoke)
-        results["cases"].append({"case": case, "n": n, "seconds": times})
+        times, ratios = time_all(case_impls, arg, args.budget / 2, smoke)
+        results["cases"].append({"case": case, "n": n, "seconds": times, "paired": ratios})
         print(
             f"# {backend} {case} n={n}: "
             + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()),

@@ -126,21 +126,31 @@ def row(
     }
 
 
+def ratio(case: dict[str, Any], ref: str) -> float:
+    """Ours / ``ref`` for one measured case: the median over rounds of the two timed in the
+    same round (``measure.paired``), or, in results written before it kept them, the ratio
+    of the two medians."""
+    got = case.get("paired", {}).get(ref)
+    s = case["seconds"]
+    return float(got) if got is not None else float(s["ours"] / s[ref])
+
+
 def rows(results: list[dict[str, Any]], family: list[dict[str, Any]]) -> list[Row]:
     """Every line of the one table, each goal of issue 12 (and the earlier ones) on its row."""
     out: list[Row] = []
     for r in results:
         b = r["backend"]
-        by = {(c["case"], c["n"]): c["seconds"] for c in r["cases"]}
+        by = {(c["case"], c["n"]): c for c in r["cases"]}
         big = max(n for case, n in by if case == "l1")
         for case, limit in (("l1", 2.0), ("l2", 2.0), ("l2_clip_center", 3.0)):
-            s = by[(case, big)]
+            c = by[(case, big)]
+            s = c["seconds"]
             name, ours = CASE_NAMES[case], fmt_ms(s["ours"])
             out.append(
-                row(b, name, big, ours, "sum(x)", fmt_ms(s["floor"]), s["ours"] / s["floor"], limit)
+                row(b, name, big, ours, "sum(x)", fmt_ms(s["floor"]), ratio(c, "floor"), limit)
             )
             out.append(
-                row(b, name, big, ours, "native", fmt_ms(s["native"]), s["ours"] / s["native"], 1.1)
+                row(b, name, big, ours, "native", fmt_ms(s["native"]), ratio(c, "native"), 1.1)
             )
             for other in ("adr", "keras"):
                 if other in s:
@@ -152,14 +162,15 @@ def rows(results: list[dict[str, Any]], family: list[dict[str, Any]]) -> list[Ro
                             ours,
                             other,
                             fmt_ms(s[other]),
-                            s["ours"] / s[other],
+                            ratio(c, other),
                             1.0,
                             lower=False,
                         )
                     )
         if b in ("numpy", "torch"):
             for case in ("l1", "l2", "l2_clip_center"):
-                s = by[(case, 1_000)]
+                c = by[(case, 1_000)]
+                s = c["seconds"]
                 out.append(
                     row(
                         b,
@@ -168,7 +179,7 @@ def rows(results: list[dict[str, Any]], family: list[dict[str, Any]]) -> list[Ro
                         fmt_ms(s["ours"]),
                         "native",
                         fmt_ms(s["native"]),
-                        s["ours"] / s["native"],
+                        ratio(c, "native"),
                         1.5,
                     )
                 )
@@ -183,7 +194,7 @@ def rows(results: list[dict[str, Any]], family: list[dict[str, Any]]) -> list[Ro
                         fmt_ms(s["ours"]),
                         "sum(x)",
                         fmt_ms(s["floor"]),
-                        s["ours"] / s["floor"],
+                        ratio(c, "floor"),
                     )
                 )
                 continue
@@ -199,7 +210,7 @@ def rows(results: list[dict[str, Any]], family: list[dict[str, Any]]) -> list[Ro
                     fmt_ms(s["ours"]),
                     ref_name,
                     fmt_ms(s[ref_name]),
-                    s["ours"] / s[ref_name],
+                    ratio(c, ref_name),
                     limit,
                 )
             )
@@ -305,8 +316,11 @@ def write_doc(results: list[dict[str, Any]], lines: list[Row], seconds: float) -
         "",
         header(results) + f" The run took {seconds / 60:.1f} minutes.",
         "",
-        "Each ratio is ours / the reference, both measured in this run (medians of interleaved "
-        "rounds); `n` is elements (the [T, V] rows: tokens x classes). " + summary(lines) + ".",
+        "Each ratio is ours / the reference, both measured in this run: the median over "
+        "interleaved rounds (in a shuffled order) of the two timed in the same round; the "
+        "times are medians over the rounds (for the [T, V] rows: of three calls, each "
+        "implementation in its own process). `n` is elements (the [T, V] rows: tokens x "
+        "classes). " + summary(lines) + ".",
         "",
         "```text",
         *table(lines),
