@@ -498,14 +498,19 @@ def test_direct_path_equals_the_generic_path(
     """The whole-call kernels (``numpy_direct``: no Batch) give the general path's value,
     metrics and gradient, over every penalty they cover, with masks read from ``data``,
     half precision, ragged lists and non-finite values; they run where their options are
-    covered and the counted values are finite, and decline (to the general path) otherwise."""
+    covered and the counted values are finite, and decline (to the general path) otherwise.
+    The kernels over a class axis walk their rows by blocks of ``_ROWS`` elements: drawn
+    small here too, so that a call takes several blocks."""
     reg, covered = picked
     x, d, mask, finite = data.draw(direct_inputs(reg), label="x, data, mask")
     if reg.mask is None and data.draw(st.booleans(), label="mask option"):
         reg = type(reg)(**{**reg.options(), "mask": mask})  # an array given at construction
         covered = False
+    rows = data.draw(st.sampled_from([None, 1, 7]), label="_ROWS")
     before = [a.copy() for a in as_list(x)] + [a.copy() for v in d.values() for a in as_list(v)]
     with pytest.MonkeyPatch.context() as patch:
+        if rows is not None:  # (1: a row per block; 7: up to 7 classes' worth of rows)
+            patch.setattr(_direct, "_ROWS", rows)
         ran = spy(patch)
         with np.errstate(all="ignore"):
             fast = reg.value_and_grad(d or None, x)
