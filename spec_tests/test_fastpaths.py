@@ -127,6 +127,62 @@ def test_fast_path_equals_generic_path(
     assert fast_metrics.keys() == metrics.keys()
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("block", [None, 7])
+@pytest.mark.parametrize(
+    "reg",
+    [
+        rg.L1(),
+        rg.L1(target="probs", reduce="mean"),
+        rg.L2(),
+        rg.L2(center=-1.0, reduce="mean"),
+        rg.L2(clip=(-3.0, 0.5)),
+        rg.L2(center="mean", clip=(-100.0, 0.0)),
+        rg.L2(target="probs", clip=(0.0, 0.5)),
+    ],
+    ids=repr,
+)
+def test_fast_path_by_blocks_on_logprobs(bk: Harness, reg: Any, block: Any, dtype: str) -> None:
+    """Each fast value+metrics path on a ragged batch of logprob-like values (the extreme
+    on the negative side, as logprobs have it: a peak taken from the top alone is wrong;
+    the largest value positive), in one piece and (``block``) by small blocks: equal to the
+    generic path. The property above draws these too, but not in every run."""
+    import contextlib
+
+    native = _native_torch if bk.library == "torch" else _native_numpy
+    names = [n for n in ("BLOCK", "STREAM") if hasattr(native, n)]
+    rng = np.random.default_rng(5)
+    arrays = [-rng.gamma(0.6, 1.8, size=k) for k in (150, 61)]
+    arrays[0][[3, 40]] = [-140.0, 0.25]
+    x = [a.astype(dtype) for a in arrays]
+    if bk.library == "torch":
+        import torch
+
+        x = [torch.asarray(a) for a in x]
+    with contextlib.ExitStack() as stack, pytest.MonkeyPatch.context() as mp:
+        stack.enter_context(np.errstate(over="ignore"))
+        for n in names if block else ():
+            mp.setattr(native, n, block)
+        assert _fastpath.try_compute(reg, x) is not None, "the fast path was not taken"
+        value, metrics = reg.compute(None, x)
+    with _fastpath.disabled():
+        want, want_metrics = reg.compute(None, x)
+    rtol = {"float16": 2e-3, "float32": 2e-5}.get(dtype, 1e-9)
+    assert value.dtype == want.dtype
+    assert metrics.keys() == want_metrics.keys()
+    for name, a, b in [
+        ("value", value, want),
+        *((k, metrics[k], want_metrics[k]) for k in metrics),
+    ]:
+        np.testing.assert_allclose(
+            np.asarray(bk.to_numpy(a), dtype=np.float64),
+            np.asarray(bk.to_numpy(b), dtype=np.float64),
+            rtol=rtol,
+            atol=0,
+            err_msg=name,
+        )
+
+
 @pytest.mark.backends("numpy")
 @pytest.mark.parametrize("n", [0, 1, 1023, 1024, 1025, 5000])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
