@@ -17,6 +17,7 @@ one applies, the kernel) must really have run.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -1163,3 +1164,315 @@ def test_a_reference_modified_in_place_before_backward_is_refused(
         r.add_(1.0)
         with pytest.raises(RuntimeError, match="modified in place"):
             value.backward()
+
+
+def _both_paths(reg: Any, data: Any, x: Any, **kw: Any) -> Any:
+    """``(value, metrics, grad)`` by the routed call and by the generic path (``x`` a leaf
+    that requires grad; ``grad`` None where it does not)."""
+    import torch
+
+    out = []
+    for generic in (False, True):
+        with generic_path() if generic else contextlib.nullcontext():
+            value, metrics = reg.compute(data, x, **kw)
+            grad = torch.autograd.grad(value, x)[0] if x.requires_grad else None
+        out.append((value, metrics, grad))
+    return out
+
+
+def _same(got: Any, want: Any, rtol: float = 1e-5, atol: float = 0.0) -> None:
+    """Equal dtype, and equal values to ``rtol`` (NaN where NaN, ±inf where ±inf)."""
+    import torch
+
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize(
+    "reg",
+    [
+        rg.L1(),
+        rg.L1(target="probs"),
+        rg.L2(),
+        rg.L2(center="mean"),
+        rg.L2(center=0.5),
+        rg.L2(clip=(-400.0, -0.25)),
+        rg.L2(target="probs"),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("n", [30, 5001])
+def test_fused_compute_over_several_blocks(
+    bk: Harness, monkeypatch: pytest.MonkeyPatch, reg: Any, dtype: str, n: int
+) -> None:
+    """The no-grad fused reductions (``torch_fused.l1``/``l2``) with ``BLOCK`` lowered so that
+    the input spans several blocks, the last one short, and its extremes in that last block
+    (every block counts, each for its size, in Chan's formula too); half precision in
+    float32, with a max² beyond float16's range: value and metrics are the generic path's,
+    dtypes included."""
+    import torch
+
+    from regularizers._fastpath import dispatch, torch_fused
+
+    monkeypatch.setattr(torch_fused, "BLOCK", 7 if n < torch_fused.SMALL else 1000)
+    rng = np.random.default_rng(n)
+    a = -np.abs(rng.normal(0.0, 30.0, size=n))
+    a[-1], a[-2] = -300.0, 0.0  # (the extremes, in the last block)
+    x = torch.asarray(a, dtype=torch.float32, device=TORCH_DEVICE).to(getattr(torch, dtype))
+    assert dispatch.try_compute(reg, x) is not None, "the fast path was not taken"
+    (value, metrics, _), (want, want_metrics, _) = _both_paths(reg, None, x)
+    _same(value, want, rtol=1e-4)
+    assert metrics.keys() == want_metrics.keys()
+    for k in want_metrics:
+        _same(metrics[k], want_metrics[k], rtol=1e-4)
+
+
+@pytest.mark.parametrize("reg", [rg.L1(), rg.L2(), rg.ElasticNet(l1_ratio=0.5)], ids=repr)
+def test_half_precision_plain_call_computes_in_float32(bk: Harness, reg: Any) -> None:
+    """A plain float16 tensor that requires grad (the Batch-free call, ``compute_plain``)
+    computes in float32, as the generic path does: a sum beyond float16's range is finite,
+    and value and metrics are float32."""
+    import torch
+
+    x = torch.full((70000,), -1.0, dtype=torch.float16, device=TORCH_DEVICE)
+    x.requires_grad_(True)
+    (value, metrics, grad), (want, want_metrics, want_grad) = _both_paths(reg, None, x)
+    assert value.grad_fn.name() == ROUTED
+    _same(value, want)
+    for k in want_metrics:
+        _same(metrics[k], want_metrics[k])
+    _same(grad, want_grad)
+
+
+def test_sampled_kl_k1_max_is_over_counted_tokens(bk: Harness) -> None:
+    """SampledKL k1 with a mask: an uncounted token's log ratio is 0 in the kernel, and must
+    not win the max over counted ones that are all negative."""
+    import torch
+
+    dev = TORCH_DEVICE
+    lp = torch.tensor([-1.0, -2.0, -3.0, -4.0], device=dev, requires_grad=True)
+    data = {"ref": torch.tensor([-0.5, -1.0, -3.5, 0.0], device=dev)}
+    mask = torch.tensor([True, True, False, False], device=dev)
+    reg = rg.SampledKL(estimator="k1", reference=rg.Field("ref"))
+    (value, metrics, grad), (want, want_metrics, want_grad) = _both_paths(reg, data, lp, mask=mask)
+    assert value.grad_fn.name() == ROUTED
+    assert float(metrics["sampled_kl_max"]) == -0.5
+    _same(value, want)
+    for k in want_metrics:
+        _same(metrics[k], want_metrics[k])
+    _same(grad, want_grad)
+
+
+@pytest.mark.parametrize(
+    "reg", [rg.L2(clip=(-3e38, 3e38)), rg.L2(clip=(-1.0, 1.0), center=-3e38)], ids=repr
+)
+def test_l2_gradient_outside_the_clip_where_it_overflows(bk: Harness, reg: Any) -> None:
+    """L2's gradient is 0 strictly outside the clip range, also where ``2 d`` overflows to
+    ±inf there (a product by 0 would be NaN)."""
+    import torch
+
+    x = torch.tensor([0.5, 5.0, -5.0, -math.inf, 0.25], device=TORCH_DEVICE)
+    x.requires_grad_(True)
+    (value, _, grad), (want, _, want_grad) = _both_paths(reg, None, x)
+    assert value.grad_fn.name() == ROUTED
+    _same(value, want)
+    _same(grad, want_grad)
+
+
+@pytest.mark.parametrize("first", [1e8, 0.1, math.inf])
+def test_l2_mean_center_gradient_is_zero_at_uncounted_tokens(bk: Harness, first: float) -> None:
+    """L2 ``center="mean"`` with a mask: the mean's share (0 but for rounding, NaN where the
+    mean is) never reaches an uncounted token, whose gradient is exactly 0."""
+    import torch
+
+    dev = TORCH_DEVICE
+    x = torch.tensor([first, 0.2, 0.7, -7.0, 2.0], device=dev, requires_grad=True)
+    mask = torch.tensor([True, True, True, False, False], device=dev)
+    (value, _, grad), (_, _, want_grad) = _both_paths(rg.L2(center="mean"), None, x, mask=mask)
+    assert value.grad_fn.name() == ROUTED
+    assert grad[3:].tolist() == [0.0, 0.0]
+    _same(grad, want_grad)
+
+
+@pytest.mark.parametrize("direction", ["reverse", "symmetric"])
+def test_kl_support_gap_beside_a_nan(bk: Harness, direction: str) -> None:
+    """A reference row holding both a NaN and a -inf (where a class of ``z`` is finite) has
+    a support gap: its KL is +inf, as on the generic path (a NaN must not hide the -inf
+    from the kernel's quick test of the rows)."""
+    import torch
+
+    dev = TORCH_DEVICE
+    z = torch.tensor([[0.0, 1.0, 2.0], [0.5, 0.5, 0.5]], device=dev, requires_grad=True)
+    data = {"r": torch.tensor([[math.nan, -math.inf, 0.0], [0.0, 1.0, 2.0]], device=dev)}
+    reg = rg.KL(reference=rg.Field("r"), direction=direction)
+    (value, metrics, grad), (want, want_metrics, want_grad) = _both_paths(reg, data, z)
+    for k in want_metrics:
+        _same(metrics[k], want_metrics[k])
+    _same(value, want)
+    _same(grad, want_grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["KL", "JSD", "Entropy"])
+def test_a_second_backward_leaves_the_first_gradient_alone(bk: Harness, name: str) -> None:
+    """``retain_graph``: the gradient of a first backward is the caller's; a second backward
+    (here with another incoming gradient) writes into a buffer of its own, never into it."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 5, generator=gen).to(TORCH_DEVICE).requires_grad_(True)
+    data = {"r": torch.randn(4, 5, generator=gen).to(TORCH_DEVICE)}
+    reg = getattr(rg, name)(reference=rg.Field("r")) if name != "Entropy" else rg.Entropy()
+    value, _ = reg.compute(data, z)
+    assert value.grad_fn.name() == ROUTED
+    (first,) = torch.autograd.grad(value, z, retain_graph=True)
+    kept = first.clone()
+    (second,) = torch.autograd.grad(3.0 * value, z)
+    assert torch.equal(first, kept)
+    torch.testing.assert_close(second, 3.0 * kept)
+
+
+def test_gradient_penalty_of_a_row_whose_squares_underflow(bk: Harness) -> None:
+    """A row whose squares are subnormal (``Σ g²`` near 0, a norm far from 0): the gradient is
+    the generic path's, whose norms are scaled (the fused kernel's unscaled ``Σ g²`` would
+    lose most of its digits)."""
+    import torch
+
+    rows = [[3e-22, 1e-22, -2e-22], [0.5, 1.0, -2.0]]
+    x = torch.tensor(rows, device=TORCH_DEVICE, requires_grad=True)
+    (value, metrics, grad), (want, want_metrics, want_grad) = _both_paths(
+        rg.GradientPenalty(), None, x
+    )
+    _same(value, want)
+    for k in want_metrics:
+        _same(metrics[k], want_metrics[k])
+    _same(grad, want_grad)
+
+
+@pytest.mark.parametrize(
+    "reg",
+    [rg.ElasticNet(l1_ratio=0.5), rg.Consistency(paired=rg.Field("y"), metric="l1")],
+    ids=repr,
+)
+def test_sign_of_subnormals(bk: Harness, reg: Any) -> None:
+    """The slope ``sign(v)`` is ±1 at subnormal ``v`` too (float32's least included)."""
+    import torch
+
+    dev = TORCH_DEVICE
+    x = torch.tensor([1e-40, -1e-41, 0.0, 2.0, -1e-45], device=dev, requires_grad=True)
+    data = {"y": torch.zeros(5, device=dev)}
+    (value, _, grad), (_, _, want_grad) = _both_paths(reg, data, x)
+    assert value.grad_fn.name() == ROUTED
+    _same(grad, want_grad)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_maximized_entropy_penalty_of_uniform_rows_is_not_negative(
+    bk: Harness, normalize: bool
+) -> None:
+    """Entropy ``mode="maximize"`` with no threshold: the penalty ``log V - H`` is kept >= 0
+    where rounding puts a uniform row's ``H`` above ``log V``."""
+    import torch
+
+    for size in range(2, 17):
+        z = torch.zeros(4, size, device=TORCH_DEVICE, requires_grad=True)
+        value, metrics = rg.Entropy(mode="maximize", normalize=normalize).compute(None, z)
+        assert value.grad_fn.name() == ROUTED
+        assert value.detach().item() >= 0.0, size
+        assert metrics["entropy_raw"].item() >= 0.0, size
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize(
+    "cls", [rg.L1, rg.L2, rg.Huber, rg.ElasticNet, rg.SampledEntropy], ids=lambda c: c.__name__
+)
+def test_empty_plain_tensor_that_requires_grad(bk: Harness, cls: Any, reduce: str) -> None:
+    """An empty tensor that requires grad (the Batch-free call): value 0, every metric the
+    generic path's (a mean over no token is 0, not NaN), and an empty gradient."""
+    import torch
+
+    x = torch.zeros(0, device=TORCH_DEVICE, requires_grad=True)
+    (value, metrics, grad), (want, want_metrics, want_grad) = _both_paths(
+        cls(reduce=reduce), None, x
+    )
+    _same(value, want)
+    for k in want_metrics:
+        _same(metrics[k], want_metrics[k])
+    _same(grad, want_grad)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_l1_gradient_is_nan_at_nan(bk: Harness, reduce: str) -> None:
+    """L1's slope ``sign(v)`` is NaN at a NaN ``v`` (``torch.sign`` would give 0 there)."""
+    import torch
+
+    x = torch.tensor([1.0, math.nan, -2.0, 0.0], device=TORCH_DEVICE, requires_grad=True)
+    (value, _, grad), (_, _, want_grad) = _both_paths(rg.L1(reduce=reduce), None, x)
+    assert value.grad_fn.name() == ROUTED
+    assert math.isnan(grad[1].item())
+    _same(grad, want_grad)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_sampled_kl_metrics_with_and_without_a_mask(
+    bk: Harness, estimator: str, masked: bool
+) -> None:
+    """SampledKL's fused kernel: every metric (``log_ratio_mean`` included, whose sign the k3
+    form's ``r - lp`` reverses) and the gradient are the generic path's."""
+    import torch
+
+    dev = TORCH_DEVICE
+    lp = torch.tensor([-1.0, -2.0, -3.0, -0.25], device=dev, requires_grad=True)
+    data = {"ref": torch.tensor([-0.5, -1.0, -3.5, -2.0], device=dev)}
+    kw = {"mask": torch.tensor([True, True, True, False], device=dev)} if masked else {}
+    reg = rg.SampledKL(estimator=estimator, reference=rg.Field("ref"))
+    (value, metrics, grad), (want, want_metrics, want_grad) = _both_paths(reg, data, lp, **kw)
+    assert value.grad_fn.name() == ROUTED
+    _same(value, want)
+    assert metrics.keys() == want_metrics.keys()
+    for k in want_metrics:
+        _same(metrics[k], want_metrics[k])
+    _same(grad, want_grad)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize("cls", [rg.L1, rg.L2, rg.ElasticNet], ids=lambda c: c.__name__)
+def test_counts_of_a_ragged_list_on_the_concatenation(bk: Harness, cls: Any, reduce: str) -> None:
+    """A ragged list with ``counts`` (the whole batch's, larger than this call's): the call
+    prepared on the list's concatenation divides by the counts, as the generic path does."""
+    import torch
+
+    dev = TORCH_DEVICE
+    counts = {"tokens": torch.tensor(10, device=dev), "sequences": torch.tensor(4, device=dev)}
+    out = []
+    for generic in (False, True):
+        xs = [
+            torch.tensor([-1.0, -2.0], device=dev, requires_grad=True),
+            torch.tensor([-3.0], device=dev, requires_grad=True),
+        ]
+        with generic_path() if generic else contextlib.nullcontext():
+            value, metrics = cls(reduce=reduce).compute(None, xs, counts=counts)
+            grads = torch.autograd.grad(value, xs)
+        out.append((value, metrics, grads))
+    (value, metrics, grads), (want, want_metrics, want_grads) = out
+    assert value.grad_fn.name() == ROUTED
+    _same(value, want)
+    for k in want_metrics:
+        _same(metrics[k], want_metrics[k])
+    for a, b in zip(grads, want_grads, strict=True):
+        _same(a, b)
+
+
+@pytest.mark.parametrize("data", [3.0, "arrays"])
+def test_ragged_list_checks_its_data(bk: Harness, data: Any) -> None:
+    """A ragged list whose term is prepared on the concatenation (``mask=None`` given) still
+    checks ``data``: arrays where data belongs (swapped arguments) or a float is refused."""
+    import torch
+
+    xs = [torch.tensor([-1.0, -2.0], requires_grad=True), torch.tensor([-3.0], requires_grad=True)]
+    bad = [torch.tensor([1.0])] if data == "arrays" else data
+    for generic in (False, True):
+        context = generic_path() if generic else contextlib.nullcontext()
+        with context, pytest.raises(TypeError, match="data"):
+            rg.L1().compute(bad, xs, mask=None)
