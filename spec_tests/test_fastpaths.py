@@ -183,6 +183,40 @@ def test_fast_path_by_blocks_on_logprobs(bk: Harness, reg: Any, block: Any, dtyp
         )
 
 
+@pytest.mark.parametrize("clip", [None, (-3e38, 3e38)])
+@pytest.mark.parametrize("case", ["overflow", "-overflow", "inf", "-inf", "both inf", "nan"])
+def test_centred_fast_path_by_blocks_beyond_the_range(bk: Harness, case: str, clip: Any) -> None:
+    """``L2(center="mean")`` by several blocks where the mean is not finite: the sum beyond
+    float32's range with every value finite (each deviation is then ∓inf: inf, as the
+    generic path has it), or an infinity or NaN among the values (NaN; clipped: inf), equal
+    to the generic path. Combining the blocks' means and deviations gives NaN for all."""
+    native = _native_torch if bk.library == "torch" else _native_numpy
+    names = [n for n in ("BLOCK", "STREAM") if hasattr(native, n)]
+    x = np.full(5000, 1.0, dtype=np.float32)
+    if "overflow" in case:
+        x[:] = -3e38 if case.startswith("-") else 3e38
+    else:
+        special = {"inf": [np.inf], "-inf": [-np.inf], "both inf": [np.inf, -np.inf]}
+        tail = special.get(case, [np.nan])
+        x[-len(tail) :] = tail
+    xs = to_backend(bk, x)
+    reg = rg.L2(center="mean", clip=clip)
+    with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
+        for n in names:
+            mp.setattr(native, n, 1000)
+        assert _fastpath.try_compute(reg, xs) is not None, "the fast path was not taken"
+        value, metrics = reg.compute(None, xs)
+        with _fastpath.disabled():
+            want, want_metrics = reg.compute(None, xs)
+    for name, a, b in [
+        ("value", value, want),
+        *((k, metrics[k], want_metrics[k]) for k in metrics),
+    ]:
+        np.testing.assert_allclose(
+            bk.to_numpy(a), bk.to_numpy(b), rtol=1e-6, atol=0, equal_nan=True, err_msg=name
+        )
+
+
 @pytest.mark.backends("numpy")
 @pytest.mark.parametrize("n", [0, 1, 1023, 1024, 1025, 5000])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -138,23 +138,26 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
         return b
 
     if center == "mean":
-        count, mean, m2 = 0, 0.0, 0.0
+        count, mean, m2, total = 0, 0.0, 0.0, 0.0
         cmin, cmax = float("inf"), float("-inf")
         for block in _blocks(arrays):
             b = prepare(block)
             k = b.shape[0]
-            bmean = _sum(b) / k
+            bsum = _sum(b)
+            total += bsum
+            bmean = bsum / k
             cmin = _nan_min(cmin, float(b.min()))
             cmax = _nan_max(cmax, float(b.max()))
             count, mean, m2 = chan_merge(count, mean, m2, k, bmean, _deviations(b, bmean, buf))
-        raw = m2
-        peak = (
-            0.0
-            if n == 0
-            else _nan_max((cmax - mean) * (cmax - mean), (cmin - mean) * (cmin - mean))
-        )
-        if not np.isfinite(mean):  # an infinity survived: the generic path gives NaN there
-            raw = peak = float("nan") if n else 0.0
+        if n and not np.isfinite(mean):
+            # the mean of the blocks' sums (Chan's combination of infinite means is NaN):
+            # Σ(c - m)² is then inf where every c is finite (a sum beyond the dtype's range:
+            # each c - m is ∓inf) and NaN where c holds ±inf (inf - inf) or the mean is NaN,
+            # as the extrema say
+            mean = total / n
+        high, low = (cmax - mean) * (cmax - mean), (cmin - mean) * (cmin - mean)
+        peak = 0.0 if n == 0 else _nan_max(high, low)
+        raw = m2 if np.isfinite(mean) else high + low
     else:
         shift = 0.0 if center is None else float(center)
         raw, peak = 0.0, 0.0

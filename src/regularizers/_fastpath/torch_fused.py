@@ -230,11 +230,13 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
             mean = total.sum() / n
             raw = torch.stack(m2s).sum() + (k_b * (total / k_b - mean) ** 2).sum()
             cmin, cmax = torch.stack(lows).min(), torch.stack(highs).max()
-        peak = torch.maximum((cmax - mean) ** 2, (cmin - mean) ** 2)
+        high, low = (cmax - mean) ** 2, (cmin - mean) ** 2
+        peak = torch.maximum(high, low)
         if len(sums) > 1:
-            # Σ(c - m)² is NaN as soon as c holds ±inf (inf - inf); the extrema would not say
-            peak = torch.where(torch.isfinite(mean), peak, mean - mean)
-            raw = torch.where(torch.isfinite(mean), raw, mean - mean)
+            # a mean that is not finite: Σ(c - m)² is inf where every c is finite (the sum
+            # overflowed: each c - m is ∓inf) and NaN where c holds ±inf (inf - inf) or the
+            # mean is NaN, as the extrema say (the blocks' combination would give NaN)
+            raw = torch.where(torch.isfinite(mean), raw, high + low)
         return _l2_out(reg, raw, peak, n)
     shift = None if center is None else clamp(center, top)
     squares, lows, highs = [], [], []
