@@ -420,3 +420,104 @@ def test_a_differentiated_reference_gets_the_generic_derivative(bk: Harness) -> 
             want = jax.grad(f, argnums=(0, 1))(z, r)
         for a, b in zip(got, want, strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("reg", "values"),
+    [
+        (rg.L2(center="mean"), [-10.0, -2.0, 0.0, 1.0]),  # l2_max from the low extreme
+        (rg.L2(center=-5.0), [-6.0, 3.0]),  # from the high one
+        (rg.L2(center=-50.0, clip=(-60.0, 20.0)), [-55.0, 10.0, -59.0]),  # the high, clipped
+        # a mean that overflows to -inf: Σ(c - mu)² is inf, though -inf - mu is NaN
+        (rg.L2(center="mean", clip=(-1.7e308, 0.0)), [-1e308, -1e308, -np.inf]),
+    ],
+    ids=["mean-low", "center-high", "clip-high", "overflowing-mean"],
+)
+def test_unmasked_l2_peak_and_a_mean_that_overflows(
+    bk: Harness, reg: rg.Regularizer, values: list[float]
+) -> None:
+    """The unmasked L2 forms take ``l2_max`` from whichever extreme of the input is farther
+    from the center, and fix up a mean that is not finite, as the generic path does."""
+    import jax.numpy as jnp
+
+    x = jnp.asarray(values)
+    with np.errstate(all="ignore"):
+        value, metrics = bk.call(lambda v: reg(v), x)
+        with generic_path():
+            want_value, want_metrics = bk.call(lambda v: reg(v), x)
+    np.testing.assert_allclose(_np(value), _np(want_value), rtol=1e-12)
+    for k in metrics:
+        np.testing.assert_allclose(_np(metrics[k]), _np(want_metrics[k]), rtol=1e-12, err_msg=k)
+
+
+def test_metric_derivatives_and_a_reference_differentiated_alone(bk: Harness) -> None:
+    """On the per-row route the metrics are the generic Batch code, which JAX differentiates
+    (ZLoss's ``log_z_mean`` through ``log Z``'s tangent), and KL or JSD differentiated in
+    their reference alone (the scores' tangent a symbolic zero) get the generic derivative."""
+    import jax
+    import jax.numpy as jnp
+
+    z = jnp.asarray([[0.5, -1.0, 2.0], [1.0, -3.0, 0.0]])
+    r = jnp.asarray([[0.0, 0.25, 1.0], [-1.0, 2.0, 3.0]])
+
+    def log_z_mean(v: Any) -> Any:
+        return rg.ZLoss()(v)[1]["log_z_mean"]
+
+    def kl(b: Any, a: Any) -> Any:
+        return rg.KL(b, direction="symmetric")(a)[0]
+
+    def jsd(b: Any, a: Any) -> Any:
+        return rg.JSD(b, beta=0.3)(a)[0]
+
+    for f, args in ((log_z_mean, (z,)), (kl, (r, z)), (jsd, (r, z))):
+        g = jax.grad(f)  # in the first argument only
+        got = (jax.jit(g) if bk.jit else g)(*args)
+        with generic_path():
+            want = g(*args)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "reg",
+    [rg.L2(center="mean"), rg.L2(clip=(-1.0, -0.5)), rg.L2(center="mean", clip=(-1.5, -0.5))],
+    ids=repr,
+)
+def test_masked_l2_with_a_center_or_a_clip_excluding_0(bk: Harness, reg: rg.Regularizer) -> None:
+    """With a mask (concrete: eagerly and under ``jax.grad`` the closed form's masked
+    branch), uncounted tokens count neither through the mean nor through a clip whose
+    interval excludes the 0 they hold."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray([-1.0, -2.0, 5.0, -0.75])
+    m = jnp.asarray([True, True, False, True])
+    vg = jax.value_and_grad(lambda v: reg(v, mask=m)[0])
+    with np.errstate(all="ignore"):
+        value, metrics = bk.call(lambda v: reg(v, mask=m), x)
+        got = vg(x)
+        with generic_path():
+            want_value, want_metrics = bk.call(lambda v: reg(v, mask=m), x)
+            want = vg(x)
+    np.testing.assert_allclose(_np(value), _np(want_value), rtol=1e-12)
+    for k in metrics:
+        np.testing.assert_allclose(_np(metrics[k]), _np(want_metrics[k]), rtol=1e-12, err_msg=k)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(_np(a), _np(b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_unmasked_l2_with_a_bound_beyond_the_dtype(bk: Harness, dtype: str) -> None:
+    """A clip bound beyond the input dtype's finite range (-1e39 for float32 and float16) is
+    clamped to that range, as the generic path clamps it: a -inf that the clip keeps then
+    gives the generic path's inf, not NaN."""
+    import jax.numpy as jnp
+
+    reg = rg.L2(center="mean", clip=(-1e39, 0.0))
+    x = jnp.asarray([-1.0, -2.0, -np.inf, 3.0], dtype=dtype)
+    with np.errstate(all="ignore"):
+        value, metrics = bk.call(lambda v: reg(v), x)
+        with generic_path():
+            want_value, want_metrics = bk.call(lambda v: reg(v), x)
+    np.testing.assert_allclose(_np(value), _np(want_value), rtol=1e-3)
+    for k in metrics:
+        np.testing.assert_allclose(_np(metrics[k]), _np(want_metrics[k]), rtol=1e-3, err_msg=k)
