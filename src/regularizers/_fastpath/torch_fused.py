@@ -53,9 +53,11 @@ def zero_uncounted(a: Any, mask: Any, fresh: bool = False) -> Any:
 
 
 def zero_uncounted_sum(a: Any, mask: Any, fresh: bool = False) -> tuple[Any, Any]:
-    """``zero_uncounted(a, mask, fresh)`` and the sum of its result, a 0-d tensor: where the
-    product's finiteness check has summed it already, that sum (the same reduction of the
-    same array), not a second pass."""
+    """``zero_uncounted(a, mask, fresh)`` (``a`` itself where ``mask`` is None) and the sum
+    of its result, a 0-d tensor: where the product's finiteness check has summed it
+    already, that sum (the same reduction of the same array), not a second pass."""
+    if mask is None:
+        return a, a.sum()
     z, total = _zeroed(a, mask, fresh)
     return z, (z.sum() if total is None else total)
 
@@ -450,20 +452,13 @@ class SampledKLGrad:
         r = batch.field(reg.reference, role="reference", counted=False)
         e = None
         if est == "k3":  # with -d = r - lp: k = expm1(-d) - (-d), written over -d
-            d = r - batch.values
-            if batch.mask is None:
-                total = -d.sum()
-            else:  # (whatever the reference holds there)
-                d, total = zero_uncounted_sum(d, batch.mask, True)
-                total = -total
+            # (0 at uncounted tokens, whatever the reference holds there)
+            d, total = zero_uncounted_sum(r - batch.values, batch.mask, True)
+            total = -total
             e = torch.expm1(d)
             k = torch.sub(e, d, out=d)
         else:
-            d = batch.values - r
-            if batch.mask is None:
-                total = d.sum()
-            else:
-                d, total = zero_uncounted_sum(d, batch.mask, True)
+            d, total = zero_uncounted_sum(batch.values - r, batch.mask, True)
             k = d * d * 0.5 if est == "k2" else d
         raw = total if est == "k1" else k.sum()
         peak = batch.max(k) if est == "k1" else (k.amax() if batch.size else batch.zero())
@@ -649,11 +644,7 @@ class GradientPenaltyGrad:
         if not (math.isfinite(top) and low > math.sqrt(v.shape[1] * info.tiny / info.eps)):
             return None
         d = norm - float(reg._opts["target_norm"])
-        p = d * d
-        if batch.mask is None:
-            raw = p.sum()
-        else:  # (an uncounted row holds 0: its p is c²)
-            p, raw = zero_uncounted_sum(p, batch.mask, True)
+        p, raw = zero_uncounted_sum(d * d, batch.mask, True)  # (an uncounted row's p is c²)
         metrics = {
             "gradient_penalty_raw": raw,
             "gradient_penalty_mean": batch.per_token(raw),
