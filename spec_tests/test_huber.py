@@ -32,18 +32,18 @@ def deviation(x: np.ndarray, clip: Any, center: float | None) -> tuple[np.ndarra
 
 
 def deltas() -> st.SearchStrategy[float]:
-    return st.one_of(st.sampled_from([1.0, 0.5, 2.0]), st.floats(0.015625, 30.0, width=32))
+    return st.one_of(st.sampled_from([1.0, 0.5, 2.0]), S.reals(0.015625, 30.0))
 
 
 @given(
     x=hnp.arrays(
         np.float64,
         st.integers(1, 8),
-        elements=st.one_of(st.floats(-60.0, 10.0, width=32), st.sampled_from([0.0, 1.0, -1.0])),
+        elements=st.one_of(S.reals(-60.0, 10.0), st.sampled_from([0.0, 1.0, -1.0])),
     ),
     delta=deltas(),
     clip=S.clips(),
-    center=st.none() | st.floats(-5.0, 1.0, width=32),
+    center=st.none() | S.reals(-5.0, 1.0),
     data=st.data(),
 )
 def test_elementwise_bounds(
@@ -75,7 +75,7 @@ def test_elementwise_bounds(
     x=hnp.arrays(
         np.float64,
         hnp.array_shapes(min_dims=1, max_dims=2, max_side=6),
-        elements=st.floats(-60.0, 10.0, width=32),
+        elements=S.reals(-60.0, 10.0),
     ),
     reduce=st.sampled_from(["sum", "mean", "seq-mean-token-mean", "seq-mean-token-sum"]),
     clip=S.clips(),

@@ -18,7 +18,7 @@ Harness = Any
 
 
 @given(
-    c=st.floats(-100, 10, width=32),
+    c=S.reals(-100, 10),
     n=st.integers(0, 20),
     dtype=st.sampled_from(S.FLOATS),
     reduce=st.sampled_from(["sum", "mean"]),

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 
 import regularizers as rg
 
+from . import strategies as S
+
 Harness = Any
 REF, BEH = rg.Field("ref_logprobs"), rg.Field("behavior_logprobs")
 
@@ -202,7 +204,7 @@ def test_reference_is_required_and_may_come_first() -> None:
 
 
 ESTIMATORS = ["k1", "abs", "k2", "k3"]
-logprobs = st.lists(st.floats(-30.0, 0.0, width=32), min_size=1, max_size=8)
+logprobs = st.lists(S.reals(-30.0, 0.0), min_size=1, max_size=8)
 
 
 @pytest.mark.parametrize("behavior", [False, True], ids=["on-policy", "behavior"])
@@ -213,7 +215,7 @@ def test_k2_k3_and_abs_are_nonnegative(
 ) -> None:
     lp = np.array(data.draw(logprobs, label="lp"))
     n = lp.shape[0]
-    draw = st.lists(st.floats(-30.0, 0.0, width=32), min_size=n, max_size=n).map(np.array)
+    draw = st.lists(S.reals(-30.0, 0.0), min_size=n, max_size=n).map(np.array)
     fields = {"ref_logprobs": data.draw(draw, label="ref")}
     if behavior:
         fields["behavior_logprobs"] = lp - data.draw(
@@ -340,7 +342,7 @@ def test_unbiased_k3_has_k2s_gradient_per_token(
 ) -> None:
     """k3' + k3 = (1 - e^{-d}) + (e^{-d} - 1 + d) = d: verl's "k3+" (k3's value, k2's gradient)."""
     n = lp.shape[0]
-    ref = data.draw(st.lists(st.floats(-30.0, 0.0, width=32), min_size=n, max_size=n), label="r")
+    ref = data.draw(st.lists(S.reals(-30.0, 0.0), min_size=n, max_size=n), label="r")
     x, d = bk.asarray(lp), {"ref_logprobs": bk.asarray(np.array(ref))}
     k3 = rg.SampledKL(REF, estimator="k3", gradient="unbiased")
     k2 = rg.SampledKL(REF, estimator="k2")
