@@ -396,6 +396,46 @@ def test_gradient_penalty_rows_beyond_the_plain_sum_of_squares(bk: Harness, dtyp
         np.testing.assert_allclose(_np(grad), _np(want_grad), rtol=rtol, atol=0, err_msg=str(r))
 
 
+@pytest.mark.parametrize(
+    ("dtype", "row"),
+    [
+        # one square normal, the others below the smallest normal: flushed to 0 where XLA
+        # flushes subnormals (its CPU backend), so Σ g² loses half its mass or more
+        ("float32", [1e-18] + [9e-20] * 100),
+        ("float64", [1e-153] + [1.4e-154] * 100),
+        # every square subnormal: 0 where they are flushed (the scaled norm then), rounded to
+        # a bit or two where they are kept
+        ("float32", [3e-23] * 4),
+        ("float64", [2.5e-162] * 4),
+    ],
+    ids=["flushed-f32", "flushed-f64", "subnormal-f32", "subnormal-f64"],
+)
+def test_gradient_penalty_rows_whose_squares_underflow(
+    bk: Harness, dtype: str, row: list[float]
+) -> None:
+    """A row whose Σ g² is nonzero but below ``tiny / eps²`` (terms lost to underflow, or
+    rounded to a few bits) takes the scaled norm too: ``sqrt(Σ g²)`` is not its norm there.
+    Value, metrics and gradient equal ``value_and_grad``'s (the gradient ``2 (‖g‖ - c) g /
+    ‖g‖`` is off by the norm's error for c = 1, the value ``‖g‖²`` for c = 0)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray([row], dtype=dtype)
+    for reg in (rg.GradientPenalty(), rg.GradientPenalty(target_norm=0.0, reduce="mean")):
+        vg = jax.value_and_grad(lambda v, reg=reg: reg(v)[0])
+        value, metrics = bk.call(lambda v, reg=reg: reg(v), x)
+        _, grad = (jax.jit(vg) if bk.jit else vg)(x)
+        want_value, want_metrics, want_grad = reg.value_and_grad(None, np.asarray(x))
+        rtol = 1e-6 if dtype == "float32" else 1e-13
+        tiny = float(np.finfo(dtype).tiny)  # a value ‖g‖² below it may be flushed to 0
+        np.testing.assert_allclose(_np(value), _np(want_value), rtol=rtol, atol=tiny)
+        for k in metrics:
+            np.testing.assert_allclose(
+                _np(metrics[k]), _np(want_metrics[k]), rtol=rtol, atol=tiny, err_msg=k
+            )
+        np.testing.assert_allclose(_np(grad), _np(want_grad), rtol=rtol, atol=0)
+
+
 HOWS = ("reverse", "forward", "symmetric")
 
 
