@@ -436,6 +436,28 @@ def test_gradient_penalty_rows_whose_squares_underflow(
         np.testing.assert_allclose(_np(grad), _np(want_grad), rtol=rtol, atol=0)
 
 
+@pytest.mark.parametrize("hidden", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_grad_norm_mean_derivative_on_a_row_holding_inf_or_nan(
+    bk: Harness, dtype: str, hidden: float
+) -> None:
+    """``grad_norm_mean`` differentiated (the generic Batch code over the norms' tangent):
+    ``unit / N``, and the unit of a row holding ±inf or NaN is NaN in every entry (the
+    convention of ``row_norms``), not 0 at its finite ones."""
+    import jax
+    import jax.numpy as jnp
+
+    rows = np.asarray([[hidden, 1.0, 0.0], [1.0, 2.0, -2.0], [0.5, -3.0, 1.5]])
+    finite = np.isfinite(rows).all(axis=-1, keepdims=True)
+    safe = np.where(finite, rows, 1.0)
+    unit = np.where(finite, safe / np.linalg.norm(safe, axis=-1, keepdims=True), np.nan)
+    g = jax.grad(lambda v: rg.GradientPenalty()(v)[1]["grad_norm_mean"])
+    with np.errstate(all="ignore"):
+        got = (jax.jit(g) if bk.jit else g)(jnp.asarray(rows, dtype=dtype))
+    rtol = 1e-6 if dtype == "float32" else 1e-14
+    np.testing.assert_allclose(_np(got), unit / len(rows), rtol=rtol, atol=0, equal_nan=True)
+
+
 HOWS = ("reverse", "forward", "symmetric")
 
 
