@@ -161,9 +161,11 @@ def cases(
     layout: str | None = None,
     min_sequences: int = 1,
     masked: bool | None = None,
+    no_tokens: bool = False,
 ) -> Case:
     """A drawn call of ``cls``: the layout (list or stacked ``[B, T, ...]``), the sequences,
-    the reduce mode and a mask, around the class's own case strategy."""
+    the reduce mode and a mask, around the class's own case strategy. A list has a token at
+    least, unless ``no_tokens``: then it has none (every datum empty)."""
     # a class whose options decide its event_ndim lists the ones its strategy handles
     # (not a getattr default: a property's class attribute is no int)
     ks = getattr(CASES[cls], "event_ndims", None)
@@ -176,7 +178,9 @@ def cases(
         lengths = [length] * n_seq
     else:
         lengths = draw(st.lists(st.integers(0, 6), min_size=n_seq, max_size=n_seq))
-        if sum(lengths) == 0:
+        if no_tokens:
+            lengths = [0] * n_seq
+        elif sum(lengths) == 0:
             lengths[0] = 1
     reduce = reduce or draw(st.sampled_from(REDUCES))
     shapes = [(n, *event) for n in lengths]

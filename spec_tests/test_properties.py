@@ -183,6 +183,24 @@ def test_split_invariance_with_global_counts(bk: Harness, cls: type, data: st.Da
 
 @per_class
 @given(data=st.data())
+def test_a_list_of_datums_with_no_token_is_zero(
+    bk: Harness, cls: type, data: st.DataObject
+) -> None:
+    """Every datum of a list empty (a part of a split batch can be): value and metrics 0, the
+    reference's, and an empty gradient, under every reduce, with a mask or none. (Dask once
+    failed here: its graphs over several chunks of no element came apart.)"""
+    case = data.draw(S.cases(cls, layout="list", min_sequences=2, no_tokens=True), label="case")
+    value, metrics, grad, auto, (v2, m2) = run(bk, case)
+    want_value, want_metrics, _ = reference(case.reg, case.x, case.mask, data=case.data)
+    assert value == v2 == want_value == 0.0
+    assert metrics == m2 == want_metrics
+    assert all(v == 0.0 for v in metrics.values()), metrics
+    assert grad.size == 0
+    assert auto is None or auto.size == 0
+
+
+@per_class
+@given(data=st.data())
 def test_stacked_equals_list_of_rows(bk: Harness, cls: type, data: st.DataObject) -> None:
     case = data.draw(S.cases(cls, layout="stacked"), label="case")
     rows = S.Case(

@@ -18,6 +18,7 @@ from .typing import Array, Namespace
 __all__ = [
     "autodiff_grad",
     "compute_lazy",
+    "concat",
     "device_of",
     "from_host",
     "has_autodiff",
@@ -108,8 +109,38 @@ def stop_gradient(xp: Namespace, a: Array) -> Array:
     return a
 
 
+def concat(xp: Namespace, arrays: list[Array], axis: int = 0) -> Array:
+    """``xp.concat(arrays, axis=axis)`` (the one array itself when there is one). On Dask,
+    arrays of no element join into one fresh chunk: Dask's graphs over several chunks of no
+    element come apart (a ``where`` against a broadcast mask asks for a chunk that does not
+    exist, and a reshape of them raises), and an empty array carries nothing to keep."""
+    out = arrays[0] if len(arrays) == 1 else xp.concat(arrays, axis=axis)
+    return _fresh_empty(xp, out, tuple(out.shape)) if _dask_empty(xp, out) else out
+
+
+def _dask_empty(xp: Namespace, a: Array) -> bool:
+    """A Dask array of no element whose shape is known (chunks of unknown size are not)."""
+    if not array_api_compat.is_dask_namespace(xp):
+        return False
+    dims = tuple(a.shape)
+    return all(isinstance(d, int) for d in dims) and math.prod(dims) == 0
+
+
+def _fresh_empty(xp: Namespace, a: Array, shape: tuple[int, ...]) -> Array:
+    return xp.zeros(shape, dtype=a.dtype)
+
+
+def _resolved(shape: tuple[int, ...], of: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` with its -1 (if any) worked out for an array of shape ``of``."""
+    if -1 not in shape:
+        return shape
+    known = math.prod(d for d in shape if d != -1)
+    return tuple(math.prod(of) // max(known, 1) if d == -1 else d for d in shape)
+
+
 def reshape(xp: Namespace, a: Array, shape: tuple[int, ...], *, like: Array | None = None) -> Array:
-    """``xp.reshape(a, shape)``, also for a JAX array sharded over explicit mesh axes.
+    """``xp.reshape(a, shape)``, also for a JAX array sharded over explicit mesh axes, and for
+    a Dask array of no element (a fresh one of the new shape: Dask raises on some).
 
     JAX's explicit sharding (``jax.make_mesh``'s default axes) does not guess the sharding of
     a reshape that is not local to each device (flattening rows sharded along the token axis):
@@ -118,6 +149,8 @@ def reshape(xp: Namespace, a: Array, shape: tuple[int, ...], *, like: Array | No
     or, with ``like``, exactly as ``like`` is: the way back to the input's own sharding. Auto
     axes (and every other backend) reshape as usual.
     """
+    if _dask_empty(xp, a):
+        return _fresh_empty(xp, a, _resolved(shape, a.shape))
     if not array_api_compat.is_jax_namespace(xp):
         return xp.reshape(a, shape)
     import jax
@@ -126,9 +159,7 @@ def reshape(xp: Namespace, a: Array, shape: tuple[int, ...], *, like: Array | No
     spec = _explicit_spec(typeof, a if like is None else like)
     if spec is None:
         return xp.reshape(a, shape)
-    if -1 in shape:
-        known = math.prod(d for d in shape if d != -1)
-        shape = tuple(math.prod(a.shape) // max(known, 1) if d == -1 else d for d in shape)
+    shape = _resolved(shape, tuple(a.shape))
     if like is not None:
         out = typeof(like).sharding  # type: ignore[misc]
     else:

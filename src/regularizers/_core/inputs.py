@@ -23,7 +23,7 @@ from typing import Any
 import array_api_compat
 from array_api_compat import array_namespace, is_array_api_obj
 
-from .backends import device_of, from_host, reshape
+from .backends import concat, device_of, from_host, reshape
 from .options import ByIdentity, Field
 from .typing import Array, Metrics, Namespace
 
@@ -504,7 +504,7 @@ class Batch:
         xp, k = self.xp, self.event_ndim
         if not k and self._moved is None:  # per-token values: 1-D arrays as they are
             rows = [a if a.ndim == 1 else reshape(xp, a, (-1,)) for a in arrays]
-            return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
+            return concat(xp, rows)
         rows = []
         for a in arrays:
             if self._moved is not None:
@@ -513,7 +513,7 @@ class Batch:
                 rows.append(a)  # already flat: no reshape (nor, on torch, a view to record)
                 continue
             rows.append(reshape(xp, a, (-1, *a.shape[a.ndim - k :]) if k else (-1,)))
-        return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
+        return concat(xp, rows)
 
     # ---- counts ------------------------------------------------------------------------
     def _sequence_counts(self) -> Array:
@@ -527,7 +527,7 @@ class Batch:
         else:
             m = xp.astype(self.mask, self.dtype)
             if len(set(lengths)) == 1:  # rows of one length: one reshape
-                out = xp.sum(xp.reshape(m, (len(lengths), lengths[0])), axis=1)
+                out = xp.sum(reshape(xp, m, (len(lengths), lengths[0])), axis=1)
             else:
                 out = xp.stack([xp.sum(piece) for piece in self._split(m)])
         object.__setattr__(self, "_per_seq", out)
@@ -656,7 +656,8 @@ class Batch:
             self._sequence_counts(), xp.ones((), dtype=self.dtype, device=self.device)
         )
         if len(set(self.lengths)) == 1:
-            return xp.reshape(
+            return reshape(
+                xp,
                 xp.broadcast_to(xp.reshape(per, (-1, 1)), (len(self.lengths), self.lengths[0])),
                 (-1,),
             )
@@ -875,7 +876,7 @@ def prepare(
                 raise TypeError(f"{what} array {i} must be bool, integer or real, got dtype {d}")
         if len(kinds) == 1:  # one dtype: one concatenation, then one comparison
             flat = [m if m.ndim == 1 else reshape(xp, m, (-1,)) for m in mask_arrays]
-            mask_flat = _joined_on(batch.device, partial(_concat, xp), flat)
+            mask_flat = _joined_on(batch.device, partial(concat, xp), flat)
             if not xp.isdtype(mask_flat.dtype, "bool"):  # nonzero (NaN too) is counted
                 mask_flat = xp.astype(mask_flat, xp.bool)  # (several times cheaper than != 0)
         else:
@@ -883,7 +884,7 @@ def prepare(
                 reshape(xp, m if xp.isdtype(m.dtype, "bool") else xp.astype(m, xp.bool), (-1,))
                 for m in mask_arrays
             ]
-            mask_flat = _joined_on(batch.device, partial(_concat, xp), flat)
+            mask_flat = _joined_on(batch.device, partial(concat, xp), flat)
         object.__setattr__(batch, "mask", mask_flat)
         count = _count(xp, mask_flat, t.dtype)
         # before any transform: exp(NaN) would otherwise reach the gradient as 0 · NaN
@@ -904,10 +905,6 @@ def prepare(
             )
     object.__setattr__(batch, "_count", count)
     return batch
-
-
-def _concat(xp: Namespace, rows: list[Array]) -> Array:
-    return rows[0] if len(rows) == 1 else xp.concat(rows)
 
 
 def _count(xp: Namespace, mask: Array, dtype: Any) -> Array:
