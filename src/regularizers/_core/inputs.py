@@ -526,8 +526,10 @@ class Batch:
             out = from_host(xp, [float(n) for n in lengths], self.dtype, self.device)
         else:
             m = xp.astype(self.mask, self.dtype)
-            if len(set(lengths)) == 1:  # rows of one length: one reshape
-                out = xp.sum(reshape(xp, m, (len(lengths), lengths[0])), axis=1)
+            if set(lengths) == {0}:  # (no token: nothing to reshape, which Dask refuses)
+                out = xp.zeros((len(lengths),), dtype=self.dtype, device=self.device)
+            elif len(set(lengths)) == 1:  # rows of one length: one reshape
+                out = xp.sum(xp.reshape(m, (len(lengths), lengths[0])), axis=1)
             else:
                 out = xp.stack([xp.sum(piece) for piece in self._split(m)])
         object.__setattr__(self, "_per_seq", out)
@@ -655,9 +657,10 @@ class Batch:
         per = self._divide(self.constant(1.0), s) / xp.maximum(
             self._sequence_counts(), xp.ones((), dtype=self.dtype, device=self.device)
         )
+        if set(self.lengths) == {0}:  # (as in _sequence_counts)
+            return xp.zeros((0,), dtype=self.dtype, device=self.device)
         if len(set(self.lengths)) == 1:
-            return reshape(
-                xp,
+            return xp.reshape(
                 xp.broadcast_to(xp.reshape(per, (-1, 1)), (len(self.lengths), self.lengths[0])),
                 (-1,),
             )
