@@ -250,6 +250,38 @@ def test_elementwise_kernels_on_either_side_of_small(bk: Harness, reg: Any, larg
     _close(grads, want[2], rtol, atol, "gradient")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("above", [False, True])
+def test_huber_kernel_declines_where_its_form_would_not_overflow(
+    bk: Harness, dtype: str, above: bool
+) -> None:
+    """Huber's kernel writes ½u² inside δ as ``|u| · (|u| - |u|/2)``, which stays finite
+    for ``u² > max`` where the generic path's ``0.5 · (u · u)`` overflows to inf: with
+    ``δ² > max`` such a ``u`` is inside δ, so the kernel declines and the generic closed form
+    runs (value inf, as the generic path's); with ``δ² <= max`` no ``u`` inside δ overflows
+    and the kernel runs. Both equal the generic path exactly. (Declining on ``δ > max``
+    instead of ``δ² > max`` gives a finite value here: this catches it.)"""
+    import torch
+
+    top = float(torch.finfo(getattr(torch, dtype)).max)
+    root = math.sqrt(top)
+    # above: δ and u between sqrt(max) and sqrt(2 max), so u² overflows and ½u² does not
+    delta, u = (1.2 * root, 1.1 * root) if above else (0.9 * root, 0.8 * root)
+    reg = rg.Huber(delta=delta, reduce="mean")
+    xs = _cast([np.array([u, -1.5, 0.25, -u / 2])], dtype)[0]
+    with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
+        with _spy(mp) as ran:
+            got, want = _routed_and_generic(mp, reg, (None, xs, None, None), not above)
+        assert ("huber.forward" in ran) is (not above), ran
+    exact = {"rtol": 0.0, "atol": 0.0, "equal_nan": True}
+    assert math.isinf(float(want[0].detach())) is above  # (the generic path's ½u² overflows)
+    torch.testing.assert_close(got[0].detach(), want[0].detach(), **exact)
+    for k in want[1]:
+        torch.testing.assert_close(got[1][k], want[1][k].detach(), **exact)
+    for a, b in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(a, b, **exact)
+
+
 def _where_finite(xs: Any, grads: Any) -> list[Any]:
     """The gradients with 0 where the input is not finite."""
     import torch

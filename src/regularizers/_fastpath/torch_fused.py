@@ -503,7 +503,9 @@ class HuberGrad:
         w = _plain_terms(reg, batch)
         v = batch.values
         delta = float(reg._opts["delta"])
-        if w is None or delta * delta > _TOP[batch.dtype]:  # (½δ² must not overflow)
+        # δ² <= max: no v inside δ has v² overflow, where the generic path's ½(v·v) is inf
+        # and this form's |v|·(|v| - |v|/2) is not
+        if w is None or delta * delta > _TOP[batch.dtype]:
             return None
         a = v.abs()
         q = torch.clamp(a, max=delta)
