@@ -8,6 +8,7 @@ torch / JAX autodiff through ``compute`` alike.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import hypothesis.extra.numpy as hnp
@@ -17,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import regularizers as rg
+from regularizers.testing import generic_path
 
 from . import strategies as S
 from .test_elastic_net import evaluate
@@ -139,6 +141,59 @@ def test_infinite_input_gives_inf_and_slope_delta(bk: Harness) -> None:
     np.testing.assert_array_equal(got["grad"], [-2.0, 2.0, 0.5])
     if got["auto"] is not None:  # the double where: no 0 · inf from the quadratic branch
         np.testing.assert_array_equal(got["auto"], [-2.0, 2.0, 0.5])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("above", [False, True])
+def test_squares_past_the_largest_float_agree_on_every_path(
+    bk: Harness, dtype: str, above: bool
+) -> None:
+    """Where ``u²`` overflows the dtype but ``½u²`` would not (``sqrt(max) < |u| <=
+    sqrt(2 max)``, ``|u| <= δ``), ``p = ½u²`` is inf, as the generic path computes it: every
+    entry point (``compute``, ``value_and_grad`` with and without ``counts``, a Pipeline,
+    and autodiff through ``compute``) equals the generic path exactly, value, metrics and
+    gradient, on each side of ``δ = sqrt(max)``. (The native kernels write ½u² as
+    ``|u|·(|u| - |u|/2)``, finite there: they decline where ``δ² > max``; NumPy's gave a
+    finite value from ``value_and_grad`` where ``compute`` gave inf.)"""
+    top = float(np.finfo(dtype).max)
+    root = math.sqrt(top)
+    delta, u = (1.2 * root, 1.1 * root) if above else (0.9 * root, 0.8 * root)
+    reg = rg.Huber(delta=delta, reduce="mean")
+    pipe = rg.Pipeline([(reg, 1.0)], metrics="array")
+    x = bk.asarray(np.array([u, -1.5, 0.25, -u / 2], dtype=dtype))
+
+    def every_path() -> dict[str, list[np.ndarray]]:
+        got = {
+            "compute": bk.call(lambda a: reg.compute(None, a), x),
+            "value_and_grad": bk.call(lambda a: reg.value_and_grad(None, a), x),
+            "with counts": bk.call(lambda a: reg.value_and_grad(None, a, counts={"tokens": 4}), x),
+            "Pipeline": bk.call(lambda a: pipe.value_and_grad(None, a), x),
+        }
+        if bk.backend.has_autodiff:
+            grad = bk.autodiff(lambda a: reg.compute(None, a)[0], x, generic=False)
+            got["autodiff"] = grad
+        return {k: _leaves(bk, v) for k, v in got.items()}
+
+    with np.errstate(all="ignore"):
+        got = every_path()
+        with generic_path():
+            want = every_path()
+    assert math.isinf(float(got["compute"][0])) is above  # (½u² past the largest float)
+    for path, leaves in got.items():
+        assert len(leaves) == len(want[path]), path
+        for a, b in zip(leaves, want[path], strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"{path} on {bk.name}")
+
+
+def _leaves(bk: Harness, out: Any) -> list[np.ndarray]:
+    """The arrays of a result (value, metrics by name, gradient) as NumPy, in order."""
+    if isinstance(out, dict):
+        return [a for k in sorted(out) for a in _leaves(bk, out[k])]
+    if isinstance(out, (list, tuple)):
+        return [a for v in out for a in _leaves(bk, v)]
+    if isinstance(out, (int, float)):  # (a Pipeline's term weights)
+        return [np.asarray(out)]
+    return [np.asarray(bk.to_numpy(out))]
 
 
 def test_options_are_checked() -> None:

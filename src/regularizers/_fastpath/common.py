@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["ENABLED", "chan_merge", "disabled", "reduced"]
+__all__ = ["ENABLED", "chan_merge", "disabled", "huber_form_fits", "reduced"]
 
 ENABLED: ContextVar[bool] = ContextVar("regularizers_fastpath", default=True)
 
@@ -42,3 +42,12 @@ def chan_merge(
 def reduced(reg: Any, raw: Any, mean: Any) -> Any:
     """The value under the fast paths' two modes: ``raw`` for "sum", ``mean`` for "mean"."""
     return raw if reg._opts["reduce"] == "sum" else mean
+
+
+def huber_form_fits(delta: float, top: float) -> bool:
+    """Whether a fast kernel may write Huber's ``½u²`` (``|u| <= δ``) as ``q·(|u| - q/2)``
+    with ``q = min(|u|, δ)``: where ``δ² <= top`` (the dtype's largest float), no ``u``
+    inside δ has ``u·u`` overflow. Beyond that, ``|u|·(|u|/2)`` stays finite for
+    ``top < u² <= 2·top`` where the generic path's ``0.5·(u·u)`` is inf, so the kernel
+    declines and the generic closed form runs."""
+    return delta * delta <= top

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .._core.ops import clamp
-from .common import chan_merge, reduced
+from .common import chan_merge, huber_form_fits, reduced
 
 BLOCK = 1 << 16  # elements: 256 KiB of float32 (512 KiB of float64), inside a 1 MiB L2 cache
 STREAM = 1 << 18  # elements per block of compute's walk over a large input (see _blocks)
@@ -576,6 +576,9 @@ def l2_grad(
 def huber_grad(
     reg: Any, batch: Any, scale: float, out: np.ndarray, add: bool
 ) -> tuple[Any, dict[str, Any]] | None:
+    delta = _finite(reg.delta, batch.values.dtype)
+    if delta is None or not huber_form_fits(delta, _TOPS[np.dtype(batch.values.dtype)]):
+        return None  # (_finite has cached the dtype's max)
     return _deviation_grad(_Huber, reg, batch, scale, out, add)
 
 

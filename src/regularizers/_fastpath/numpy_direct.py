@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._core.options import ByIdentity, Field
+from .common import huber_form_fits
 
 __all__ = ["KERNELS", "value_and_grad"]
 
@@ -254,8 +255,10 @@ def l2(reg: Any, c: _Call, w: Any) -> Result | None:
 
 
 def huber(reg: Any, c: _Call, w: Any) -> Result | None:
-    x = _deviation(reg, c)
     d = _finite(reg._opts["delta"], c)
+    if not huber_form_fits(float(d), _TOPS[c.dtype]):  # (_finite has cached the dtype's max)
+        return None
+    x = _deviation(reg, c)
     a = np.abs(x)
     q = np.minimum(a, d)  # p = q (|u| - q / 2): ½u² where |u| <= δ, δ(|u| - ½δ) beyond
     p = np.multiply(q, 0.5)

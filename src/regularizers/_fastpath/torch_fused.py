@@ -27,7 +27,7 @@ import torch
 
 from .._core.backends import from_host
 from .._core.ops import clamp
-from .common import reduced
+from .common import huber_form_fits, reduced
 from .torch_distributions import GRAD as _CLASS_AXIS
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -503,9 +503,7 @@ class HuberGrad:
         w = _plain_terms(reg, batch)
         v = batch.values
         delta = float(reg._opts["delta"])
-        # δ² <= max: no v inside δ has v² overflow, where the generic path's ½(v·v) is inf
-        # and this form's |v|·(|v| - |v|/2) is not
-        if w is None or delta * delta > _TOP[batch.dtype]:
+        if w is None or not huber_form_fits(delta, _TOP[batch.dtype]):
             return None
         a = v.abs()
         q = torch.clamp(a, max=delta)
