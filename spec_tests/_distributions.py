@@ -30,8 +30,8 @@ def call(bk: Harness, reg: Any, x: Any, data: Any = None, mask: Any = None) -> A
 def log_softmax(z: np.ndarray, t: float = 1.0) -> np.ndarray:
     """float64 log-softmax along the last axis (-inf classes stay -inf)."""
     z = np.asarray(z, dtype=np.float64) / t
-    m = np.max(z, axis=-1, keepdims=True)
-    return z - (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True)))
+    shifted = z - np.max(z, axis=-1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
 def fd_grad(reg: Any, x: np.ndarray, data: Any = None, h: float = 1e-6) -> np.ndarray:

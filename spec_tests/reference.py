@@ -385,11 +385,12 @@ def ref_gradient_penalty(
 # ---- family II: penalties over distributions along the class axis (SPEC 9) ---------------
 # Rows here are never all -inf: such tokens are masked (``valid_tokens_for``) and zeroed.
 def _log_softmax(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(log p, p, lse) by the textbook formula; -inf classes get log p = -inf, p = 0."""
+    """(log p, p, lse) by the textbook formula, log p as (z - m) - log s (not z - lse, which
+    loses log s to the rounding of a large max m); -inf classes get log p = -inf, p = 0."""
     m = np.max(z, axis=-1, keepdims=True)
-    lse = m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
-    logp = z - lse
-    return logp, np.exp(logp), lse
+    log_s = np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
+    logp = (z - m) - log_s
+    return logp, np.exp(logp), m + log_s
 
 
 def _kl(loga: np.ndarray, a: np.ndarray, logb: np.ndarray) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ from ._distributions import (
     log_softmax,
     rows,
 )
+from .reference import reference
 
 Harness = Any
 DIRECTIONS = ("reverse", "forward", "symmetric")
@@ -189,3 +192,71 @@ def test_reference_is_required_and_positional() -> None:
         rg.KL(rg.Field("r"), target="probs")
     assert rg.KL(rg.Field("r")) == rg.KL(reference=rg.Field("r"))
     assert rg.KL(rg.Field("r")).name == "kl"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "reg",
+    [
+        rg.Entropy(),
+        rg.Entropy(normalize=True, mode="maximize"),
+        kl(),
+        kl(direction="forward"),
+        kl(direction="symmetric"),
+        rg.JSD(rg.Field("r")),
+        rg.ZLoss(),
+        rg.Consistency(rg.Field("r"), metric="kl"),
+    ],
+    ids=repr,
+)
+def test_class_axis_log_softmax_keeps_log_s_beside_a_large_max(
+    bk: Harness, reg: Any, dtype: str
+) -> None:
+    """Scores far from 0 whose top classes tie: ``log p = (z - m) - log s``, not ``z -
+    (m + log s)``, whose ``m + log s`` rounds to ``m`` here (``log 2`` and ``log 3`` are
+    below half a unit of ``m``): every tied class would get ``p = 1``, the entropy 0 and
+    ``Σ p`` 2 or 3. Every path (``compute``, ``value_and_grad``, autodiff; on torch each form
+    of the kernels: fused softmax or the steps, arrays kept or recomputed by blocks) equals
+    the float64 reference. (At realistic scores the same rounding costs float32 logits
+    near 40 an error of ~2e-6 in ``Σ p``, against ~2e-7.)"""
+    s = 2.0**30 if dtype == "float32" else 2.0**60  # a unit of s: 128, or 256
+    u = float(np.spacing(np.asarray(s, dtype=dtype)))
+    x = s + u * np.array([[0.0, 0.0, -1.0, -2.0], [0.0, -1.0, 0.0, 0.0], [-1.0, 0.0, -3.0, 0.0]])
+    y = 0.75 * s + u * np.array(
+        [[0.0, -1.0, 0.0, -1.0], [0.0, 0.0, 0.0, -2.0], [-2.0, 0.0, 0.0, -1.0]]
+    )
+    x, y = x.astype(dtype), y.astype(dtype)
+    want_value, want_metrics, want_grad = reference(reg, x, data={"r": y})
+    rtol = 1e-5 if dtype == "float32" else 1e-10
+    gtol = rtol * max(1.0, float(np.max(np.abs(want_grad))))
+    for form in _kernel_forms(bk):
+        with form:
+            value, metrics, grad, auto = call(bk, reg, x, {"r": y})
+        np.testing.assert_allclose(value, want_value, rtol=rtol, err_msg=f"value {form}")
+        for k, w in want_metrics.items():
+            np.testing.assert_allclose(metrics[k], w, rtol=rtol, atol=rtol, err_msg=f"{k} {form}")
+        np.testing.assert_allclose(grad, want_grad, rtol=rtol, atol=gtol, err_msg=f"grad {form}")
+        if auto is not None:
+            np.testing.assert_allclose(
+                auto, want_grad, rtol=rtol, atol=gtol, err_msg=f"auto {form}"
+            )
+
+
+def _kernel_forms(bk: Harness) -> list[Any]:
+    """Contexts that run each form of torch's class-axis kernels (elsewhere, one run)."""
+    if bk.library != "torch":
+        return [contextlib.nullcontext()]
+
+    @contextlib.contextmanager
+    def form(fused: bool | None, blocked: bool) -> Iterator[None]:
+        from regularizers._fastpath import torch_distributions
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch_distributions, "SOFTMAX", fused)
+            if blocked:  # nothing kept: the backward recomputes by blocks of one row
+                mp.setattr(torch_distributions, "KEEP", 0)
+                for name in ("BLOCK", "DEVICE_BLOCK"):
+                    mp.setattr(torch_distributions, name, 4)
+            yield
+
+    return [form(f, b) for f in (True, False, None) for b in (False, True)]

@@ -438,7 +438,8 @@ def entropy(reg: Any, c: _Call, w: Any) -> Result | None:
     for sl in _blocks(n, v):
         z = x[sl]
         top, e, s = _exp_shifted(z, g[sl])
-        logp = z - (top + np.log(s))
+        logp = z - top  # (z - top) - log s, as log_normalize has it
+        logp -= np.log(s)
         e /= s  # p
         minus = _rowdot(e, logp)  # -H
         np.negative(minus, out=h[sl])
@@ -466,12 +467,14 @@ def kl(reg: Any, c: _Call, w: Any) -> Result | None:
         top, e, s = _exp_shifted(z, g[sl])
         e /= s  # p
         ytop = np.maximum.reduce(y, axis=-1, keepdims=True)
-        q = np.exp(y - ytop)
-        # log p - log q = z - y - (lse(z) - lse(y))
-        shift = top + np.log(s)
-        shift -= ytop
+        yd = y - ytop
+        q = np.exp(yd)
+        # log p - log q = (z - top) - (y - ytop) - (log s - log s_q), as log_normalize's
+        # raw logs: neither lse is rounded to a unit of its max, nor z - y to one of its own
+        shift = np.log(s)
         shift -= np.log(np.add.reduce(q, axis=-1, keepdims=True))
-        diff = z - y
+        diff = z - top
+        diff -= yd
         diff -= shift
         kb = k[sl]
         kb[...] = _rowdot(e, diff)
@@ -487,9 +490,9 @@ def _log_softmax(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(log p, p)`` of rows ``z`` (finite rows: the caller checks the result)."""
     top, e, s = _exp_shifted(z)
     e /= s
-    np.log(s, out=s)
-    s += top
-    return z - s, e
+    logp = z - top  # (z - top) - log s, as log_normalize has it
+    logp -= np.log(s, out=s)
+    return logp, e
 
 
 def jsd(reg: Any, c: _Call, w: Any) -> Result | None:

@@ -8,8 +8,8 @@ kernels on fresh buffers, mostly in place, with no ``[n, V]`` ``where``:
 
 - **the log-normalization**: by torch's fused ``log_softmax``/``softmax``/``logsumexp``
   where :data:`SOFTMAX` says (KL, JSD and ZLoss; Entropy off the CPU), values and
-  gradients then the generic path's to rounding; else ``log p = z - lse`` with ``lse = m +
-  log Σ exp(z - m)`` exactly as ``log_normalize`` computes it, and every sum as the generic
+  gradients then the generic path's to rounding; else ``log p = (z - m) - log s`` with ``s =
+  Σ exp(z - m)`` exactly as ``log_normalize`` computes it, and every sum as the generic
   path has it, so values and metrics are the generic path's to the bit, and gradients to a
   few units of rounding (the order of the final multiplications by the weights differs); a
   gradient that cancels to rounding noise (a uniform row's) is the generic path's own.
@@ -31,11 +31,11 @@ coefficient per row (the ``reduce`` weight, a hinge's slope, ``1/T``; 0 at a gap
 per-class array.
 
 Memory: up to :data:`KEEP` elements the forward pass keeps the ``[n, V]`` arrays that the
-gradient needs (``p``, ``log p``...); beyond, it keeps per-row statistics only (the ``lse``)
-and the backward recomputes the rest block by block (:data:`BLOCK` elements on the CPU,
-:data:`DEVICE_BLOCK` on a GPU), writing into the gradient: one ``[n, V]`` array (the
-gradient) plus a block's temporaries, where autograd through the naive idiom keeps several
-``[n, V]`` arrays.
+gradient needs (``p``, ``log p``...); beyond, it keeps per-row statistics only (each row's
+max and ``log s``, see :func:`_log_normalize`; a Triton forward's ``lse``) and the backward
+recomputes the rest block by block (:data:`BLOCK` elements on the CPU, :data:`DEVICE_BLOCK`
+on a GPU), writing into the gradient: one ``[n, V]`` array (the gradient) plus a block's
+temporaries, where autograd through the naive idiom keeps several ``[n, V]`` arrays.
 """
 
 from __future__ import annotations
@@ -122,17 +122,34 @@ def _lowest(dtype: Any) -> float:
 
 
 def _log_normalize(z: Any) -> tuple[Any, Any]:
-    """``(z - lse, lse)`` of rows by the operations of ``log_normalize`` (hence its rounding:
+    """``(log p, norm)`` of rows by the operations of ``log_normalize`` (hence its rounding:
     a gradient that cancels to rounding noise, such as a uniform row's, is the generic
-    path's own), with ``masked_fill_`` for its two ``[c, 1]`` ``where``: ``lse`` is ``[c, 1]``,
-    0 for a row of all -inf; ``z - lse`` is -inf at -inf classes."""
+    path's own), with ``masked_fill_`` for its two ``[c, 1]`` ``where``: ``log p = (z - m) -
+    log s``, -inf at -inf classes, and ``norm`` the ``[c, 2]`` pair ``(m, log s)`` that
+    :func:`_raw` recomputes it from (``lse = m + log s``, rounded to a unit of ``m``, would
+    not give it back); ``m = 0`` and ``log s = 0`` for a row of all -inf."""
     m = z.amax(-1, keepdim=True)
     m.masked_fill_(m == -_INF, 0.0)  # a row of all -inf: no shift (and no -inf - -inf)
-    e = torch.sub(z, m).exp_()
-    s = e.sum(-1, keepdim=True)
+    shifted = torch.sub(z, m)
+    s = torch.exp(shifted).sum(-1, keepdim=True)  # (a block's temporary, freed here)
     s.masked_fill_(s == 0.0, 1.0)  # only a row of all -inf sums to 0
-    lse = m.add_(s.log_())
-    return torch.sub(z, lse, out=e), lse  # (one [c, V] buffer)
+    log_s = s.log_()
+    return shifted.sub_(log_s), torch.cat([m, log_s], 1)
+
+
+def _raw(x: Any, norm: Any, out: Any = None) -> Any:
+    """``log p`` of rows ``x`` again from their ``norm``: ``(x - m) - log s`` for the ``[c,
+    2]`` pair of :func:`_log_normalize`, as the forward computed it; ``x - lse`` for a ``[c,
+    1]`` ``lse`` (the Triton forward's, or ``logsumexp``'s)."""
+    if norm.shape[-1] == 1:
+        return torch.sub(x, norm, out=out)
+    return torch.sub(x, norm[:, 0:1], out=out).sub_(norm[:, 1:2])
+
+
+def _halves(norms: Any, sl: slice) -> tuple[Any, Any]:
+    """The rows ``sl`` of two distributions' normalizers kept side by side (``[n, 2k]``)."""
+    k = norms.shape[-1] // 2
+    return norms[sl, :k], norms[sl, k:]
 
 
 def _scaled(x: Any, t: float) -> Any:
@@ -257,7 +274,7 @@ class _Saved:
 class EntropyGrad:
     """Entropy: ``H = -Σ p log p`` per row; the gradient ``-p (log p + H) · slope / T``, the
     slope that of the penalty's steps (the normalization, ``mode``, the hinge) as
-    ``Entropy._penalty`` defines it. Kept: ``log p`` and ``p``; or ``lse``, from which the
+    ``Entropy._penalty`` defines it. Kept: ``log p`` and ``p``; or ``(m, log s)``, from which the
     backward recomputes them."""
 
     @staticmethod
@@ -283,7 +300,7 @@ class EntropyGrad:
         how = "entr" if fused else "log_softmax" if SOFTMAX is None and keep else "steps"
         low = _lowest(v.dtype)
         blocks = [slice(0, n)] if keep else _steps(n, size, v.device)
-        hs, lses, kept, spare = _Rows(v, blocks), _Rows(v, blocks, 1), [], None
+        hs, lses, kept, spare = _Rows(v, blocks), _Rows(v, blocks, 2), [], None
         for sl in blocks:
             if fused:  # H = Σ entr(p) = -Σ p log p (entr(0) = 0)
                 p = torch.softmax(_scaled(v[sl], t), -1)
@@ -337,7 +354,7 @@ class EntropyGrad:
                 del p
                 continue
             else:  # log p and p again, as the forward computed them
-                p = torch.exp(torch.sub(_scaled(v[sl], t), lse[sl], out=gb))
+                p = torch.exp(_raw(_scaled(v[sl], t), lse[sl], out=gb))
                 gb.clamp_min_(low).add_(h[sl])
             gb.mul_(p).mul_(_rows(c, sl))
             del p
@@ -385,25 +402,26 @@ class ZLossGrad:
         fused = _fused(v.device, True)
         keep = v.numel() <= KEEP and not fused
         blocks = [slice(0, n)] if keep else _steps(n, size, v.device)
-        lses, kept = _Rows(v, blocks, 1), []
+        norms, kept = _Rows(v, blocks, 1 if fused else 2), []
         for sl in blocks:
             if fused:  # (-inf for a row of all -inf, which does not count)
-                lses.put(sl, torch.logsumexp(v[sl], -1, keepdim=True))
+                norms.put(sl, torch.logsumexp(v[sl], -1, keepdim=True))
                 continue
-            raw, lse = _log_normalize(v[sl])
-            lses.put(sl, lse)
+            raw, norm = _log_normalize(v[sl])
+            norms.put(sl, norm)
             if keep:
                 kept.append(raw.exp_())
             del raw
-        lse = lses.out
+        norm = norms.out
+        lse = norm if fused else norm.sum(-1, keepdim=True)  # m + log s
         log_z = lse.reshape(-1)
         value, metrics = _finish(batch, "z_loss", log_z * log_z)
         metrics["log_z_mean"] = batch.mean(log_z)
-        return value, metrics, _Saved(lse, blocks, kept, [])
+        return value, metrics, _Saved((lse, norm), blocks, kept, [])
 
     @staticmethod
     def grad(reg: Any, batch: Any, saved: Any, scale: Any) -> Any:
-        v, lse = batch.values, saved.rows
+        v, (lse, norm) = batch.values, saved.rows
         c = lse * _coefficient(batch, scale, 2.0)  # [n, 1]
         if saved.kept:
             return _drop(saved.kept[0] * c, batch.mask)
@@ -411,7 +429,10 @@ class ZLossGrad:
             return _drop(torch.softmax(v, -1).mul_(c), batch.mask)
         g = torch.empty_like(v)
         for sl in saved.blocks:
-            torch.sub(v[sl], lse[sl], out=g[sl]).exp_().mul_(c[sl])
+            if norm.shape[-1] == 1:  # logsumexp's lse: softmax again (exp(z - lse) would not
+                torch.mul(torch.softmax(v[sl], -1), c[sl], out=g[sl])  # sum to 1, see there)
+            else:
+                _raw(v[sl], norm[sl], out=g[sl]).exp_().mul_(c[sl])
         return _drop(g, batch.mask)
 
 
@@ -419,7 +440,7 @@ class ZLossGrad:
 def _logs(x: Any, lse: Any, low: float, probs: bool) -> tuple[Any, Any]:
     """``(log p, p)`` of rows from their ``lse`` (None: by ``log_softmax``, fused): ``log
     p`` clamped to ``low`` at -inf classes (where ``p`` = 0); ``p`` None unless ``probs``."""
-    raw = torch.log_softmax(x, -1) if lse is None else torch.sub(x, lse)
+    raw = torch.log_softmax(x, -1) if lse is None else _raw(x, lse)
     p = torch.exp(raw) if probs else None
     return raw.clamp_min_(low), p
 
@@ -429,7 +450,7 @@ class KLGrad:
     log q)``, gradient ``p (log p - log q - KL) / T``; forward ``Σ q (log q - log p)``,
     gradient ``(p - q) / T``; symmetric, their mean. A token with a support gap is +inf and
     its direction's gradient 0 (its KL replaced by 0 first, so that the row stays finite).
-    Kept: ``p``, ``log p - log q`` (and ``q``); or both ``lse``."""
+    Kept: ``p``, ``log p - log q`` (and ``q``); or both ``(m, log s)``."""
 
     @staticmethod
     def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
@@ -457,7 +478,7 @@ class KLGrad:
         # (sized for six temporaries: at [2048, 32000] with DEVICE_BLOCK, sized for four its
         # peak was 2.9 [n, V] arrays against 2.0, replayed on the CPU; the naive idiom's is 6)
         blocks = [slice(0, n)] if keep else _steps(n, size, v.device, 6)
-        revs, fwds, lses = _Rows(v, blocks), _Rows(v, blocks), _Rows(v, blocks, 2)
+        revs, fwds, lses = _Rows(v, blocks), _Rows(v, blocks), _Rows(v, blocks, 4)
         gaps_r, gaps_f, kept = _Rows(v, blocks, 0, torch.bool), _Rows(v, blocks, 0, torch.bool), []
         for sl in blocks:
             zb, rb = v[sl], r[sl]
@@ -527,7 +548,7 @@ class KLGrad:
             if saved.kept:
                 p, d, q = saved.kept[i]
             else:  # as the forward computed them
-                lse_p, lse_q = (None, None) if lses is None else (lses[sl, 0:1], lses[sl, 1:2])
+                lse_p, lse_q = (None, None) if lses is None else _halves(lses, sl)
                 d, p = _logs(_scaled(v[sl], t), lse_p, low, True)
                 lq, q = _logs(_scaled(r[sl], t), lse_q, low, how != "reverse")
                 d.sub_(lq)  # log p - log q
@@ -556,7 +577,7 @@ class JSDGrad:
     and ``log (1-β) p``), with the logs clamped to finite where the generic path has its
     ``where``: ``β Σ q (log q - log m) + (1-β) Σ p (log p - log m)`` and the gradient
     ``(1-β) p (log p - log m - KL(p‖m)) / T``. Kept: ``p`` and ``log p - log m``; or both
-    ``lse``."""
+    ``(m, log s)``."""
 
     @staticmethod
     def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
@@ -578,7 +599,7 @@ class JSDGrad:
         keep = v.numel() <= KEEP
         fused = _fused(v.device, True)
         blocks = [slice(0, n)] if keep else _steps(n, size, v.device, 6)
-        values, kls, lses, kept = _Rows(v, blocks), _Rows(v, blocks), _Rows(v, blocks, 2), []
+        values, kls, lses, kept = _Rows(v, blocks), _Rows(v, blocks), _Rows(v, blocks, 4), []
         for sl in blocks:
             x, y = _scaled(v[sl], t), _scaled(r[sl], t)
             lse_p = lse_q = None  # (fused: log_softmax in _jsd_rows)
@@ -618,7 +639,7 @@ class JSDGrad:
                 p, d = saved.kept[i]
             else:  # as the forward computed them
                 x, y = _scaled(v[sl], t), _scaled(r[sl], t)
-                lse_p, lse_q = (None, None) if lses is None else (lses[sl, 0:1], lses[sl, 1:2])
+                lse_p, lse_q = (None, None) if lses is None else _halves(lses, sl)
                 p, d, _, _ = _jsd_rows(x, y, lse_p, lse_q, beta, _lowest(v.dtype))
             torch.sub(d, kl_p[sl], out=g[sl]).mul_(p).mul_(_rows(c, sl))
             del p, d
@@ -636,7 +657,7 @@ def _jsd_rows(
     if lse_p is None or lse_q is None:
         raw_p, raw_q = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
     else:
-        raw_p, raw_q = torch.sub(x, lse_p), torch.sub(y, lse_q)
+        raw_p, raw_q = _raw(x, lse_p), _raw(y, lse_q)
     a = raw_q + math.log(beta)  # log(β q), -inf where q = 0
     b = raw_p + math.log1p(-beta)  # log((1 - β) p)
     top = torch.maximum(a, b).clamp_min_(low)  # (-inf where both are: no -inf - -inf)
