@@ -130,11 +130,13 @@ def _log_normalize(z: Any) -> tuple[Any, Any]:
     not give it back); ``m = 0`` and ``log s = 0`` for a row of all -inf."""
     m = z.amax(-1, keepdim=True)
     m.masked_fill_(m == -_INF, 0.0)  # a row of all -inf: no shift (and no -inf - -inf)
-    shifted = torch.sub(z, m)
-    s = torch.exp(shifted).sum(-1, keepdim=True)  # (a block's temporary, freed here)
+    e = torch.sub(z, m).exp_()
+    s = e.sum(-1, keepdim=True)
     s.masked_fill_(s == 0.0, 1.0)  # only a row of all -inf sums to 0
     log_s = s.log_()
-    return shifted.sub_(log_s), torch.cat([m, log_s], 1)
+    # z - m again, into the same buffer: a pass more, where keeping z - m aside took a
+    # second [c, V] buffer per block (fresh pages: KL at [2048, 32000] 1.8x slower)
+    return torch.sub(z, m, out=e).sub_(log_s), torch.cat([m, log_s], 1)
 
 
 def _raw(x: Any, norm: Any, out: Any = None) -> Any:
