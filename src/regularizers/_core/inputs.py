@@ -654,11 +654,11 @@ class Batch:
         xp = self.xp
         if self.mask is None and len(set(self.lengths)) == 1:
             return self._divide(self.constant(1.0 / max(self.lengths[0], 1)), s)
+        if set(self.lengths) == {0}:  # (as in _sequence_counts)
+            return xp.zeros((0,), dtype=self.dtype, device=self.device)
         per = self._divide(self.constant(1.0), s) / xp.maximum(
             self._sequence_counts(), xp.ones((), dtype=self.dtype, device=self.device)
         )
-        if set(self.lengths) == {0}:  # (as in _sequence_counts)
-            return xp.zeros((0,), dtype=self.dtype, device=self.device)
         if len(set(self.lengths)) == 1:
             return xp.reshape(
                 xp.broadcast_to(xp.reshape(per, (-1, 1)), (len(self.lengths), self.lengths[0])),
