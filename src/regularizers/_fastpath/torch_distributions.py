@@ -302,7 +302,7 @@ class EntropyGrad:
         how = "entr" if fused else "log_softmax" if SOFTMAX is None and keep else "steps"
         low = _lowest(v.dtype)
         blocks = [slice(0, n)] if keep else _steps(n, size, v.device)
-        hs, lses, kept, spare = _Rows(v, blocks), _Rows(v, blocks, 2), [], None
+        hs, norms, kept, spare = _Rows(v, blocks), _Rows(v, blocks, 2), [], None
         for sl in blocks:
             if fused:  # H = Σ entr(p) = -Σ p log p (entr(0) = 0)
                 p = torch.softmax(_scaled(v[sl], t), -1)
@@ -310,9 +310,9 @@ class EntropyGrad:
                 del p
                 continue
             if how == "log_softmax":  # (a row of all -inf is NaN here: not counted)
-                raw, lse = torch.log_softmax(_scaled(v[sl], t), -1), None
+                raw, norm = torch.log_softmax(_scaled(v[sl], t), -1), None
             else:
-                raw, lse = _log_normalize(_scaled(v[sl], t))
+                raw, norm = _log_normalize(_scaled(v[sl], t))
             p = torch.exp(raw)
             lp = raw.clamp_min_(low)  # -inf classes: p = 0, and p · log p = 0
             if keep:
@@ -321,25 +321,25 @@ class EntropyGrad:
                 kept.append((lp, p))
             else:
                 hs.put(sl, p.mul_(lp).sum(-1).neg_())
-                lses.put(sl, lse)
+                norms.put(sl, norm)
                 del raw, p, lp  # (see _steps: one block's temporaries at a time)
         h = hs.out
         value, metrics, slope = _entropy_finish(batch, o, h, size)
-        rows = (h.reshape(-1, 1), None if fused else lses.out)
+        rows = (h.reshape(-1, 1), None if fused else norms.out)
         return value, metrics, (_Saved(rows, blocks, kept, [], spare), slope, how)
 
     @staticmethod
     def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
         saved, slope, how = state
         t = reg._opts["temperature"]
-        v, (h, lse) = batch.values, saved.rows
+        v, (h, norm) = batch.values, saved.rows
         if isinstance(slope, float):
             c = _coefficient(batch, scale, -slope / t)
         else:
             c = _coefficient(batch, scale, -1.0 / t, slope)
         if how == "triton":  # (where the kernel cannot run, the loop below, from the same lse)
             out, cr = torch.empty_like(v), c.reshape(-1) if c.ndim else c
-            g = torch_triton.entropy_backward(v, t, lse, h.reshape(-1), cr, out, batch.mask)
+            g = torch_triton.entropy_backward(v, t, norm, h.reshape(-1), cr, out, batch.mask)
             if g is not None:  # (uncounted rows 0: dropped by the kernel)
                 return g
         g = saved.gradient(v)
@@ -356,7 +356,7 @@ class EntropyGrad:
                 del p
                 continue
             else:  # log p and p again, as the forward computed them
-                p = torch.exp(_raw(_scaled(v[sl], t), lse[sl], out=gb))
+                p = torch.exp(_raw(_scaled(v[sl], t), norm[sl], out=gb))
                 gb.clamp_min_(low).add_(h[sl])
             gb.mul_(p).mul_(_rows(c, sl))
             del p
@@ -439,10 +439,11 @@ class ZLossGrad:
 
 
 # ---- KL --------------------------------------------------------------------------------------
-def _logs(x: Any, lse: Any, low: float, probs: bool) -> tuple[Any, Any]:
-    """``(log p, p)`` of rows from their ``lse`` (None: by ``log_softmax``, fused): ``log
-    p`` clamped to ``low`` at -inf classes (where ``p`` = 0); ``p`` None unless ``probs``."""
-    raw = torch.log_softmax(x, -1) if lse is None else _raw(x, lse)
+def _logs(x: Any, norm: Any, low: float, probs: bool) -> tuple[Any, Any]:
+    """``(log p, p)`` of rows from their ``norm`` (:func:`_raw`; None: by ``log_softmax``,
+    fused): ``log p`` clamped to ``low`` at -inf classes (where ``p`` = 0); ``p`` None unless
+    ``probs``."""
+    raw = torch.log_softmax(x, -1) if norm is None else _raw(x, norm)
     p = torch.exp(raw) if probs else None
     return raw.clamp_min_(low), p
 
@@ -480,7 +481,7 @@ class KLGrad:
         # (sized for six temporaries: at [2048, 32000] with DEVICE_BLOCK, sized for four its
         # peak was 2.9 [n, V] arrays against 2.0, replayed on the CPU; the naive idiom's is 6)
         blocks = [slice(0, n)] if keep else _steps(n, size, v.device, 6)
-        revs, fwds, lses = _Rows(v, blocks), _Rows(v, blocks), _Rows(v, blocks, 4)
+        revs, fwds, norms = _Rows(v, blocks), _Rows(v, blocks), _Rows(v, blocks, 4)
         gaps_r, gaps_f, kept = _Rows(v, blocks, 0, torch.bool), _Rows(v, blocks, 0, torch.bool), []
         for sl in blocks:
             zb, rb = v[sl], r[sl]
@@ -488,8 +489,8 @@ class KLGrad:
                 raw_p = torch.log_softmax(_scaled(zb, t), -1)
                 raw_q = torch.log_softmax(_scaled(rb, t), -1)
             else:
-                raw_p, lse_p = _log_normalize(_scaled(zb, t))
-                raw_q, lse_q = _log_normalize(_scaled(rb, t))
+                raw_p, norm_p = _log_normalize(_scaled(zb, t))
+                raw_q, norm_q = _log_normalize(_scaled(rb, t))
             p = torch.exp(raw_p)
             q = torch.exp(raw_q) if forward else None
             work = raw_q.clamp_min_(low)  # log q, finite
@@ -505,7 +506,7 @@ class KLGrad:
                 kept.append((p, d, q))
             else:
                 if not fused:
-                    lses.put(sl, torch.cat([lse_p, lse_q], 1))
+                    norms.put(sl, torch.cat([norm_p, norm_q], 1))
                 del raw_p, raw_q, p, q, work, d
         kl_r = gap_r = gap_f = None
         values = []  # (each direction's KL, +inf at its gap rows; a gap None: it has none)
@@ -519,7 +520,7 @@ class KLGrad:
             values.append(fwds.out if gap_f is None else _at_gaps(gap_f, fwds.out))
         per = values[0] if len(values) == 1 else 0.5 * (values[0] + values[1])
         value, metrics = _finish(batch, "kl", per)
-        rows = (None if kl_r is None else kl_r.reshape(-1, 1), None if fused else lses.out)
+        rows = (None if kl_r is None else kl_r.reshape(-1, 1), None if fused else norms.out)
         saved = _Saved(rows, blocks, kept, [] if keep else [r], work if keep else None)
         return value, metrics, (saved, gap_r, gap_f, None if keep else r, False)
 
@@ -528,7 +529,7 @@ class KLGrad:
         saved, gap_r, gap_f, r, triton = state
         saved.check()
         t, how = reg._opts["temperature"], reg._opts["direction"]
-        v, (kl_r, lses) = batch.values, saved.rows
+        v, (kl_r, norms) = batch.values, saved.rows
         both = how == "symmetric"
         c = _coefficient(batch, scale, (0.5 if both else 1.0) / t)
         # (a direction's rows of 0 and 1, 0 at its gap rows; None where it has no gap)
@@ -540,7 +541,7 @@ class KLGrad:
         if triton:  # (reverse: c is [n, 1]; where the kernel cannot run, the loop below)
             out = torch.empty_like(v)
             k, cr = kl_r.reshape(-1), c.reshape(-1)
-            g = torch_triton.kl_backward(v, r, t, lses, k, cr, out, batch.mask)
+            g = torch_triton.kl_backward(v, r, t, norms, k, cr, out, batch.mask)
             if g is not None:  # (uncounted rows 0: dropped by the kernel)
                 return g
         g = saved.gradient(v)
@@ -550,9 +551,9 @@ class KLGrad:
             if saved.kept:
                 p, d, q = saved.kept[i]
             else:  # as the forward computed them
-                lse_p, lse_q = (None, None) if lses is None else _halves(lses, sl)
-                d, p = _logs(_scaled(v[sl], t), lse_p, low, True)
-                lq, q = _logs(_scaled(r[sl], t), lse_q, low, how != "reverse")
+                norm_p, norm_q = (None, None) if norms is None else _halves(norms, sl)
+                d, p = _logs(_scaled(v[sl], t), norm_p, low, True)
+                lq, q = _logs(_scaled(r[sl], t), norm_q, low, how != "reverse")
                 d.sub_(lq)  # log p - log q
                 del lq
             if kl_r is None:
@@ -601,24 +602,24 @@ class JSDGrad:
         keep = v.numel() <= KEEP
         fused = _fused(v.device, True)
         blocks = [slice(0, n)] if keep else _steps(n, size, v.device, 6)
-        values, kls, lses, kept = _Rows(v, blocks), _Rows(v, blocks), _Rows(v, blocks, 4), []
+        values, kls, norms, kept = _Rows(v, blocks), _Rows(v, blocks), _Rows(v, blocks, 4), []
         for sl in blocks:
             x, y = _scaled(v[sl], t), _scaled(r[sl], t)
-            lse_p = lse_q = None  # (fused: log_softmax in _jsd_rows)
+            norm_p = norm_q = None  # (fused: log_softmax in _jsd_rows)
             if not fused:
-                lse_p, lse_q = _log_normalize(x)[1], _log_normalize(y)[1]
-            p, d, kl_q, work = _jsd_rows(x, y, lse_p, lse_q, beta, _lowest(v.dtype), True)
+                norm_p, norm_q = _log_normalize(x)[1], _log_normalize(y)[1]
+            p, d, kl_q, work = _jsd_rows(x, y, norm_p, norm_q, beta, _lowest(v.dtype), True)
             kl_p = torch.mul(p, d, out=work).sum(-1)
             values.put(sl, beta * kl_q + (1.0 - beta) * kl_p)
             kls.put(sl, kl_p)
             if keep:
                 kept.append((p, d))
             else:
-                if lse_p is not None and lse_q is not None:
-                    lses.put(sl, torch.cat([lse_p, lse_q], 1))
+                if norm_p is not None and norm_q is not None:
+                    norms.put(sl, torch.cat([norm_p, norm_q], 1))
                 del p, d, work
         value, metrics = _finish(batch, "jsd", values.out)
-        rows = (kls.out.reshape(-1, 1), None if fused else lses.out)
+        rows = (kls.out.reshape(-1, 1), None if fused else norms.out)
         saved = _Saved(rows, blocks, kept, [] if keep else [r], work if keep else None)
         return value, metrics, (saved, None if keep else r, False)
 
@@ -628,11 +629,11 @@ class JSDGrad:
         saved.check()
         o = reg._opts
         beta, t = o["beta"], o["temperature"]
-        v, (kl_p, lses) = batch.values, saved.rows
+        v, (kl_p, norms) = batch.values, saved.rows
         c = _coefficient(batch, scale, (1.0 - beta) / t)
         if triton:  # (where the kernel cannot run, the loop below, from the same lse)
             out, k, cr = torch.empty_like(v), kl_p.reshape(-1), c.reshape(-1) if c.ndim else c
-            g = torch_triton.jsd_backward(v, r, t, beta, lses, k, cr, out, batch.mask)
+            g = torch_triton.jsd_backward(v, r, t, beta, norms, k, cr, out, batch.mask)
             if g is not None:  # (uncounted rows 0: dropped by the kernel)
                 return g
         g = saved.gradient(v)
@@ -641,25 +642,25 @@ class JSDGrad:
                 p, d = saved.kept[i]
             else:  # as the forward computed them
                 x, y = _scaled(v[sl], t), _scaled(r[sl], t)
-                lse_p, lse_q = (None, None) if lses is None else _halves(lses, sl)
-                p, d, _, _ = _jsd_rows(x, y, lse_p, lse_q, beta, _lowest(v.dtype))
+                norm_p, norm_q = (None, None) if norms is None else _halves(norms, sl)
+                p, d, _, _ = _jsd_rows(x, y, norm_p, norm_q, beta, _lowest(v.dtype))
             torch.sub(d, kl_p[sl], out=g[sl]).mul_(p).mul_(_rows(c, sl))
             del p, d
         return _drop(g, batch.mask)
 
 
 def _jsd_rows(
-    x: Any, y: Any, lse_p: Any, lse_q: Any, beta: float, low: float, value: bool = False
+    x: Any, y: Any, norm_p: Any, norm_q: Any, beta: float, low: float, value: bool = False
 ) -> tuple[Any, Any, Any, Any]:
     """``(p, log p - log m, KL(q‖m), spare)`` of rows (``KL(q‖m)`` 0 unless ``value``; the
-    spare is a free buffer of their shape), as ``jsd_rows`` computes them (``lse`` None:
+    spare is a free buffer of their shape), as ``jsd_rows`` computes them (``norm`` None:
     the logs by ``log_softmax``, fused). Where both classes are -inf the generic path's
     ``log m`` is 0 and this one's the lowest number; there ``p = q = 0`` and every term is 0
     either way."""
-    if lse_p is None or lse_q is None:
+    if norm_p is None or norm_q is None:
         raw_p, raw_q = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
     else:
-        raw_p, raw_q = _raw(x, lse_p), _raw(y, lse_q)
+        raw_p, raw_q = _raw(x, norm_p), _raw(y, norm_q)
     a = raw_q + math.log(beta)  # log(β q), -inf where q = 0
     b = raw_p + math.log1p(-beta)  # log((1 - β) p)
     top = torch.maximum(a, b).clamp_min_(low)  # (-inf where both are: no -inf - -inf)
