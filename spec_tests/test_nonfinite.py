@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 
 import regularizers as rg
+from regularizers import Batch
 
 Harness = Any
 nan, inf = math.nan, math.inf
@@ -68,3 +69,136 @@ def test_clip_tames_infinities(bk: Harness) -> None:
     assert np.isfinite(grad).all()
     value, _, _ = run(bk, rg.L2(clip=(None, 0.0)), [-inf, -1.0])
     assert value == inf  # one-sided clip leaves the other infinity alone
+
+
+# ---- a NaN among many elements ----------------------------------------------------------------
+# XLA's CPU backend drops NaN from a max or min reduction over 4096 elements or more, and from
+# a max or min fused into a reduction (a clip feeding a sum): the small inputs above cannot
+# show it. Each case holds one NaN (at ``NAN_AT``) among 8192 elements; a row case's NaN row
+# is otherwise all -inf (for GradientPenalty: all 0), where a max that drops the NaN would call
+# the row empty, or zero.
+ROWS, V = 64, 128
+NAN_AT = (ROWS // 2, 5)
+
+
+def _many(rng: np.random.Generator, kind: str) -> np.ndarray:
+    if kind == "flat":
+        x = -rng.gamma(0.6, 1.8, size=ROWS * V)
+        x[:3] = [-130.0, -150.0, 0.5]  # beyond the clip bounds, so that clipping acts
+        x[ROWS * V // 2 + 5] = nan
+        return x
+    x = rng.normal(0.0, 3.0, size=(ROWS, V))
+    x[NAN_AT[0]] = 0.0 if kind == "zeros" else -inf
+    x[NAN_AT] = nan
+    if kind == "rows":
+        x[1, 3] = nan  # and one among finite scores
+    return x
+
+
+_FLAT = [
+    rg.L1(),
+    rg.L1(target="probs"),
+    rg.L2(),
+    rg.L2(center="mean"),
+    rg.L2(center=-2.0),
+    rg.L2(clip=(-100.0, 0.0)),
+    rg.L2(clip=(-100.0, 0.0), center="mean"),
+    rg.L2(clip=(-100.0, 0.0), center=-2.0),
+    rg.ElasticNet(),
+    rg.Huber(),
+    rg.SampledEntropy(),
+    rg.SampledKL(rg.Field("other")),
+    rg.SampledKL(rg.Field("other"), estimator="k1"),
+    rg.Consistency(rg.Field("other")),
+    rg.Consistency(rg.Field("other"), metric="l1"),
+]
+_ROWS = [
+    rg.KL(rg.Field("other")),
+    rg.KL(rg.Field("other"), direction="forward"),
+    rg.JSD(rg.Field("other")),
+    rg.Entropy(),
+    rg.ZLoss(),
+    rg.Consistency(rg.Field("other"), metric="cosine"),
+    rg.Consistency(rg.Field("other"), metric="kl"),
+]
+MANY = (
+    [(reg, "flat") for reg in _FLAT]
+    + [(reg, "masked") for reg in _FLAT[2:8]]  # L2's masked form (the NaN token counted)
+    + [(reg, "rows") for reg in _ROWS]
+    + [(rg.GradientPenalty(), "zeros"), (rg.Orthogonality(), "matrix")]
+)
+
+
+@pytest.mark.parametrize(("reg", "kind"), MANY, ids=[f"{r!r}-{k}" for r, k in MANY])
+def test_nan_propagates_among_many_elements(bk: Harness, reg: rg.Regularizer, kind: str) -> None:
+    rng = np.random.default_rng(7)
+    x = _many(rng, "flat" if kind in ("matrix", "masked") else kind)
+    if kind == "matrix":
+        x = x.reshape(ROWS * 2, V // 2)
+    if kind in ("flat", "masked"):
+        # the other view (logprobs, for SampledKL): -inf at the NaN element, so that a
+        # max(x, y) which drops the NaN calls the element -inf in both, and empty
+        other = np.where(np.isnan(x), -inf, np.minimum(np.nan_to_num(x) - 0.25, 0.0))
+    else:  # -inf where x is (no support gap), finite at the NaN: the row still counts
+        other = np.where(x == -inf, -inf, rng.normal(0.0, 3.0, size=x.shape))
+    uses_other = "other" in repr(reg)
+    constant_slope = getattr(reg, "estimator", None) == "k1"  # d(lp - ref)/d lp = 1, even at NaN
+    arrays = [bk.asarray(x)] + ([bk.asarray(other)] if uses_other else [])
+    if kind == "masked":  # uncounted tokens beyond the clip, so that they would show
+        mask = np.ones(x.shape, dtype=bool)
+        mask[:2] = False
+        arrays.append(bk.asarray(mask))
+
+    def call(method: Any, a: Any, *rest: Any) -> Any:
+        kw = {"mask": rest[-1]} if kind == "masked" else {}
+        fields = rest[:-1] if kind == "masked" else rest
+        return method({"other": fields[0]} if fields else None, a, **kw)
+
+    for label, fn in [
+        ("compute", lambda *a: call(reg.compute, *a)),
+        ("value_and_grad", lambda *a: call(reg.value_and_grad, *a)),
+    ]:
+        with np.errstate(all="ignore"):
+            out = bk.call(fn, *arrays)
+        value, metrics = bk.float(out[0]), rg.to_floats(out[1])
+        assert math.isnan(value), (label, value)
+        assert all(math.isnan(m) for m in metrics.values()), (label, metrics)
+        if label == "value_and_grad" and not constant_slope:
+            g = np.asarray(bk.to_numpy(out[2]), dtype=np.float64)
+            assert np.isnan(g.reshape(x.shape)[np.isnan(x)]).all(), label
+
+
+class Peak(rg.Regularizer):
+    """The largest counted value, by the extension API's ``Batch.max``."""
+
+    name: ClassVar[str] = "peak"
+
+    def evaluate(self, batch: Batch) -> tuple[Any, dict[str, Any]]:
+        m = batch.max(batch.values)
+        return m, {"peak": m}
+
+
+@pytest.mark.parametrize(
+    ("specials", "want"),
+    [
+        ([nan], nan),
+        ([inf, -inf], inf),  # their sum is NaN, their max is not
+        ([nan, inf, -inf], nan),
+        ([inf, nan], nan),
+        ([-inf, nan], nan),
+        ([], None),
+    ],
+)
+def test_batch_max_among_many_elements(bk: Harness, specials: list[float], want: Any) -> None:
+    x = np.random.default_rng(3).normal(size=ROWS * V)
+    x[np.arange(len(specials)) * 997 + 11] = specials
+    value, metrics = bk.call(lambda a: Peak().compute(None, a), bk.asarray(x))
+    expected = np.max(x) if want is None else want
+    np.testing.assert_equal(bk.float(value), expected)
+    np.testing.assert_equal(rg.to_floats(metrics)["peak"], expected)
+    if bk.backend.has_autodiff and want is None:  # the derivative of max: 1 at the argmax
+        g = np.asarray(
+            bk.to_numpy(bk.autodiff(lambda a: Peak().compute(None, a)[0], bk.asarray(x)))
+        )
+        assert g[np.argmax(x)] == 1.0
+        assert np.count_nonzero(g) == 1

@@ -34,6 +34,7 @@ from typing import Any
 import array_api_compat
 
 from .. import checks
+from .backends import not_all_neg_inf
 from .base import Regularizer
 from .inputs import Batch
 from .options import option
@@ -132,7 +133,8 @@ class OverClasses(Regularizer):
 def valid_rows(batch: Batch, *rows: Array) -> Array:
     """``[n]`` bool: tokens none of whose ``rows`` (``[n, V]`` arrays) are all -inf.
 
-    One reduction per array (``max != -inf``; NaN counts as valid, so that it propagates).
+    One pass per array (``max != -inf``; NaN counts as valid, so that it propagates, also
+    where XLA's own max drops it: :func:`~.backends.not_all_neg_inf`).
     An empty class axis has no distribution: a ValueError.
     """
     xp = batch.xp
@@ -142,7 +144,7 @@ def valid_rows(batch: Batch, *rows: Array) -> Array:
         return xp.ones((0,), dtype=xp.bool, device=batch.device)
     ok = None
     for r in rows:
-        here = xp.max(r, axis=-1) != -xp.inf
+        here = not_all_neg_inf(xp, r)
         ok = here if ok is None else xp.logical_and(ok, here)
     assert ok is not None
     return ok

@@ -23,7 +23,7 @@ from typing import Any
 import array_api_compat
 from array_api_compat import array_namespace, is_array_api_obj
 
-from .backends import concat, device_of, from_host, reshape
+from .backends import concat, device_of, from_host, max_, reshape
 from .options import ByIdentity, Field
 from .typing import Array, Metrics, Namespace
 
@@ -616,9 +616,9 @@ class Batch:
         if self.size == 0:
             return self.zero()
         if self.mask is None:
-            return xp.max(p)
+            return max_(xp, p)
         low = xp.full((), -xp.inf, dtype=p.dtype, device=self.device)
-        top = xp.max(xp.where(self.mask, p, low))
+        top = max_(xp, xp.where(self.mask, p, low))
         return xp.where(top == low, xp.zeros_like(top), top)
 
     def metrics(

@@ -13,7 +13,7 @@ or JAX, and the closed form of ``value_and_grad``, give one answer everywhere:
 
 from __future__ import annotations
 
-from .backends import device_of
+from .backends import device_of, max_
 from .typing import Array, Namespace
 
 __all__ = ["abs_", "clamp", "clip_", "inside_clip", "row_norm_parts", "row_norms", "scalar"]
@@ -88,7 +88,7 @@ def row_norm_parts(xp: Namespace, g: Array) -> tuple[Array, Array, Array]:
     """``(‖g‖, a, r)`` per row of a non-empty ``g``, as :func:`row_norms` makes them: the
     row's scale ``a`` (its largest magnitude; 1 on a zero or non-finite row) and
     ``r = ‖g / a‖`` (1 on a zero row), so that the unit vector is ``(g / a) / r``."""
-    a = xp.max(abs_(xp, g), axis=-1)
+    a = max_(xp, abs_(xp, g), axis=-1)  # NaN stays NaN (XLA's own max drops it)
     nonzero = a != 0  # NaN counts as nonzero, so it propagates
     one = xp.ones_like(a)
     scale = xp.where(xp.logical_and(nonzero, xp.isfinite(a)), a, one)  # inf / inf: never

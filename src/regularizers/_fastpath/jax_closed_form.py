@@ -28,11 +28,14 @@ The formulations (measured on XLA's CPU backend, where a reduction fuses element
 well, and where any full-size intermediate is written to memory at several times the cost of
 a read): each reduction reads the input once with its elementwise work fused in, and every
 elementwise operation in it adds measurably to its time. Clipping is ``min(max(v, lo), hi)``
-on bounds read at run time (:func:`clip`): exact, NaN-propagating, and not rewritten into a
-``clamp`` (``jnp.clip``, or constant bounds, would be), which is not fused into reductions.
+on bounds read at run time (:func:`clip`): exact, and not rewritten into a ``clamp``
+(``jnp.clip``, or constant bounds, would be), which is not fused into reductions.
 ``l2_max`` comes from ``max |d|`` or from the extrema of the input, never from a squared
 array; a pass centred on a mean known only at run time clips in the shifted frame
-(:func:`_shifted_clip`), so that no clipped array is shared by two reductions.
+(:func:`_shifted_clip`), so that no clipped array is shared by two reductions. XLA's CPU
+backend drops NaN from a max or min in a vectorized loop, a clip fused into a sum
+included: a NaN is carried by a sum that keeps it (``Σd²``), or by the one max that keeps
+it (:func:`~.._core.backends.max_`), into the value and metrics.
 
 ZLoss, KL, JSD, Entropy and GradientPenalty, traced, take a closed form per row (``ROWS``,
 below), with the mask, ``reduce`` and ``counts`` outside the custom_jvp: they may be traced.
@@ -46,6 +49,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .._core.backends import max_keeping_nan
 from .._core.ops import clamp, row_norm_parts
 from .._core.rows import entropy_rows, jsd_rows, kl_rows, log_normalize
 
@@ -174,8 +178,9 @@ def l2(reg: Any, batch: Any) -> Out | None:
                 d = _counted(batch, d)
         else:
             d = c
-        raw = jnp.sum(d * d)
+        raw = jnp.sum(d * d)  # NaN exactly where some counted d is: it stands for the max's
         peak = jnp.max(jnp.abs(d)) if batch.size else jnp.zeros((), v.dtype)
+        peak = jnp.where(jnp.isnan(raw), raw, peak)
     metrics = {"l2_raw": raw, "l2_mean": batch.per_token(raw), "l2_max": peak * peak}
     return _scaled(w, raw), metrics
 
@@ -185,9 +190,20 @@ def _l2_unmasked(v: Any, lo: Any, hi: Any, center: Any, top: float) -> tuple[Any
     elementwise work fused in. A value used by two reductions is what XLA would write out in
     full: so the extrema come from those of ``v`` (clipping and shifting are monotone, and so
     is rounding), and the centred pass clips in the shifted frame (:func:`_shifted_clip`), an
-    expression XLA does not share with the first pass's ``clip``."""
+    expression XLA does not share with the first pass's ``clip``.
+
+    NaN: XLA's CPU backend drops it from a max or min, and from one fused into a sum (a NaN
+    clipped to a bound). ``Σd²`` unclipped is NaN exactly where some ``v`` is (squares are
+    never negative), and stands for it; with a clip, ``v``'s max is taken by
+    :func:`_max_keeping_nan` instead, and stands for it."""
+    return _with_nan(*_l2_unmasked_parts(v, lo, hi, center, top))
+
+
+def _l2_unmasked_parts(v: Any, lo: Any, hi: Any, center: Any, top: float) -> tuple[Any, Any, Any]:
+    clipped = lo is not None or hi is not None
+    extrema = ((_same, _max_keeping_nan), (_same, jnp.min)) if clipped else _EXTREMA
     if center == "mean":
-        total, high, low = _rows(v, (lambda u: clip(u, lo, hi), jnp.sum), *_EXTREMA)
+        total, high, low = _rows(v, (lambda u: clip(u, lo, hi), jnp.sum), *extrema)
         mu = total / v.shape[0]
         (raw,) = _rows(v, (lambda u: jnp.square(_shifted_clip(u, lo, hi, mu)), jnp.sum))
         high, low = clip(high, lo, hi) - mu, clip(low, lo, hi) - mu
@@ -195,18 +211,30 @@ def _l2_unmasked(v: Any, lo: Any, hi: Any, center: Any, top: float) -> tuple[Any
         # Σ(c - mu)² is inf, or NaN where some c - mu is inf - inf, which only the extreme
         # c can be; u - mu in the shifted frame may be NaN where c - mu is not
         raw = jnp.where(jnp.isfinite(mu), raw, high * high + low * low)
-        return raw, jnp.maximum(jnp.abs(high), jnp.abs(low))
+        # high is NaN where some v is: by the max keeping NaN, or (unclipped) by mu = Σv / n
+        return raw, jnp.maximum(jnp.abs(high), jnp.abs(low)), high
     k = None if center is None else jnp.asarray(clamp(center, top), v.dtype)
 
     def deviation(u: Any) -> Any:
         c = clip(u, lo, hi)
         return c if k is None else c - k
 
-    if lo is None and hi is None and k is None:
-        return _rows(v, (lambda u: u * u, jnp.sum), (jnp.abs, jnp.max))
-    raw, high, low = _rows(v, (lambda u: jnp.square(deviation(u)), jnp.sum), *_EXTREMA)
+    if not clipped and k is None:
+        raw, peak = _rows(v, (lambda u: u * u, jnp.sum), (jnp.abs, jnp.max))
+        return raw, peak, raw
+    raw, high, low = _rows(v, (lambda u: jnp.square(deviation(u)), jnp.sum), *extrema)
     high, low = deviation(high), deviation(low)
-    return raw, jnp.maximum(jnp.abs(high), jnp.abs(low))
+    return raw, jnp.maximum(jnp.abs(high), jnp.abs(low)), high if clipped else raw
+
+
+def _with_nan(raw: Any, peak: Any, witness: Any) -> tuple[Any, Any]:
+    """``raw`` and ``peak`` NaN where ``witness`` (NaN exactly where some input is) is."""
+    nan = jnp.isnan(witness)
+    return jnp.where(nan, witness, raw), jnp.where(nan, witness, peak)
+
+
+def _max_keeping_nan(a: Any, axis: int | None = None) -> Any:
+    return max_keeping_nan(a, axis)  # (the primal only: the JVP is the closed form)
 
 
 def _shifted_clip(u: Any, lo: Any, hi: Any, mu: Any) -> Any:

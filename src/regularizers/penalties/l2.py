@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import checks
+from .._core.backends import max_
 from .._core.base import Regularizer
 from .._core.inputs import Batch
 from .._core.ops import clip_, inside_clip, scalar
@@ -110,5 +111,6 @@ def max_square(batch: Batch, d: Array) -> Array:
     if batch.size == 0:
         return batch.zero()
     d = batch.where_counted(d)
-    top, bottom = xp.max(d), xp.min(d)
-    return xp.maximum(top * top, bottom * bottom)
+    top = max_(xp, d)  # NaN wherever some d is (XLA's own max and min drop it)
+    bottom = xp.min(d)
+    return xp.where(xp.isnan(top), top, xp.maximum(top * top, bottom * bottom))
