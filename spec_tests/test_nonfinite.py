@@ -202,3 +202,17 @@ def test_batch_max_among_many_elements(bk: Harness, specials: list[float], want:
         )
         assert g[np.argmax(x)] == 1.0
         assert np.count_nonzero(g) == 1
+
+
+@pytest.mark.parametrize("center", [None, "mean", -2.0])
+@pytest.mark.parametrize(("specials", "nan_out"), [([inf, -inf], False), ([nan, inf, -inf], True)])
+def test_clipped_l2_among_many_elements(
+    bk: Harness, center: Any, specials: list[float], nan_out: bool
+) -> None:
+    """A clip tames ±inf but not NaN, also where both are present (a sum of NaN)."""
+    x = np.random.default_rng(5).normal(size=ROWS * V)
+    x[np.arange(len(specials)) * 997 + 11] = specials
+    reg = rg.L2(clip=(-3.0, 3.0), center=center)
+    value, metrics = bk.call(lambda a: reg.compute(None, a), bk.asarray(x))
+    for got in [bk.float(value), *rg.to_floats(metrics).values()]:
+        assert math.isnan(got) if nan_out else math.isfinite(got), (value, metrics)

@@ -24,7 +24,6 @@ __all__ = [
     "from_host",
     "has_autodiff",
     "max_",
-    "max_keeping_nan",
     "not_all_neg_inf",
     "reshape",
     "stop_gradient",
@@ -122,43 +121,47 @@ def max_(xp: Namespace, a: Array, axis: int | None = None) -> Array:
     where no NaN is reduced, and its derivative everywhere), made NaN by the sum of the same
     elements, which keeps NaN and which XLA computes in the max's pass: a NaN sum means a
     NaN, or +inf beside -inf, where the max is +inf. Only where it is +inf beside a NaN sum
-    does a third reduction decide (:func:`jax.lax.reduce` with a comparison that keeps NaN,
-    under ``lax.cond``, so not run otherwise; a constant for autodiff, since JAX
-    differentiates such a reduction slowly). Elsewhere ``xp.max``."""
+    does ``any(isnan)`` decide (under ``lax.cond``, so not run otherwise; a reduction XLA
+    partitions over sharded arrays, as it does not one with a comparison of its own).
+    Elsewhere ``xp.max``."""
     if not array_api_compat.is_jax_namespace(xp):
         return xp.max(a, axis=axis)
+    return _jax("max")(a, axis)
+
+
+_JAX: dict[str, Callable[..., Any]] = {}
+
+
+def _jax(name: str) -> Callable[..., Any]:
+    """The jitted JAX helper ``name``, made on first use. Jitted, so that a call on concrete
+    arrays compiles once per shape, not once per call (``lax.cond`` and ``lax.reduce``
+    trace their Python functions at each call); under a trace it is inlined."""
+    fn = _JAX.get(name)
+    if fn is None:
+        _JAX.update(_make_jax())
+        fn = _JAX[name]
+    return fn
+
+
+def _make_jax() -> dict[str, Callable[..., Any]]:
     import jax
+    import jax.numpy as jnp
 
     lax = jax.lax
 
-    def witness() -> Any:
-        return max_keeping_nan(lax.stop_gradient(a), axis)
+    def max_of(a: Any, axis: int | None) -> Any:
+        top = jnp.max(a, axis=axis)
+        total = jnp.sum(lax.stop_gradient(a), axis=axis)
+        nan = jnp.isnan(total)
+        unsure = jnp.logical_and(nan, top == math.inf)
+        fast = jnp.where(jnp.logical_and(nan, top != math.inf), total, top)
 
-    top = xp.max(a, axis=axis)
-    total = xp.sum(lax.stop_gradient(a), axis=axis)
-    nan = xp.isnan(total)
-    unsure = xp.logical_and(nan, top == math.inf)
-    fast = xp.where(xp.logical_and(nan, top != math.inf), total, top)
+        def decided() -> Any:
+            return jnp.where(jnp.any(jnp.isnan(lax.stop_gradient(a)), axis=axis), total, fast)
 
-    def decided() -> Any:
-        return xp.where(xp.isnan(witness()), total, fast)
+        return lax.cond(jnp.any(unsure), decided, lambda: fast)
 
-    return lax.cond(xp.any(unsure), decided, lambda: fast)
-
-
-def max_keeping_nan(a: Array, axis: int | None = None) -> Array:
-    """A JAX array's max by :func:`jax.lax.reduce` with a comparison that keeps NaN, on
-    every XLA backend (about twice a plain max's time on the CPU). JAX differentiates it
-    slowly, and ties otherwise than ``jnp.max``: for values (or under ``stop_gradient``)."""
-    import jax
-
-    lax = jax.lax
-    dims = tuple(range(a.ndim)) if axis is None else (axis % a.ndim,)
-
-    def pick(p: Any, q: Any) -> Any:  # associative and commutative, NaN from either side
-        return lax.select(lax.bitwise_or(lax.gt(p, q), lax.ne(p, p)), p, q)
-
-    return lax.reduce(a, jax.numpy.asarray(-math.inf, dtype=a.dtype), pick, dims)
+    return {"max": jax.jit(max_of, static_argnums=1)}
 
 
 def not_all_neg_inf(xp: Namespace, rows: Array) -> Array:

@@ -49,7 +49,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .._core.backends import max_keeping_nan
 from .._core.ops import clamp, row_norm_parts
 from .._core.rows import entropy_rows, jsd_rows, kl_rows, log_normalize
 
@@ -194,16 +193,18 @@ def _l2_unmasked(v: Any, lo: Any, hi: Any, center: Any, top: float) -> tuple[Any
 
     NaN: XLA's CPU backend drops it from a max or min, and from one fused into a sum (a NaN
     clipped to a bound). ``Σd²`` unclipped is NaN exactly where some ``v`` is (squares are
-    never negative), and stands for it; with a clip, ``v``'s max is taken by
-    :func:`_max_keeping_nan` instead, and stands for it."""
+    never negative), and stands for it; with a clip, ``v``'s sum and extrema do
+    (:func:`_has_nan`)."""
     return _with_nan(*_l2_unmasked_parts(v, lo, hi, center, top))
 
 
 def _l2_unmasked_parts(v: Any, lo: Any, hi: Any, center: Any, top: float) -> tuple[Any, Any, Any]:
     clipped = lo is not None or hi is not None
-    extrema = ((_same, _max_keeping_nan), (_same, jnp.min)) if clipped else _EXTREMA
+    # with a clip, Σv too, in the pass of the extrema (see _l2_unmasked)
+    extrema = (*_EXTREMA, (_same, jnp.sum)) if clipped else _EXTREMA
     if center == "mean":
-        total, high, low = _rows(v, (lambda u: clip(u, lo, hi), jnp.sum), *extrema)
+        total, high, low, *sums = _rows(v, (lambda u: clip(u, lo, hi), jnp.sum), *extrema)
+        bad = [_has_nan(v, high, low, sums[0])] if sums else []
         mu = total / v.shape[0]
         (raw,) = _rows(v, (lambda u: jnp.square(_shifted_clip(u, lo, hi, mu)), jnp.sum))
         high, low = clip(high, lo, hi) - mu, clip(low, lo, hi) - mu
@@ -211,8 +212,8 @@ def _l2_unmasked_parts(v: Any, lo: Any, hi: Any, center: Any, top: float) -> tup
         # Σ(c - mu)² is inf, or NaN where some c - mu is inf - inf, which only the extreme
         # c can be; u - mu in the shifted frame may be NaN where c - mu is not
         raw = jnp.where(jnp.isfinite(mu), raw, high * high + low * low)
-        # high is NaN where some v is: by the max keeping NaN, or (unclipped) by mu = Σv / n
-        return raw, jnp.maximum(jnp.abs(high), jnp.abs(low)), high
+        # (unclipped, mu = Σv / n is NaN where some v is)
+        return raw, jnp.maximum(jnp.abs(high), jnp.abs(low)), _nan_if(bad, mu)
     k = None if center is None else jnp.asarray(clamp(center, top), v.dtype)
 
     def deviation(u: Any) -> Any:
@@ -222,9 +223,10 @@ def _l2_unmasked_parts(v: Any, lo: Any, hi: Any, center: Any, top: float) -> tup
     if not clipped and k is None:
         raw, peak = _rows(v, (lambda u: u * u, jnp.sum), (jnp.abs, jnp.max))
         return raw, peak, raw
-    raw, high, low = _rows(v, (lambda u: jnp.square(deviation(u)), jnp.sum), *extrema)
+    raw, high, low, *sums = _rows(v, (lambda u: jnp.square(deviation(u)), jnp.sum), *extrema)
+    bad = [_has_nan(v, high, low, sums[0])] if sums else []
     high, low = deviation(high), deviation(low)
-    return raw, jnp.maximum(jnp.abs(high), jnp.abs(low)), high if clipped else raw
+    return raw, jnp.maximum(jnp.abs(high), jnp.abs(low)), _nan_if(bad, raw)
 
 
 def _with_nan(raw: Any, peak: Any, witness: Any) -> tuple[Any, Any]:
@@ -233,8 +235,19 @@ def _with_nan(raw: Any, peak: Any, witness: Any) -> tuple[Any, Any]:
     return jnp.where(nan, witness, raw), jnp.where(nan, witness, peak)
 
 
-def _max_keeping_nan(a: Any, axis: int | None = None) -> Any:
-    return max_keeping_nan(a, axis)  # (the primal only: the JVP is the closed form)
+def _has_nan(v: Any, high: Any, low: Any, total: Any) -> Any:
+    """Whether some ``v`` is NaN, from its max and min (exact where none is) and its sum.
+
+    A NaN sum means a NaN, or +inf beside -inf, which is then the max and the min; only
+    there does ``any(isnan(v))`` decide (``lax.cond``: not run otherwise)."""
+    nan = jnp.isnan(total)
+    unsure = nan & (high == jnp.inf) & (low == -jnp.inf)
+    return jax.lax.cond(unsure, lambda: jnp.any(jnp.isnan(v)), lambda: nan)
+
+
+def _nan_if(bad: list[Any], otherwise: Any) -> Any:
+    """NaN where ``bad`` (``[any(isnan(v))]``, with a clip) says so, else ``otherwise``."""
+    return jnp.where(bad[0], jnp.asarray(jnp.nan, otherwise.dtype), otherwise) if bad else otherwise
 
 
 def _shifted_clip(u: Any, lo: Any, hi: Any, mu: Any) -> Any:
