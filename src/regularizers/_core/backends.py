@@ -8,6 +8,7 @@ lazily, inside the functions, so ``import regularizers`` imports none of them.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -126,24 +127,14 @@ def max_(xp: Namespace, a: Array, axis: int | None = None) -> Array:
     Elsewhere ``xp.max``."""
     if not array_api_compat.is_jax_namespace(xp):
         return xp.max(a, axis=axis)
-    return _jax("max")(a, axis)
+    return _jax_max()(a, axis)
 
 
-_JAX: dict[str, Callable[..., Any]] = {}
-
-
-def _jax(name: str) -> Callable[..., Any]:
-    """The jitted JAX helper ``name``, made on first use. Jitted, so that a call on concrete
-    arrays compiles once per shape, not once per call (``lax.cond`` and ``lax.reduce``
-    trace their Python functions at each call); under a trace it is inlined."""
-    fn = _JAX.get(name)
-    if fn is None:
-        _JAX.update(_make_jax())
-        fn = _JAX[name]
-    return fn
-
-
-def _make_jax() -> dict[str, Callable[..., Any]]:
+@functools.cache
+def _jax_max() -> Callable[..., Any]:
+    """:func:`max_` on JAX, jitted and made on first use: a call on concrete arrays compiles
+    once per shape, not once per call (``lax.cond`` traces its branches at each call);
+    under a trace it is inlined."""
     import jax
     import jax.numpy as jnp
 
@@ -161,7 +152,7 @@ def _make_jax() -> dict[str, Callable[..., Any]]:
 
         return lax.cond(jnp.any(unsure), decided, lambda: fast)
 
-    return {"max": jax.jit(max_of, static_argnums=1)}
+    return jax.jit(max_of, static_argnums=1)
 
 
 def not_all_neg_inf(xp: Namespace, rows: Array) -> Array:

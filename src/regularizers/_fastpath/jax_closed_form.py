@@ -204,7 +204,7 @@ def _l2_unmasked_parts(v: Any, lo: Any, hi: Any, center: Any, top: float) -> tup
     extrema = (*_EXTREMA, (_same, jnp.sum)) if clipped else _EXTREMA
     if center == "mean":
         total, high, low, *sums = _rows(v, (lambda u: clip(u, lo, hi), jnp.sum), *extrema)
-        bad = [_has_nan(v, high, low, sums[0])] if sums else []
+        bad = _has_nan(v, high, low, sums[0]) if clipped else None
         mu = total / v.shape[0]
         (raw,) = _rows(v, (lambda u: jnp.square(_shifted_clip(u, lo, hi, mu)), jnp.sum))
         high, low = clip(high, lo, hi) - mu, clip(low, lo, hi) - mu
@@ -224,7 +224,7 @@ def _l2_unmasked_parts(v: Any, lo: Any, hi: Any, center: Any, top: float) -> tup
         raw, peak = _rows(v, (lambda u: u * u, jnp.sum), (jnp.abs, jnp.max))
         return raw, peak, raw
     raw, high, low, *sums = _rows(v, (lambda u: jnp.square(deviation(u)), jnp.sum), *extrema)
-    bad = [_has_nan(v, high, low, sums[0])] if sums else []
+    bad = _has_nan(v, high, low, sums[0]) if clipped else None
     high, low = deviation(high), deviation(low)
     return raw, jnp.maximum(jnp.abs(high), jnp.abs(low)), _nan_if(bad, raw)
 
@@ -235,6 +235,7 @@ def _with_nan(raw: Any, peak: Any, witness: Any) -> tuple[Any, Any]:
     return jnp.where(nan, witness, raw), jnp.where(nan, witness, peak)
 
 
+@jax.jit  # eagerly, compiled once per shape (lax.cond traces its branches at each call)
 def _has_nan(v: Any, high: Any, low: Any, total: Any) -> Any:
     """Whether some ``v`` is NaN, from its max and min (exact where none is) and its sum.
 
@@ -245,9 +246,12 @@ def _has_nan(v: Any, high: Any, low: Any, total: Any) -> Any:
     return jax.lax.cond(unsure, lambda: jnp.any(jnp.isnan(v)), lambda: nan)
 
 
-def _nan_if(bad: list[Any], otherwise: Any) -> Any:
-    """NaN where ``bad`` (``[any(isnan(v))]``, with a clip) says so, else ``otherwise``."""
-    return jnp.where(bad[0], jnp.asarray(jnp.nan, otherwise.dtype), otherwise) if bad else otherwise
+def _nan_if(bad: Any, otherwise: Any) -> Any:
+    """NaN where ``bad`` (:func:`_has_nan`, with a clip; else None) says so, else
+    ``otherwise``."""
+    if bad is None:
+        return otherwise
+    return jnp.where(bad, jnp.asarray(jnp.nan, otherwise.dtype), otherwise)
 
 
 def _shifted_clip(u: Any, lo: Any, hi: Any, mu: Any) -> Any:
