@@ -25,6 +25,7 @@ __all__ = [
     "from_host",
     "has_autodiff",
     "max_",
+    "nan_among",
     "not_all_neg_inf",
     "reshape",
     "stop_gradient",
@@ -138,21 +139,37 @@ def _jax_max() -> Callable[..., Any]:
     import jax
     import jax.numpy as jnp
 
-    lax = jax.lax
-
     def max_of(a: Any, axis: int | None) -> Any:
         top = jnp.max(a, axis=axis)
-        total = jnp.sum(lax.stop_gradient(a), axis=axis)
-        nan = jnp.isnan(total)
-        unsure = jnp.logical_and(nan, top == math.inf)
-        fast = jnp.where(jnp.logical_and(nan, top != math.inf), total, top)
-
-        def decided() -> Any:
-            return jnp.where(jnp.any(jnp.isnan(lax.stop_gradient(a)), axis=axis), total, fast)
-
-        return lax.cond(jnp.any(unsure), decided, lambda: fast)
+        total = jnp.sum(jax.lax.stop_gradient(a), axis=axis)
+        return jnp.where(nan_among(a, total, top, axis=axis), total, top)
 
     return jax.jit(max_of, static_argnums=1)
+
+
+def nan_among(
+    a: Array, total: Array, top: Array, bottom: Array | None = None, axis: int | None = None
+) -> Array:
+    """On JAX (inside a trace, or jitted by its caller): whether some element of ``a`` (along
+    ``axis``) is NaN, from ``total``, ``top`` and ``bottom``, the sum, max and min of the
+    same elements, which the caller's pass has (XLA's max and min drop NaN, but are exact
+    where no NaN is reduced).
+
+    A NaN sum means a NaN, or +inf beside -inf, which are then the max and the min. Only
+    where the sum is NaN beside a max of +inf (and a min of -inf, where ``bottom`` is given)
+    does ``any(isnan(a))`` decide, under ``lax.cond``: not run otherwise."""
+    import jax
+    import jax.numpy as jnp
+
+    nan = jnp.isnan(total)
+    unsure = jnp.logical_and(nan, top == math.inf)
+    if bottom is not None:
+        unsure = jnp.logical_and(unsure, bottom == -math.inf)
+
+    def decided() -> Any:
+        return jnp.any(jnp.isnan(jax.lax.stop_gradient(a)), axis=axis)
+
+    return jax.lax.cond(jnp.any(unsure), decided, lambda: nan)
 
 
 def not_all_neg_inf(xp: Namespace, rows: Array) -> Array:

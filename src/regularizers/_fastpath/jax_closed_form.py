@@ -49,6 +49,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .._core.backends import nan_among
 from .._core.ops import clamp, row_norm_parts
 from .._core.rows import entropy_rows, jsd_rows, kl_rows, log_normalize
 
@@ -237,13 +238,8 @@ def _with_nan(raw: Any, peak: Any, witness: Any) -> tuple[Any, Any]:
 
 @jax.jit  # eagerly, compiled once per shape (lax.cond traces its branches at each call)
 def _has_nan(v: Any, high: Any, low: Any, total: Any) -> Any:
-    """Whether some ``v`` is NaN, from its max and min (exact where none is) and its sum.
-
-    A NaN sum means a NaN, or +inf beside -inf, which is then the max and the min; only
-    there does ``any(isnan(v))`` decide (``lax.cond``: not run otherwise)."""
-    nan = jnp.isnan(total)
-    unsure = nan & (high == jnp.inf) & (low == -jnp.inf)
-    return jax.lax.cond(unsure, lambda: jnp.any(jnp.isnan(v)), lambda: nan)
+    """Whether some ``v`` is NaN, from its max and min and its sum (``nan_among``)."""
+    return nan_among(v, total, high, low)
 
 
 def _nan_if(bad: Any, otherwise: Any) -> Any:
