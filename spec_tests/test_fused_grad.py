@@ -948,7 +948,7 @@ def test_class_axis_penalties_by_the_triton_kernels(
     kernels and the generic path: rows of 5000 classes (two of the kernels' blocks of 4096,
     the maximum of a row in either), -inf classes in either block, a class -inf in the
     reference only (KL's support gap), a row of all -inf, NaN and +inf in masked rows and in
-    counted ones; Entropy with a threshold (a slope per row) too."""
+    counted ones (a NaN beside a gap: NaN); Entropy with a threshold (a slope per row) too."""
     import torch
 
     if not _triton_runs():
@@ -964,10 +964,11 @@ def test_class_axis_penalties_by_the_triton_kernels(
     r[3, 4300] = -float("inf")  # a support gap: KL +inf
     z[4] = -float("inf")  # a row of all -inf (not counted)
     z[5, 7] = float("nan")
+    r[5, 4400] = -float("inf")  # beside the NaN: a gap, but the row's KL is NaN
     r[6, 9] = float("inf")
     z[7, 3] = float("nan")  # never counted
     # counted: the finite rows (a finite value); then the gap's row too (+inf); then NaN's
-    for counted in ([0, 1, 2, 8], [0, 1, 2, 3, 8], [0, 1, 2, 3, 5, 6, 8]):
+    for counted in ([0, 1, 2, 8], [0, 1, 2, 3, 8], [0, 1, 2, 3, 5, 8], [0, 1, 2, 3, 5, 6, 8]):
         m = torch.zeros(9, dtype=torch.bool)
         m[counted] = True
         args = ({"ref": r.to(TORCH_DEVICE), "m": m.to(TORCH_DEVICE)}, z.to(TORCH_DEVICE))
@@ -1327,22 +1328,40 @@ def test_l2_mean_center_gradient_is_zero_at_uncounted_tokens(bk: Harness, first:
     _same(grad, want_grad)
 
 
-@pytest.mark.parametrize("direction", ["reverse", "symmetric"])
+@pytest.mark.parametrize("direction", ["reverse", "forward", "symmetric"])
 def test_kl_support_gap_beside_a_nan(bk: Harness, direction: str) -> None:
-    """A reference row holding both a NaN and a -inf (where a class of ``z`` is finite) has
-    a support gap: its KL is +inf, as on the generic path (a NaN must not hide the -inf
-    from the kernel's quick test of the rows)."""
+    """Rows holding both a NaN and a -inf where the other row's class is finite (in the
+    reference, then in ``z``), beside a true gap: the NaN wins (its row's KL and gradient
+    are NaN, NaN + inf being NaN), the gap's row is +inf with gradient 0, and the kernel
+    agrees with the generic path (a NaN must not hide the -inf from its quick test of the
+    rows, nor a gap hide the NaN)."""
     import torch
 
     dev = TORCH_DEVICE
-    z = torch.tensor([[0.0, 1.0, 2.0], [0.5, 0.5, 0.5]], device=dev, requires_grad=True)
-    data = {"r": torch.tensor([[math.nan, -math.inf, 0.0], [0.0, 1.0, 2.0]], device=dev)}
+    nan, inf = math.nan, math.inf
+    z = torch.tensor(
+        [[0.0, 1.0, 2.0], [nan, -inf, 0.0], [0.5, 0.5, 0.5], [0.0, 1.0, -inf]],
+        device=dev,
+        requires_grad=True,
+    )
+    r = [[nan, -inf, 0.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [0.0, 1.0, -inf]]
+    r[3 if direction == "forward" else 2] = [0.0, -inf, 1.0]  # the direction's true gap
+    data = {"r": torch.tensor(r, device=dev)}
     reg = rg.KL(reference=rg.Field("r"), direction=direction)
     (value, metrics, grad), (want, want_metrics, want_grad) = _both_paths(reg, data, z)
+    assert value.grad_fn.name() == ROUTED
     for k in want_metrics:
         _same(metrics[k], want_metrics[k])
     _same(value, want)
     _same(grad, want_grad, atol=1e-6)
+    assert value.detach().isnan()
+    assert grad[:2].isnan().all()
+    gap = 3 if direction == "forward" else 2
+    rows = [reg.compute({"r": data["r"][i : i + 1]}, z.detach()[i : i + 1])[0] for i in range(4)]
+    assert [bool(v.isnan()) for v in rows] == [True, True, False, False]
+    assert rows[gap] == inf
+    if direction != "symmetric":  # (symmetric: the other direction's share is finite)
+        assert (grad[gap] == 0).all()
 
 
 @pytest.mark.parametrize("name", ["KL", "JSD", "Entropy"])

@@ -216,3 +216,61 @@ def test_clipped_l2_among_many_elements(
     value, metrics = bk.call(lambda a: reg.compute(None, a), bk.asarray(x))
     for got in [bk.float(value), *rg.to_floats(metrics).values()]:
         assert math.isnan(got) if nan_out else math.isfinite(got), (value, metrics)
+
+
+# ---- a NaN beside a support gap ----------------------------------------------------------------
+# Row 0 finite; row 1 a NaN in the scores and a class -inf there where the reference's is finite;
+# row 2 a NaN in the reference and a class -inf there where the scores' is finite; row 3 a true
+# support gap (the reference -inf where the scores are finite), row 4 the other way round.
+_GAP_Z = [[0.0, 1.0, 2.0], [nan, -inf, 0.0], [0.5, 0.0, 0.5], [0.0, 1.0, 2.0], [1.0, -inf, 0.0]]
+_GAP_R = [[1.0, 0.0, 2.0], [0.0, 1.0, 2.0], [nan, -inf, 0.0], [0.0, -inf, 1.0], [0.0, 1.0, 2.0]]
+
+
+@pytest.mark.parametrize(
+    "reg",
+    [
+        rg.KL(rg.Field("other")),
+        rg.KL(rg.Field("other"), direction="forward"),
+        rg.KL(rg.Field("other"), direction="symmetric"),
+        rg.Consistency(rg.Field("other"), metric="kl"),
+    ],
+    ids=repr,
+)
+def test_nan_beside_a_support_gap_is_nan(bk: Harness, reg: rg.Regularizer) -> None:
+    """A row holding a NaN is NaN, value and gradient, even where it also has a support gap
+    (whose KL alone is +inf): NaN + inf is NaN, and NaN propagates. The true gaps stay +inf
+    with gradient 0 in their direction; the closed form and autodiff agree."""
+    z, r = np.asarray(_GAP_Z), np.asarray(_GAP_R)
+    direction = getattr(reg, "direction", "symmetric")
+    gap_row = {"reverse": 3, "forward": 4}.get(direction)  # (symmetric: both are +inf)
+
+    def per_row(i: int) -> float:
+        fn = lambda lp, ref: reg.compute({"other": ref}, lp)[0]  # noqa: E731
+        with np.errstate(all="ignore"):
+            return bk.float(bk.call(fn, bk.asarray(z[i : i + 1]), bk.asarray(r[i : i + 1])))
+
+    rows = [per_row(i) for i in range(5)]
+    assert math.isfinite(rows[0]), rows
+    assert math.isnan(rows[1]), rows
+    assert math.isnan(rows[2]), rows
+    gaps = [3, 4] if gap_row is None else [gap_row]
+    assert all(rows[i] == inf for i in gaps), rows
+    with np.errstate(all="ignore"):
+        value, metrics, grad = bk.call(
+            lambda lp, ref: reg.value_and_grad({"other": ref}, lp), bk.asarray(z), bk.asarray(r)
+        )
+    assert math.isnan(bk.float(value))
+    assert all(math.isnan(v) for v in rg.to_floats(metrics).values()), metrics
+    grads = [np.asarray(bk.to_numpy(grad), dtype=np.float64)]
+    if bk.backend.has_autodiff:
+        ref = bk.asarray(r)
+        for generic in (True, False):
+            g = bk.autodiff(
+                lambda lp: reg.compute({"other": ref}, lp)[0], bk.asarray(z), generic=generic
+            )
+            grads.append(np.asarray(bk.to_numpy(g), dtype=np.float64))
+    for g in grads:
+        assert np.isnan(g[1:3]).all(), g
+        assert np.isfinite(g[[0, *[i for i in (3, 4) if i not in gaps]]]).all(), g
+        if gap_row is not None:
+            assert (g[gap_row] == 0).all(), g

@@ -82,9 +82,15 @@ def entropy_rows(
     return h, dh
 
 
-def _gap(xp: Namespace, here: Array, there: Array) -> Array:
-    """``[c]``: some class is kept in ``here`` but -inf in ``there`` (a support gap)."""
-    return xp.any(xp.logical_and(here, xp.logical_not(there)), axis=-1)
+def _gaps(xp: Namespace, here: Array, there: Array, finite: Array) -> Array:
+    """``[c]``: the rows whose KL is +inf: some class is kept in ``here`` but -inf in
+    ``there`` (a support gap), and the row's KL with safe logs, ``finite``, is not NaN.
+
+    A NaN among the scores (or +inf, whose softmax is NaN) makes the whole row's KL NaN, gap
+    or not, as IEEE arithmetic has it (NaN + inf is NaN): NaN propagates, and a row that
+    holds one is not reported as a support gap."""
+    gap = xp.any(xp.logical_and(here, xp.logical_not(there)), axis=-1)
+    return xp.logical_and(gap, xp.logical_not(xp.isnan(finite)))
 
 
 def kl_rows(
@@ -95,7 +101,8 @@ def kl_rows(
     ``"reverse"``: KL(p‖q); ``"forward"``: KL(q‖p); ``"symmetric"``: their mean. Returns the
     ``[c]`` values and (``grad``) d value / d ``z``: reverse ``p ⊙ (log p - log q - KL)/T``,
     forward ``(p - q)/T``. A row with a support gap (the first distribution > 0 where the
-    second is 0) is +inf, with gradient 0.
+    second is 0) is +inf, with gradient 0, unless the row holds a NaN: then its KL is NaN,
+    and so is its gradient (:func:`_gaps`).
     """
     logp, p, _, kp = log_softmax(xp, z / temperature if temperature != 1.0 else z)
     rt = r / temperature if temperature != 1.0 else r
@@ -107,7 +114,7 @@ def kl_rows(
     if direction in ("reverse", "symmetric"):
         diff = logp - logq  # safe logs: 0 · finite where p = 0, finite where p > 0 off a gap
         finite = xp.sum(p * diff, axis=-1)
-        gap = _gap(xp, kp, kq)
+        gap = _gaps(xp, kp, kq, finite)
         values.append(xp.where(gap, inf, finite))
         if grad:
             g = p * (diff - xp.reshape(finite, (-1, 1)))
@@ -115,7 +122,7 @@ def kl_rows(
     if direction in ("forward", "symmetric"):
         assert q is not None
         finite = xp.sum(q * (logq - logp), axis=-1)
-        gap = _gap(xp, kq, kp)
+        gap = _gaps(xp, kq, kp, finite)
         values.append(xp.where(gap, inf, finite))
         if grad:
             grads.append(xp.where(xp.reshape(gap, (-1, 1)), zero, p - q))

@@ -23,7 +23,8 @@ kernels on fresh buffers, mostly in place, with no ``[n, V]`` ``where``:
   (:func:`_drop`), never multiplied by 0.
 - **support gaps** of a KL (a class not -inf in one distribution and -inf in the other:
   the token's KL is +inf, that direction's gradient 0): one ``amin`` per row finds the rows
-  where the other operand holds a -inf (or a NaN), and only those are checked exactly.
+  where the other operand holds a -inf (or a NaN), and only those are checked exactly. A row
+  that holds a NaN is not a gap: its KL, and its gradient, are NaN.
 
 Per-token penalties, their reduction (every ``reduce`` mode, ``counts``) and the metrics come
 from the Batch's helpers, as on the generic path; the gradient is ``scale`` times a
@@ -224,6 +225,16 @@ def _gap(first: Any, second: Any) -> Any:
     a, b = first.index_select(0, idx), second.index_select(0, idx)
     gap.index_copy_(0, idx, ((a != -_INF) & (b == -_INF)).any(-1))
     return gap
+
+
+def _unless_nan(gap: Any, of: Any) -> Any:
+    """``gap`` without the rows where ``of`` (``[c]``, or ``[c, k]``) is NaN, which a NaN
+    among the row's scores makes it: there the KL is NaN, gap or not (NaN + inf is NaN), as
+    on the generic path (``rows._gaps``); None (no gap) stays None."""
+    if gap is None:
+        return None
+    nan = of.isnan()
+    return gap & ~(nan if nan.ndim == 1 else nan.any(-1))
 
 
 def _at_gaps(gap: Any, kl: Any) -> Any:
@@ -452,7 +463,8 @@ class KLGrad:
     """KL between ``p = softmax(z/T)`` and ``q = softmax(r/T)``: reverse ``Σ p (log p -
     log q)``, gradient ``p (log p - log q - KL) / T``; forward ``Σ q (log q - log p)``,
     gradient ``(p - q) / T``; symmetric, their mean. A token with a support gap is +inf and
-    its direction's gradient 0 (its KL replaced by 0 first, so that the row stays finite).
+    its direction's gradient 0 (its KL replaced by 0 first, so that the row stays finite),
+    unless the token's scores hold a NaN: then its KL and its gradient are NaN.
     Kept: ``p``, ``log p - log q`` (and ``q``); or both ``(m, log s)``."""
 
     @staticmethod
@@ -469,6 +481,9 @@ class KLGrad:
         tri = torch_triton.kl_forward(v, r, t) if usable else None
         if tri is not None:
             kl_r, lse, gap_r = tri
+            # (a NaN or +inf among a row's scores makes its lse NaN; its kl may be NaN at a
+            # true gap too, where a p that underflows to 0 meets the -inf: 0 · inf)
+            gap_r = _unless_nan(gap_r, lse)
             per = _at_gaps(gap_r, kl_r)
             kl_r.masked_fill_(gap_r, 0.0)  # (as below)
             value, metrics = _finish(batch, "kl", per)
@@ -511,12 +526,13 @@ class KLGrad:
         kl_r = gap_r = gap_f = None
         values = []  # (each direction's KL, +inf at its gap rows; a gap None: it has none)
         if reverse:
-            kl_r, gap_r = revs.out, gaps_r.out
+            kl_r = revs.out
+            gap_r = _unless_nan(gaps_r.out, kl_r)  # (finite logs: NaN from the data only)
             values.append(kl_r if gap_r is None else _at_gaps(gap_r, kl_r))
             if gap_r is not None:
                 kl_r.masked_fill_(gap_r, 0.0)  # (for the gradient, whose row is 0: finite)
         if forward:
-            gap_f = gaps_f.out
+            gap_f = _unless_nan(gaps_f.out, fwds.out)
             values.append(fwds.out if gap_f is None else _at_gaps(gap_f, fwds.out))
         per = values[0] if len(values) == 1 else 0.5 * (values[0] + values[1])
         value, metrics = _finish(batch, "kl", per)

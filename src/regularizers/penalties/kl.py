@@ -41,6 +41,8 @@ class KL(OverClasses, name="kl"):
     scores are all -inf is not counted (not in the value, the gradient, ``N`` or ``S``).
     Where the first distribution is > 0 and the second is 0 (a score finite in one and -inf
     in the other) the token's KL is +inf, as it should be; its gradient is then 0, never NaN.
+    A NaN among the token's scores or reference scores makes its KL and gradient NaN, gap or
+    not (NaN + inf is NaN).
 
     Metrics: ``kl_raw`` (Σ over tokens), ``kl_mean`` (per counted token), ``kl_max``.
 
