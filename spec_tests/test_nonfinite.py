@@ -274,3 +274,49 @@ def test_nan_beside_a_support_gap_is_nan(bk: Harness, reg: rg.Regularizer) -> No
         assert np.isfinite(g[[0, *[i for i in (3, 4) if i not in gaps]]]).all(), g
         if gap_row is not None:
             assert (g[gap_row] == 0).all(), g
+
+
+@pytest.mark.parametrize(
+    "reg",
+    [
+        rg.ZLoss(),
+        rg.Entropy(),
+        rg.KL(rg.Field("other")),
+        rg.KL(rg.Field("other"), direction="forward"),
+        rg.JSD(rg.Field("other")),
+        rg.Consistency(rg.Field("other"), metric="kl"),
+    ],
+    ids=repr,
+)
+# inf - inf is the point (NumPy warns of it; Dask computes in threads np.errstate cannot reach)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_positive_infinity_among_scores_is_nan(bk: Harness, reg: rg.Regularizer) -> None:
+    """A score of +inf has no softmax (inf / inf), nor a log-sum-exp by the shift every
+    path takes (inf - inf): its row is NaN, value, metrics and gradient, on every backend
+    and path (torch's own ``logsumexp`` gives +inf there, which ZLoss's kernel took)."""
+    z = np.array([[0.0, inf, 1.0], [1.0, 2.0, 3.0]])
+    r = np.array([[0.5, 0.0, 1.0], [0.0, 1.0, 2.0]])
+    call = lambda lp, ref: reg.value_and_grad({"other": ref}, lp)  # noqa: E731
+    with np.errstate(all="ignore"):
+        value, metrics, grad = bk.call(call, bk.asarray(z), bk.asarray(r))
+        plain = bk.call(
+            lambda lp, ref: reg.compute({"other": ref}, lp), bk.asarray(z), bk.asarray(r)
+        )
+    values = [bk.float(value), bk.float(plain[0])]
+    floats = [rg.to_floats(metrics), rg.to_floats(plain[1])]
+    grads = [np.asarray(bk.to_numpy(grad), dtype=np.float64)]
+    if bk.library == "torch":  # the route autograd takes: the closed form's node
+        import torch
+
+        leaf = torch.tensor(z, requires_grad=True)
+        v, m = reg.compute({"other": torch.tensor(r)}, leaf)
+        (g,) = torch.autograd.grad(v, leaf)
+        values.append(float(v.detach()))
+        floats.append(rg.to_floats(m))
+        grads.append(g.numpy())
+    assert all(math.isnan(v) for v in values), values
+    for f in floats:
+        assert all(math.isnan(x) for k, x in f.items()), f
+    for g in grads:
+        assert np.isnan(g[0]).all(), g
+        assert np.isfinite(g[1]).all(), g

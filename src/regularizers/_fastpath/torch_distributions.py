@@ -402,6 +402,18 @@ def _entropy_penalty(o: dict[str, Any], h: Any, size: int) -> tuple[Any, Any]:
 
 
 # ---- ZLoss -----------------------------------------------------------------------------------
+def _logsumexp(z: Any) -> Any:
+    """``torch.logsumexp`` of rows ``[c, V]`` (``[c, 1]``), NaN where a row holds +inf, as
+    the generic path's ``m + log Σ exp(z - m)`` is there (``inf - inf``), where torch gives
+    +inf. Its +inf stays where ``m + log s`` overflows from finite scores. On the CPU the
+    rows' max is taken only where some lse is +inf (read on the host, no device to sync)."""
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    hot = lse == _INF
+    if z.device.type == "cpu" and not bool(hot.any()):
+        return lse
+    return lse.masked_fill_(hot & (z.amax(-1, keepdim=True) == _INF), math.nan)
+
+
 class ZLossGrad:
     """ZLoss: ``log Z`` per row (as the generic path computes it); the gradient
     ``2 log Z · softmax(z)``. Kept: ``softmax(z)``; or nothing but ``log Z``."""
@@ -418,7 +430,7 @@ class ZLossGrad:
         norms, kept = _Rows(v, blocks, 1 if fused else 2), []
         for sl in blocks:
             if fused:  # (-inf for a row of all -inf, which does not count)
-                norms.put(sl, torch.logsumexp(v[sl], -1, keepdim=True))
+                norms.put(sl, _logsumexp(v[sl]))
                 continue
             raw, norm = _log_normalize(v[sl])
             norms.put(sl, norm)
