@@ -125,3 +125,26 @@ def test_on_policy_value_at_a_logprob_of_minus_inf_is_infinite(bk: Harness, mode
             value3, _ = reg.compute(None, leaf)
         assert value3.grad_fn is not None
         assert bk.float(value3.detach()) == want
+
+
+@pytest.mark.parametrize("mode", ["maximize", "minimize"])
+def test_on_policy_gradient_at_a_non_finite_logprob_is_the_closed_forms(
+    bk: Harness, mode: str
+) -> None:
+    """The gradient ±(lp + 1) holds at lp = ±inf and NaN too (±inf propagates, and so does
+    NaN), by ``value_and_grad`` and by the backend's autodiff as users get it: the generic
+    path's ratio is a constant there (its derivative would be ±1), so JAX takes the closed
+    form as torch's route does."""
+    reg = rg.SampledEntropy(mode=mode)
+    lp = np.array([-np.inf, np.inf, np.nan, -0.5])
+    want = SIGN[mode] * (lp + 1.0)
+    x = bk.asarray(lp)
+    with np.errstate(all="ignore"):
+        _, _, grad = bk.call(traced(reg, "vag"), x, None)
+        grads = [bk.to_numpy(grad)]
+        if bk.backend.has_autodiff:
+            grads.append(
+                bk.to_numpy(bk.autodiff(lambda a: reg.compute(None, a)[0], x, generic=False))
+            )
+    for g in grads:
+        np.testing.assert_array_equal(np.asarray(g, dtype=np.float64), want)

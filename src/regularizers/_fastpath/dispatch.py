@@ -168,9 +168,9 @@ def try_jax(reg: Any, batch: Any) -> tuple[Any, dict[str, Any]] | None:
         return None
     if not ENABLED.get():
         return None
-    from .jax_closed_form import ROUTED, value_and_metrics
+    from .jax_closed_form import routed, value_and_metrics
 
-    return value_and_metrics(reg, batch) if reg.name in ROUTED else None
+    return value_and_metrics(reg, batch) if routed(reg) else None
 
 
 def try_value_and_grad(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:

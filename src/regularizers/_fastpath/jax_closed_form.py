@@ -53,7 +53,7 @@ from .._core.backends import nan_among
 from .._core.ops import clamp, row_norm_parts
 from .._core.rows import entropy_rows, jsd_rows, kl_rows, log_normalize
 
-__all__ = ["GRAD", "PRIMAL", "ROUTED", "value_and_metrics"]
+__all__ = ["GRAD", "PRIMAL", "ROUTED", "routed", "value_and_metrics"]
 
 Out = tuple[Any, dict[str, Any]]
 
@@ -495,3 +495,14 @@ ROWS: dict[str, Callable[[Any, Any], Out]] = {
 # it, which a custom_jvp closed over it cannot do), and those of ``ROWS``, whose custom_jvp
 # takes the reference as an argument.
 ROUTED = frozenset({"l1_sparsity", "l2_weight_decay", "huber", "elastic_net", *ROWS})
+
+
+def routed(reg: Any) -> bool:
+    """Whether ``reg`` takes this closed form: a built-in of :data:`ROUTED`, or SampledEntropy
+    without ``behavior`` (then it reads nothing but its target). The generic path's ratio
+    ``exp(lp - stop_gradient(lp))`` is a constant at a non-finite ``lp`` (where ``lp - lp``
+    would make the value NaN), so JAX's own derivative there is ``±1`` where the closed form
+    ``±(lp + 1)`` is ±inf, or NaN at a NaN, as on every other path."""
+    if reg.name == "sampled_entropy":
+        return reg._opts["behavior"] is None
+    return reg.name in ROUTED
