@@ -357,11 +357,16 @@ def z_loss(reg: Any, batch: Any) -> Out:
 
 
 def _against_reference(
-    closed: Callable[[Any, Any, bool], tuple[Any, Any]],
+    closed: Callable[[Any, Any, bool], tuple[Any, Any]], keep: Any
 ) -> Callable[[Any, Any], Any]:
     """The per-row penalty of ``(z, r)`` that ``closed(z, r, grad)`` computes (``kl_rows``,
     ``jsd_rows``): its JVP in ``z`` is the closed form; a reference being differentiated too
-    (rare) gets JAX's derivative of the same maths."""
+    (rare) gets JAX's derivative of the same maths.
+
+    ``keep`` (``[n]`` bool, or None) is the Batch's mask: its slope is 0 at the rows it
+    drops. The rows :meth:`Batch.restrict` drops keep their values, and a row of ``z``
+    holding +inf or NaN beside a reference row of all -inf has a NaN slope, which the
+    cotangent 0 of a dropped row would otherwise carry back as NaN (``0 · NaN``)."""
 
     def plain(z: Any, r: Any) -> Any:
         return closed(z, r, False)[0]
@@ -377,6 +382,8 @@ def _against_reference(
         value, g = closed(z, r, True)
         if _symbolic_zero(dz):
             return value, jnp.zeros_like(value)
+        if keep is not None:
+            g = jnp.where(jnp.reshape(keep, (-1, 1)), g, jnp.zeros((), g.dtype))
         return value, jnp.sum(g * dz, axis=-1)
 
     rows.defjvp(jvp, symbolic_zeros=True)
@@ -391,7 +398,7 @@ def _reference_penalty(
 
     def penalty(reg: Any, batch: Any) -> Out:
         ref = batch.field(reg.reference, role="reference", counted=False)
-        rows = _against_reference(lambda z, r, grad: closed(reg, z, r, grad))
+        rows = _against_reference(lambda z, r, grad: closed(reg, z, r, grad), batch.mask)
         p = rows(batch.values, ref)
         raw = batch.sum(p)
         return batch.aggregate(p, total=raw), batch.metrics(name, p, total=raw)

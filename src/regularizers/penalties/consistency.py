@@ -115,9 +115,10 @@ class Consistency(OverClasses, name="consistency"):
                 value, g = elementwise(xp, x, y, how, grad)
             return [value], g
 
-        # an element -inf in both arrays is dropped by restrict: zero it, as its pair is
-        zero = how in ELEMENTWISE
-        (p,), g = blockwise(batch, rows, [self._paired(batch)], grad=grad, zero_values=zero)
+        # what restrict drops (an element -inf in both arrays, a row all -inf in either) is
+        # zeroed, as its pair is: a row of +inf or NaN beside a dropped one would otherwise
+        # give autodiff a NaN slope times the dropped row's cotangent 0
+        (p,), g = blockwise(batch, rows, [self._paired(batch)], grad=grad, zero_values=True)
         raw = batch.sum(p)
         return batch.aggregate(p, total=raw), batch.metrics("consistency", p, total=raw), g
 
@@ -139,7 +140,8 @@ def cosine_rows(xp: Namespace, x: Array, y: Array, grad: bool) -> tuple[Array, A
     Classes that are -inf in either row are left out; each row is scaled by its largest
     ``|value|`` first (a constant for autodiff: the cosine does not depend on it), so that no
     square overflows or underflows. A pair of zero rows gives 0, one zero row 1, and the
-    gradient at a zero row is 0.
+    gradient at a zero row is 0. A row holding NaN or +inf has no direction (its scaled norm
+    is NaN): the pair is NaN, value and gradient, even beside a zero row.
     """
     zero, one = const(xp, 0.0, x), const(xp, 1.0, x)
     drop = xp.logical_or(x == -xp.inf, y == -xp.inf)
@@ -148,7 +150,11 @@ def cosine_rows(xp: Namespace, x: Array, y: Array, grad: bool) -> tuple[Array, A
     xs, nx, sx = _unit(xp, x)
     ys, ny, _ = _unit(xp, y)
     x0, y0 = nx == zero, ny == zero  # zero rows (NaN is neither: it propagates)
-    pos = xp.logical_not(xp.logical_or(x0, y0))
+    # the zero-row conventions hold beside a row with a direction: NaN or +inf (a NaN
+    # norm) makes the pair NaN through the formula, under autodiff too (no where of it)
+    pos = xp.logical_or(
+        xp.logical_not(xp.logical_or(x0, y0)), xp.logical_or(xp.isnan(nx), xp.isnan(ny))
+    )
     nx_, ny_ = xp.where(x0, one, nx), xp.where(y0, one, ny)
     xh, yh = xs / nx_, ys / ny_
     diff = xh - yh

@@ -87,6 +87,8 @@ class JSD(OverClasses, name="jsd"):
             value, g = jsd_rows(xp, z, r, self.beta, self.temperature, grad)
             return [value], g
 
-        (p,), g = blockwise(batch, rows, [self._reference(batch)], grad=grad)
+        # (a row dropped for its reference's all -inf keeps scores that may be +inf or NaN:
+        # zeroed, as the reference's row is, so that autodiff has no NaN slope there)
+        (p,), g = blockwise(batch, rows, [self._reference(batch)], grad=grad, zero_values=True)
         raw = batch.sum(p)
         return batch.aggregate(p, total=raw), batch.metrics("jsd", p, total=raw), g

@@ -98,6 +98,8 @@ class KL(OverClasses, name="kl"):
             value, g = kl_rows(xp, z, r, how, t, grad)
             return [value], g
 
-        (p,), g = blockwise(batch, rows, [self._reference(batch)], grad=grad)
+        # (a row dropped for its reference's all -inf keeps scores that may be +inf or NaN:
+        # zeroed, as the reference's row is, so that autodiff has no NaN slope there)
+        (p,), g = blockwise(batch, rows, [self._reference(batch)], grad=grad, zero_values=True)
         raw = batch.sum(p)
         return batch.aggregate(p, total=raw), batch.metrics("kl", p, total=raw), g
