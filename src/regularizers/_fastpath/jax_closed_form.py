@@ -357,13 +357,14 @@ def z_loss(reg: Any, batch: Any) -> Out:
 
 
 def _against_reference(
-    closed: Callable[[Any, Any, bool], tuple[Any, Any]], keep: Any
-) -> Callable[[Any, Any], Any]:
+    closed: Callable[[Any, Any, bool], tuple[Any, Any]],
+) -> Callable[[Any, Any, Any], Any]:
     """The per-row penalty of ``(z, r)`` that ``closed(z, r, grad)`` computes (``kl_rows``,
     ``jsd_rows``): its JVP in ``z`` is the closed form; a reference being differentiated too
     (rare) gets JAX's derivative of the same maths.
 
-    ``keep`` (``[n]`` bool, or None) is the Batch's mask: its slope is 0 at the rows it
+    ``keep`` (``[n]`` bool, or None) is the Batch's mask, an argument (a custom_jvp closed
+    over a traced mask fails under ``jax.grad(jax.jit(f))``): the slope is 0 at the rows it
     drops. The rows :meth:`Batch.restrict` drops keep their values, and a row of ``z``
     holding +inf or NaN beside a reference row of all -inf has a NaN slope, which the
     cotangent 0 of a dropped row would otherwise carry back as NaN (``0 · NaN``)."""
@@ -372,11 +373,11 @@ def _against_reference(
         return closed(z, r, False)[0]
 
     @jax.custom_jvp
-    def rows(z: Any, r: Any) -> Any:
+    def rows(z: Any, r: Any, keep: Any) -> Any:
         return plain(z, r)
 
     def jvp(primals: Any, tangents: Any) -> Any:
-        (z, r), (dz, dr) = primals, tangents
+        (z, r, keep), (dz, dr, _) = primals, tangents
         if not _symbolic_zero(dr):
             return jax.jvp(plain, (z, r), (_tangent(dz, z), dr))
         value, g = closed(z, r, True)
@@ -398,8 +399,8 @@ def _reference_penalty(
 
     def penalty(reg: Any, batch: Any) -> Out:
         ref = batch.field(reg.reference, role="reference", counted=False)
-        rows = _against_reference(lambda z, r, grad: closed(reg, z, r, grad), batch.mask)
-        p = rows(batch.values, ref)
+        rows = _against_reference(lambda z, r, grad: closed(reg, z, r, grad))
+        p = rows(batch.values, ref, batch.mask)
         raw = batch.sum(p)
         return batch.aggregate(p, total=raw), batch.metrics(name, p, total=raw)
 
