@@ -394,9 +394,15 @@ def _log_softmax(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _kl(loga: np.ndarray, a: np.ndarray, logb: np.ndarray) -> np.ndarray:
-    """KL(a‖b) per row: Σ over a's support (finite scores) of a(log a - log b); a class
-    with a > 0 and b = 0 makes it +inf."""
-    return np.sum(np.where(np.isfinite(loga), a * (loga - logb), 0.0), axis=-1)
+    """KL(a‖b) per row: Σ over a's support (log a > -inf) of a(log a - log b); a class
+    with a > 0 and b = 0 makes it +inf, and a NaN anywhere in the row (not a class outside
+    the support: ``NaN > -inf`` is False, so the test is ``!= -inf``) makes it NaN."""
+    return np.sum(np.where(_support(loga), a * (loga - logb), 0.0), axis=-1)
+
+
+def _support(loga: np.ndarray) -> np.ndarray:
+    """The classes of a distribution's support, and its NaNs (which must propagate)."""
+    return loga != -np.inf
 
 
 def _rows_ok(*arrays: np.ndarray) -> np.ndarray:
@@ -419,7 +425,7 @@ def _kl_and_grad(
     parts, grads = [], []
     if direction in ("reverse", "symmetric"):
         kl = _kl(logp, p, logq)
-        g = np.where(np.isfinite(logp), p * (logp - logq - kl[:, None]), 0.0)
+        g = np.where(_support(logp), p * (logp - logq - kl[:, None]), 0.0)
         parts.append(kl)
         grads.append(np.where(np.isinf(kl)[:, None], 0.0, g))
     if direction in ("forward", "symmetric"):
@@ -454,7 +460,7 @@ def ref_jsd(reg: rg.JSD, b: RefBatch) -> tuple[float, dict[str, float], np.ndarr
     logm = np.log(beta * q + (1 - beta) * p)  # in probability space: independent of ours
     kl_pm = _kl(logp, p, logm)
     value = beta * _kl(logq, q, logm) + (1 - beta) * kl_pm
-    g = np.where(np.isfinite(logp), p * (logp - logm - kl_pm[:, None]), 0.0)
+    g = np.where(_support(logp), p * (logp - logm - kl_pm[:, None]), 0.0)
     return b.aggregate(value), b.metrics("jsd", value), b.aggregate_grad((1 - beta) * g / t)
 
 
@@ -462,7 +468,7 @@ def ref_jsd(reg: rg.JSD, b: RefBatch) -> tuple[float, dict[str, float], np.ndarr
 def ref_entropy(reg: rg.Entropy, b: RefBatch) -> tuple[float, dict[str, float], np.ndarray]:
     t, size = reg.temperature, b.values.shape[-1]
     logp, p, _ = _log_softmax(b.values / t)
-    plogp = np.where(np.isfinite(logp), p * logp, 0.0)
+    plogp = np.where(_support(logp), p * logp, 0.0)
     h = -plogp.sum(-1)
     dh = -(plogp + p * h[:, None]) / t  # -p (log p + H) / T, 0 at -inf classes
     log_v = math.log(size)

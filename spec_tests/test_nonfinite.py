@@ -320,3 +320,59 @@ def test_positive_infinity_among_scores_is_nan(bk: Harness, reg: rg.Regularizer)
     for g in grads:
         assert np.isnan(g[0]).all(), g
         assert np.isfinite(g[1]).all(), g
+
+
+# ---- the reference on special rows --------------------------------------------------------------
+# Row 0 finite; 1 a NaN among the scores; 2 a NaN in the reference; 3 a score of +inf; 4 a class
+# -inf in the scores only; 5 a support gap (the reference -inf where the scores are finite).
+_SPECIAL_Z = [
+    [0.0, 1.0, 2.0],
+    [nan, 0.0, 1.0],
+    [0.5, 0.0, 0.5],
+    [0.0, inf, 1.0],
+    [1.0, -inf, 0.0],
+    [0.0, 1.0, 2.0],
+]
+_SPECIAL_R = [
+    [1.0, 0.0, 2.0],
+    [0.0, 1.0, 2.0],
+    [nan, 0.0, 1.0],
+    [0.5, 0.0, 1.0],
+    [0.0, 1.0, 2.0],
+    [0.0, -inf, 1.0],
+]
+
+
+@pytest.mark.parametrize(
+    "reg",
+    [
+        rg.KL(rg.Field("other")),
+        rg.KL(rg.Field("other"), direction="forward"),
+        rg.KL(rg.Field("other"), direction="symmetric"),
+        rg.JSD(rg.Field("other")),
+        rg.Entropy(),
+        rg.Entropy(mode="maximize", normalize=True),
+        rg.ZLoss(),
+    ],
+    ids=repr,
+)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_reference_agrees_on_special_rows(bk: Harness, reg: rg.Regularizer) -> None:
+    """The suite's float64 reference (``reference.py``) is the oracle of the fuzz and property
+    tests; on rows holding NaN, +inf or -inf it must say what the library does, row by row:
+    NaN where a row holds a NaN (a NaN among the scores is not a class outside the support)."""
+    from .reference import reference
+
+    z, r = np.asarray(_SPECIAL_Z), np.asarray(_SPECIAL_R)
+    for i in range(len(z)):
+        data = {"other": r[i : i + 1]}
+        want, _, want_g = reference(reg, z[i : i + 1], data=data)
+        with np.errstate(all="ignore"):
+            value, _, g = bk.call(
+                lambda lp, ref: reg.value_and_grad({"other": ref}, lp),
+                bk.asarray(z[i : i + 1]),
+                bk.asarray(r[i : i + 1]),
+            )
+        got, got_g = bk.float(value), np.asarray(bk.to_numpy(g), dtype=np.float64).reshape(-1)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12, err_msg=f"row {i} value")
+        np.testing.assert_allclose(got_g, want_g, rtol=1e-6, atol=1e-12, err_msg=f"row {i} grad")
