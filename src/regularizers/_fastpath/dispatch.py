@@ -98,24 +98,35 @@ def try_route(
     first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
     if type(first).__module__ not in _TORCH_MODULES or _torch_compiling() or not _routable(reg):
         return None
-    from .torch_autograd import compute, compute_plain
-    from .torch_fused import GRAD, PLAIN
-
+    autograd, fused = _TORCH or _torch_modules()
+    kernels = fused.GRAD
     unset = type(mask).__name__ == "_Unset"  # (base.UNSET: "no mask given to this call")
     if logprobs is first and data is None and counts is None and unset:
         o = reg._opts  # one tensor, nothing else: the call that needs no Batch
-        kernel = GRAD.get(reg.name) if reg.name in PLAIN else None
+        kernel = kernels.get(reg.name) if reg.name in fused.PLAIN else None
         if (
             kernel is not None
             and o["mask"] is None
             and o["target"] == "logprobs"
             and o["reduce"] in ("sum", "mean")
         ):
-            plain = compute_plain(reg, first, kernel)
+            plain: tuple[Any, dict[str, Any]] | None = autograd.compute_plain(reg, first, kernel)
             if plain is not None:
                 return plain
-    got = compute([(reg, mask)], data, logprobs, counts, call, GRAD)
+    got = autograd.compute([(reg, mask)], data, logprobs, counts, call, kernels)
     return None if got is None else got[0]
+
+
+# [torch_autograd, torch_fused], imported on first use (they import torch); a function-level
+# import costs ~1.7 us a call, as much as a small kernel
+_TORCH: list[Any] = []
+
+
+def _torch_modules() -> list[Any]:
+    from . import torch_autograd, torch_fused
+
+    _TORCH[:] = [torch_autograd, torch_fused]
+    return _TORCH
 
 
 def try_route_terms(
@@ -129,10 +140,11 @@ def try_route_terms(
         return None
     if not all([_routable(reg) and reg.event_ndim == 0 for reg, _ in terms]):  # noqa: C419
         return None
-    from .torch_autograd import compute
-    from .torch_fused import GRAD
-
-    return compute(terms, data, logprobs, counts, "compute(data, logprobs)", GRAD)
+    autograd, fused = _TORCH or _torch_modules()
+    got: list[tuple[Any, dict[str, Any]]] | None = autograd.compute(
+        terms, data, logprobs, counts, "compute(data, logprobs)", fused.GRAD
+    )
+    return got
 
 
 def prepare_options(reg: Any, logprobs: Any) -> dict[str, Any]:
@@ -142,10 +154,8 @@ def prepare_options(reg: Any, logprobs: Any) -> dict[str, Any]:
     first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
     if type(first).__module__ not in _TORCH_MODULES or _torch_compiling() or not _routable(reg):
         return {}
-    from .torch_autograd import _functorch_active
-    from .torch_fused import all_valid
-
-    return {} if _functorch_active() else {"_whole": all_valid}
+    autograd, fused = _TORCH or _torch_modules()
+    return {} if autograd._functorch_active() else {"_whole": fused.all_valid}
 
 
 def try_autograd(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
@@ -154,9 +164,9 @@ def try_autograd(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None
     closed form where the tensors require grad; or None: the generic path."""
     if type(batch.values).__module__ != "torch" or _torch_compiling() or not _routable(reg):
         return None
-    from .torch_autograd import value_metrics_and_grad
-
-    return value_metrics_and_grad(reg, batch)
+    got: tuple[Any, dict[str, Any], Any] | None
+    got = (_TORCH or _torch_modules())[0].value_metrics_and_grad(reg, batch)
+    return got
 
 
 def try_jax(reg: Any, batch: Any) -> tuple[Any, dict[str, Any]] | None:
@@ -168,9 +178,15 @@ def try_jax(reg: Any, batch: Any) -> tuple[Any, dict[str, Any]] | None:
         return None
     if not ENABLED.get():
         return None
-    from .jax_closed_form import routed, value_and_metrics
+    if not _JAX:
+        from . import jax_closed_form
 
-    return value_and_metrics(reg, batch) if routed(reg) else None
+        _JAX.append(jax_closed_form)
+    closed = _JAX[0]
+    return closed.value_and_metrics(reg, batch) if closed.routed(reg) else None
+
+
+_JAX: list[Any] = []  # [jax_closed_form], imported on first use (it imports JAX)
 
 
 def try_value_and_grad(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
@@ -187,9 +203,9 @@ def try_value_and_grad(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] 
     target = reg._opts["target"]
     if (target != "logprobs" and target != "probs") or not ENABLED.get():
         return None
-    from .numpy_blocked import value_and_grad
-
-    return value_and_grad(reg, batch)
+    got: tuple[Any, dict[str, Any], Any] | None
+    got = (_NUMPY or _numpy_modules())[0].value_and_grad(reg, batch)
+    return got
 
 
 def try_small_value_and_grad(
@@ -254,16 +270,12 @@ def try_terms_value_and_grad(
             weight = float(weight)
         if not isinstance(weight, float):
             continue
-        from .numpy_blocked import GRAD
-
-        if obj.name in GRAD:
+        if obj.name in (_NUMPY or _numpy_modules())[0].GRAD:
             groups.setdefault(inp, []).append((name, obj, weight))
     for inp, group in groups.items():
-        from .numpy_blocked import terms_value_and_grad
-        from .numpy_direct import terms
-
+        blocked, direct_ = _NUMPY or _numpy_modules()
         try:
-            direct = None if counts is not None else terms(group, data, inputs[inp])
+            direct = None if counts is not None else direct_.terms(group, data, inputs[inp])
         except Exception:
             direct = None
         if direct is not None:  # the whole group from one flat copy, without a Batch
@@ -271,7 +283,7 @@ def try_terms_value_and_grad(
             grads[inp] = direct[1]
             continue
         try:
-            got = terms_value_and_grad(group, data, inputs[inp], counts)
+            got = blocked.terms_value_and_grad(group, data, inputs[inp], counts)
         except Exception:
             continue
         if got is not None:
