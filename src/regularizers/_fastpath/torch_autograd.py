@@ -47,7 +47,7 @@ from array_api_compat import array_namespace
 from .._core.inputs import check_data
 from .._core.typing import Array, Metrics
 from .common import disabled
-from .torch_fused import PLAIN, all_valid, zero_uncounted
+from .torch_fused import GRAD, PLAIN, all_valid, zero_uncounted
 
 __all__ = ["ClosedForm", "Generic", "compute", "value_metrics_and_grad"]
 
@@ -458,8 +458,6 @@ def _closed_form(reg: Any, batch: Any) -> tuple[Any, Metrics, Any]:
     """Value, metrics and gradient w.r.t. ``batch.values`` (which ``Batch.pullback`` takes to
     ``logprobs``): the kernel's forward and its backward with a scale of 1, as
     ``loss.backward()`` runs them; else :class:`Generic`."""
-    from .torch_fused import GRAD
-
     kernel = GRAD.get(reg.name)
     got = None if kernel is None else kernel.forward(reg, batch)
     if kernel is None or got is None:
