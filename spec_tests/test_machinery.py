@@ -183,6 +183,24 @@ def test_counts_are_integer_arrays_of_the_callers_namespace(bk: Harness) -> None
         assert "int" in str(v.dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_masks_count_is_exact(bk: Harness, dtype: str) -> None:
+    """``count_true``, every masked call's N: the number of True, exactly, in the compute
+    dtype (torch on the CPU sums the mask's bytes in that dtype, exact up to 2^24 in
+    float32; beyond, and on every other backend, ``count_nonzero``)."""
+    from regularizers._core.backends import count_true
+
+    rng = np.random.default_rng(7)
+    sizes = [0, 1, 1000, 65_537] + ([(1 << 24) + 3] if bk.library == "torch" else [])
+    for n in sizes:
+        m = rng.random(n) < 0.75 if n < 1 << 20 else np.ones(n, dtype=bool)
+        m[:1] = True
+        got = bk.call(lambda a: count_true(bk.xp, a, bk.dtype(dtype)), bk.asarray(m))
+        assert bk.to_numpy(got).dtype == np.dtype(dtype)
+        assert tuple(got.shape) == ()
+        assert bk.float(got) == float(np.asarray(np.count_nonzero(m), dtype=dtype)), n
+
+
 def test_max_tokens_goes_with_its_mode() -> None:
     with pytest.raises(ValueError, match="max_tokens"):
         rg.L1(reduce="seq-mean-token-sum-norm")

@@ -21,6 +21,7 @@ __all__ = [
     "autodiff_grad",
     "compute_lazy",
     "concat",
+    "count_true",
     "device_of",
     "from_host",
     "has_autodiff",
@@ -44,6 +45,23 @@ def device_of(x: Array) -> Any:
 
 def has_autodiff(xp: Namespace) -> bool:
     return bool(array_api_compat.is_torch_namespace(xp) or array_api_compat.is_jax_namespace(xp))
+
+
+def count_true(xp: Namespace, mask: Array, dtype: Any) -> Array:
+    """The number of True in the bool ``mask``, as a 0-d array of the real floating ``dtype``:
+    ``count_nonzero`` where the namespace has it (2024.12; no float copy of the mask), else a
+    sum of the mask cast.
+
+    torch's reductions of a bool tensor (``count_nonzero``, ``sum``) are not vectorized on
+    the CPU: its bytes summed in ``dtype`` are (9 us against 15 at 65K elements, the same at
+    1e3), and exact while the count is an integer of ``dtype`` (up to 2^24 in float32)."""
+    if array_api_compat.is_torch_namespace(xp) and mask.device.type == "cpu":
+        exact = 1 << 24 if dtype == xp.float32 else 1 << 53 if dtype == xp.float64 else 0
+        if mask.dtype == xp.bool and mask.numel() <= exact:
+            return mask.view(xp.uint8).sum(dtype=dtype)
+    if getattr(xp, "__array_api_version__", "2023.12") >= "2024.12":
+        return xp.astype(xp.count_nonzero(mask), dtype)
+    return xp.sum(xp.astype(mask, dtype))
 
 
 def autodiff_grad(xp: Namespace, fn: Callable[[Any], Array], logprobs: Any) -> Any:

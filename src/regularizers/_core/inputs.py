@@ -23,7 +23,7 @@ from typing import Any
 import array_api_compat
 from array_api_compat import array_namespace, is_array_api_obj
 
-from .backends import concat, device_of, from_host, max_, reshape
+from .backends import concat, count_true, device_of, from_host, max_, reshape
 from .options import ByIdentity, Field
 from .typing import Array, Metrics, Namespace
 
@@ -486,7 +486,7 @@ class Batch:
         mask = valid if self.mask is None else xp.logical_and(self.mask, valid)
         kept = {k: getattr(self, k) for k in self.__slots__}
         out = Batch(**kept)
-        local = _count(xp, mask, self.dtype)
+        local = count_true(xp, mask, self.dtype)
         given = self._counts or {}
         object.__setattr__(out, "mask", mask)
         object.__setattr__(out, "_local", local)
@@ -889,7 +889,7 @@ def prepare(
             ]
             mask_flat = _joined_on(batch.device, partial(concat, xp), flat)
         object.__setattr__(batch, "mask", mask_flat)
-        count = _count(xp, mask_flat, t.dtype)
+        count = count_true(xp, mask_flat, t.dtype)
         # before any transform: exp(NaN) would otherwise reach the gradient as 0 · NaN
         t = batch.where_counted(t) if zero is None else zero(t, mask_flat, fresh)
     if target == "probs":
@@ -908,14 +908,6 @@ def prepare(
             )
     object.__setattr__(batch, "_count", count)
     return batch
-
-
-def _count(xp: Namespace, mask: Array, dtype: Any) -> Array:
-    """The number of True in ``mask``, as a 0-d array of ``dtype``: ``count_nonzero`` where
-    the namespace has it (2024.12; no float copy of the mask), else a sum of the mask cast."""
-    if getattr(xp, "__array_api_version__", "2023.12") >= "2024.12":
-        return xp.astype(xp.count_nonzero(mask), dtype)
-    return xp.sum(xp.astype(mask, dtype))
 
 
 def _moved_shape(a: Array, moved: int | None) -> tuple[int, ...]:
