@@ -110,9 +110,9 @@ def test_the_closed_form_route_equals_the_generic_path(
         return value, metrics, (jax.jit(grad) if bk.jit else grad)(xs)
 
     with np.errstate(all="ignore"):
-        # (a mask or counts are read inside the trace: traced arrays the custom_jvp cannot
-        # close over, so such calls record the generic path)
-        assert _routed(compute, xs) == (mask is None and counts is None), "the route"
+        # (a mask or counts read inside the trace are traced: arguments of the custom_jvp,
+        # which cannot close over them)
+        assert _routed(compute, xs), "the route"
         value, metrics, grads = run()
         with generic_path():
             assert not _routed(compute, xs)
@@ -223,8 +223,9 @@ def test_metrics_are_constants_for_autodiff(bk: Harness) -> None:
 
 
 def test_what_stays_on_the_generic_path(bk: Harness) -> None:
-    """Subclasses, penalties reading other arrays, ``generic_path()``, and counts given as
-    floating tracers (a custom_jvp cannot close over an array being differentiated)."""
+    """Subclasses, penalties reading other arrays and ``generic_path()``. Counts given as
+    floating tracers being differentiated are arguments of the custom_jvp: their derivative
+    is JAX's of the primal, as on the generic path."""
     import jax
     import jax.numpy as jnp
 
@@ -242,13 +243,19 @@ def test_what_stays_on_the_generic_path(bk: Harness) -> None:
     def with_counts(v: Any, n: Any) -> Any:
         return rg.L2(reduce="mean").compute(None, v, counts={"tokens": n})[0]
 
-    assert not _routed(with_counts, x, jnp.asarray(8.0))
+    assert _routed(with_counts, x, jnp.asarray(8.0))
     got = jax.grad(with_counts, argnums=(0, 1))(x, jnp.asarray(8.0))
     with generic_path():
         want = jax.grad(with_counts, argnums=(0, 1))(x, jnp.asarray(8.0))
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)
-    assert not _routed(with_counts, x, 8)  # a number, made an array inside the trace
+    for grad in (
+        jax.jit(jax.grad(with_counts, argnums=(0, 1))),
+        jax.grad(jax.jit(with_counts), argnums=(0, 1)),
+    ):
+        for a, b in zip(grad(x, jnp.asarray(8.0)), want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12)
+    assert _routed(with_counts, x, 8)  # a number, made an array inside the trace
 
 
 def test_eager_concrete_inputs_skip_the_custom_jvp_and_agree(bk: Harness) -> None:
@@ -267,9 +274,9 @@ def test_eager_concrete_inputs_skip_the_custom_jvp_and_agree(bk: Harness) -> Non
 
 
 def test_grad_of_jit_with_a_traced_mask_and_counts(bk: Harness) -> None:
-    """A mask or counts passed into ``jit`` are tracers the closed form would close over
-    (``jax.grad(jax.jit(f))`` then failed with "No constant handler"): such a call takes the
-    generic path, and the gradient is the generic path's."""
+    """A mask or counts passed into ``jit`` are tracers, which the closed form takes as
+    arguments (closing over them, ``jax.grad(jax.jit(f))`` failed with "No constant
+    handler"); the gradient is the generic path's."""
     import jax
     import jax.numpy as jnp
 
@@ -322,6 +329,45 @@ def test_grad_of_jit_with_a_traced_reference_and_dropped_rows(bk: Harness, reg: 
     assert np.isfinite(np.asarray(got)).all()
     if reg.event_ndim:
         assert (np.asarray(got)[0] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "reg",
+    [
+        rg.SampledEntropy(reduce="mean", mask=rg.Field("m")),
+        rg.SampledEntropy(mode="minimize", mask=rg.Field("m")),
+        rg.L1(reduce="mean", mask=rg.Field("m")),
+        rg.L2(clip=(-1.0, 0.0), reduce="mean", mask=rg.Field("m")),
+        rg.Huber(reduce="mean", mask=rg.Field("m")),
+    ],
+    ids=repr,
+)
+def test_a_traced_mask_and_counts_keep_the_closed_form(bk: Harness, reg: Any) -> None:
+    """A mask and ``counts`` given to ``jit`` as arguments, so traced, are arguments of the
+    custom_jvp (it cannot close over them): ``jax.grad`` is still the closed form, NumPy's
+    ``value_and_grad``. The generic path it took before gave SampledEntropy's gradient ±1
+    at a logprob of ±inf or NaN (its ratio is a constant there), where the closed form
+    ±(lp + 1) / N is ±inf or NaN."""
+    import jax
+    import jax.numpy as jnp
+
+    inf, nan = np.inf, np.nan
+    x = np.array([inf, -inf, nan, 0.0, -1.0, 0.5, -2.0, nan])
+    m = np.array([1, 1, 1, 1, 1, 1, 1, 0], dtype=bool)
+    with np.errstate(all="ignore"):
+        want = reg.value_and_grad({"m": m}, x, counts={"tokens": 10.0})[2]
+
+    def loss(a: Any, mask: Any, n: Any) -> Any:
+        return reg.compute({"m": mask}, a, counts={"tokens": n})[0]
+
+    args = (jnp.asarray(x), jnp.asarray(m), jnp.asarray(10.0))
+    for how, grad in [
+        ("grad(jit)", jax.grad(jax.jit(loss))),
+        ("jit(grad)", jax.jit(jax.grad(loss))),
+        ("grad", jax.grad(loss)),
+    ]:
+        got = np.asarray(grad(*args))
+        np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=how)
 
 
 # ---- penalties over rows: ZLoss, KL, JSD, Entropy, GradientPenalty ------------------------------

@@ -19,9 +19,9 @@ generic path does (JAX differentiates that part: the concatenation, the mask, th
 Metrics are constants for autodiff on this path (zero tangents), as on the torch route: they
 are for logging. Concrete arrays outside any transformation skip the custom_jvp machinery
 (nothing will differentiate them, and it costs more than the maths when JAX runs eagerly).
-A call that closes over any other traced array (a mask or ``counts`` passed into ``jit`` as
-arguments, so traced) takes the generic path: a custom_jvp cannot close over a tracer (under
-``jax.grad(jax.jit(f))`` it fails with "No constant handler").
+A mask or ``counts`` passed into ``jit`` as arguments, so traced, are arguments of the
+custom_jvp too: one cannot close over a tracer (under ``jax.grad(jax.jit(f))`` it fails with
+"No constant handler").
 
 The formulations (measured on XLA's CPU backend, where a reduction fuses elementwise
 ``abs``, ``max``, add and multiply into its loop, but ``clamp`` and ``select`` much less
@@ -73,42 +73,82 @@ def value_and_metrics(reg: Any, batch: Any) -> Out | None:
 
     if not isinstance(batch.values, jax.core.Tracer):
         return forward(batch)
-    if _closes_over_tracers(batch):
-        return None
+    held = _traced(batch)
 
     @jax.custom_jvp
-    def penalty(values: Any) -> Out:
-        return forward(_with_values(batch, values))
+    def penalty(values: Any, held: dict[str, Any]) -> Out:
+        return forward(_with_values(batch, values, held))
 
-    @penalty.defjvp
     def penalty_jvp(primals: Any, tangents: Any) -> Any:
-        (values,), (dv,) = primals, tangents
-        b = _with_values(batch, values)
-        value, metrics = penalty(values)  # its own derivatives are the closed form again
-        closed = GRAD.get(reg.name)
-        g = reg.evaluate_with_grad(b)[2] if closed is None else closed(reg, b)
-        g = b.where_counted(g)  # no NaN · 0 from uncounted tokens
-        dvalue = jnp.sum(g * dv).astype(value.dtype)
+        (values, held), (dv, dheld) = primals, tangents
+        b = _with_values(batch, values, held)
+        value, metrics = penalty(values, held)  # its own derivatives are the closed form again
+        dvalue = jnp.zeros_like(value)
+        if not _symbolic_zero(dv):
+            closed = GRAD.get(reg.name)
+            g = reg.evaluate_with_grad(b)[2] if closed is None else closed(reg, b)
+            g = b.where_counted(g)  # no NaN · 0 from uncounted tokens
+            dvalue = jnp.sum(g * dv).astype(value.dtype)
+        # counts being differentiated too (rare): JAX's derivative of the primal in them
+        leaves, tree = jax.tree_util.tree_flatten(held)
+        dleaves = jax.tree_util.tree_leaves(dheld, is_leaf=_symbolic_zero)
+        live = [i for i, t in enumerate(dleaves) if not _symbolic_zero(t)]
+        if live:
+
+            def of_live(*xs: Any) -> Any:
+                given = list(leaves)
+                for i, x in zip(live, xs, strict=True):
+                    given[i] = x
+                rebuilt = jax.tree_util.tree_unflatten(tree, given)
+                return forward(_with_values(batch, values, rebuilt))[0]
+
+            _, extra = jax.jvp(of_live, [leaves[i] for i in live], [dleaves[i] for i in live])
+            dvalue = dvalue + extra.astype(value.dtype)
         return (value, metrics), (dvalue, {k: jnp.zeros_like(v) for k, v in metrics.items()})
 
-    out: Out = penalty(batch.values)
+    penalty.defjvp(penalty_jvp, symbolic_zeros=True)
+    out: Out = penalty(batch.values, held)
     return out
 
 
-def _closes_over_tracers(batch: Any) -> bool:
-    """Whether the Batch holds a traced array besides its values (the mask, the counts)."""
+# what a Batch holds besides its values that a call may pass in traced (a mask or counts
+# given to ``jit`` as arguments), and the caches derived from them
+_HELD = ("mask", "_count", "_local", "_seq_count")
+_DERIVED = ("_den", "_per_seq")
+
+
+def _traced(batch: Any) -> dict[str, Any]:
+    """The traced arrays the Batch holds besides its values: arguments of the custom_jvp (one
+    that closes over a tracer fails under ``jax.grad(jax.jit(f))`` with "No constant
+    handler"), with the given ``counts`` under ``"counts"``. Concrete ones stay as they are
+    (a count that is a Python int keeps its exact arithmetic)."""
+    out: dict[str, Any] = {
+        n: v for n in _HELD if isinstance(v := getattr(batch, n), jax.core.Tracer)
+    }
     given = batch._counts or {}
-    held = (batch.mask, batch._count, batch._local, batch._seq_count, *given.values())
-    return any(isinstance(v, jax.core.Tracer) for v in held)
+    counts = {k: v for k, v in given.items() if isinstance(v, jax.core.Tracer)}
+    if counts:
+        out["counts"] = counts
+    return out
 
 
-def _with_values(batch: Any, values: Any) -> Any:
-    """A copy of ``batch`` over other (traced) values, the rest shared."""
+def _with_values(batch: Any, values: Any, held: dict[str, Any]) -> Any:
+    """A copy of ``batch`` over other (traced) values and the arrays of ``held``
+    (:func:`_traced`'s, as the custom_jvp's arguments), the rest shared; caches derived from
+    the held arrays are made again."""
     out = object.__new__(type(batch))
     for name in type(batch).__slots__:
         if hasattr(batch, name):
             object.__setattr__(out, name, getattr(batch, name))
     object.__setattr__(out, "values", values)
+    for name, v in held.items():
+        if name == "counts":
+            object.__setattr__(out, "_counts", {**batch._counts, **v})
+        else:
+            object.__setattr__(out, name, v)
+    if held:
+        for name in _DERIVED:
+            object.__setattr__(out, name, None)
     return out
 
 
