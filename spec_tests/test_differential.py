@@ -7,7 +7,10 @@ Small inputs drawn with ±inf, NaN, 0, subnormals and large magnitudes among ord
 and the same finite numbers to rounding; on NumPy, the generic path (``generic_path()``) must
 give its fast paths' results too. Such a run found three disagreements that the suite's finite
 inputs could not show (a NaN beside a KL's support gap, ZLoss at +inf through torch's
-``logsumexp``, SampledEntropy's ``jax.grad`` at a non-finite logprob).
+``logsumexp``, SampledEntropy's ``jax.grad`` at a non-finite logprob). The same again for
+ragged lists under a drawn mask, the training call's shape, where what an uncounted token
+holds must change nothing; it found SampledEntropy's ``jax.grad`` with a mask traced under
+``jit`` taking the generic path.
 """
 
 from __future__ import annotations
