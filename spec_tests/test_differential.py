@@ -118,13 +118,18 @@ _CALLS: dict[int, tuple[Callable[..., Any], ...]] = {}
 
 
 def _calls(reg: rg.Regularizer) -> tuple[Callable[..., Any], ...]:
-    """The same functions for every example of ``reg`` (JAX traces each once per shape)."""
+    """The same functions for every example of ``reg`` (JAX traces each once per shape), of
+    the values, the other view and (masked cases) the mask."""
     if id(reg) not in _CALLS:
         _CALLS[id(reg)] = (
-            lambda lp, other: reg.compute({"other": other}, lp),
-            lambda lp, other: reg.value_and_grad({"other": other}, lp),
+            lambda lp, other, m=None: reg.compute(_fields(other, m), lp),
+            lambda lp, other, m=None: reg.value_and_grad(_fields(other, m), lp),
         )
     return _CALLS[id(reg)]
+
+
+def _fields(other: Any, m: Any = None) -> dict[str, Any]:
+    return {"other": other} if m is None else {"other": other, "m": m}
 
 
 # (at least 20 examples, where a session caps its properties lower: the shapes are fixed and
@@ -183,17 +188,6 @@ def _datums(
     ]
 
 
-def _masked_calls(reg: rg.Regularizer) -> tuple[Callable[..., Any], ...]:
-    """:func:`_calls` with the mask's field."""
-    key = -id(reg)
-    if key not in _CALLS:
-        _CALLS[key] = (
-            lambda lp, other, m: reg.compute({"other": other, "m": m}, lp),
-            lambda lp, other, m: reg.value_and_grad({"other": other, "m": m}, lp),
-        )
-    return _CALLS[key]
-
-
 def _flat(arrays: Any) -> np.ndarray:
     return np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays])
 
@@ -208,11 +202,9 @@ def test_masked_ragged_lists_agree_with_numpys_closed_form(
     subnormal = bk.library != "jax"
     x = _datums(data, tail, subnormal, "logprobs")
     other = _datums(data, tail, subnormal, "other")
-    kind = data.draw(st.sampled_from(["bool", "float"]), label="mask dtype")
+    kind = data.draw(st.sampled_from([np.bool_, np.float64]), label="mask dtype")
     m = [
-        data.draw(hnp.arrays(np.bool_, (n,)), label=f"m[{i}]").astype(
-            kind.replace("float", "float64")
-        )
+        data.draw(hnp.arrays(np.bool_, (n,)), label=f"m[{i}]").astype(kind)
         for i, n in enumerate(LENGTHS)
     ]
     gs = _grad_scale(reg, np.concatenate([a.reshape(-1, *tail) for a in x]))
@@ -240,7 +232,7 @@ def test_masked_ragged_lists_agree_with_numpys_closed_form(
                 got = reg.value_and_grad({"other": other, "m": m}, x)
             _compare((*got[:2], _flat(got[2])), base, "generic path", bk, gs)
         lp, ref, mask = bk.asarray(x), bk.asarray(other), bk.asarray(m)
-        compute, vag = _masked_calls(reg)
+        compute, vag = _calls(reg)
         # on torch, also with the forms its kernels take above ``SMALL`` elements (the mask
         # applied by a product checked for finiteness, where small inputs take a ``where``)
         for form in ("small", "large") if bk.library == "torch" else ("small",):
