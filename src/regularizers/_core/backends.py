@@ -19,12 +19,14 @@ from .typing import Array, Namespace
 
 __all__ = [
     "autodiff_grad",
+    "clip_below",
     "compute_lazy",
     "concat",
     "count_true",
     "device_of",
     "from_host",
     "has_autodiff",
+    "isdtype",
     "max_",
     "nan_among",
     "not_all_neg_inf",
@@ -45,6 +47,31 @@ def device_of(x: Array) -> Any:
 
 def has_autodiff(xp: Namespace) -> bool:
     return bool(array_api_compat.is_torch_namespace(xp) or array_api_compat.is_jax_namespace(xp))
+
+
+_KINDS: dict[tuple[str, Any, Any], bool] = {}
+
+
+def isdtype(xp: Namespace, dtype: Any, kind: Any) -> bool:
+    """``xp.isdtype(dtype, kind)``, remembered per namespace, dtype and kind: array-api-compat's
+    answer for a tuple of kinds walks them in a generator (~1 us, and several times that
+    inside a training step), and a call checks the dtypes of each of its arrays."""
+    key = (xp.__name__, dtype, kind)
+    try:
+        return _KINDS[key]
+    except KeyError:
+        out = _KINDS[key] = bool(xp.isdtype(dtype, kind))
+        return out
+    except TypeError:  # a dtype that cannot be a key
+        return bool(xp.isdtype(dtype, kind))
+
+
+def clip_below(xp: Namespace, a: Array, low: float) -> Array:
+    """``xp.clip(a, min=low)``: on torch ``clamp_min`` (array-api-compat's ``clip`` checks
+    its arguments in Python, several us for a 0-d count divided by on every call)."""
+    if array_api_compat.is_torch_namespace(xp):
+        return a.clamp_min(low)
+    return xp.clip(a, min=low)
 
 
 def count_true(xp: Namespace, mask: Array, dtype: Any) -> Array:

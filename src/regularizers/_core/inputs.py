@@ -23,7 +23,16 @@ from typing import Any
 import array_api_compat
 from array_api_compat import array_namespace, is_array_api_obj
 
-from .backends import concat, count_true, device_of, from_host, max_, reshape
+from .backends import (
+    clip_below,
+    concat,
+    count_true,
+    device_of,
+    from_host,
+    isdtype,
+    max_,
+    reshape,
+)
 from .options import ByIdentity, Field
 from .typing import Array, Metrics, Namespace
 
@@ -147,7 +156,7 @@ def _check_floats(xp: Namespace, arrays: list[Array], what: Any) -> None:
     """:func:`_check_float` of each array, one check per distinct dtype; ``what(i)`` names
     array ``i`` in the error."""
     dtypes = {a.dtype for a in arrays}
-    if all([xp.isdtype(d, "real floating") for d in dtypes]):  # noqa: C419
+    if all([isdtype(xp, d, "real floating") for d in dtypes]):  # noqa: C419
         return
     for i, a in enumerate(arrays):
         _check_float(xp, a, what(i))
@@ -316,6 +325,7 @@ class Batch:
         "_is_list",
         "_local",
         "_moved",
+        "_one_d",
         "_per_seq",
         "_seq_count",
         "_target_arrays",
@@ -353,6 +363,7 @@ class Batch:
     _token_shapes: list[tuple[int, ...]]
     _is_list: bool
     _moved: int | None
+    _one_d: bool  # one value per element and every array 1-D: flattening joins them as they are
     _data: Any
     _count: Any
     _counts: Mapping[str, Any] | None
@@ -503,6 +514,8 @@ class Batch:
     def _flatten(self, arrays: list[Array]) -> Array:
         xp, k = self.xp, self.event_ndim
         if not k and self._moved is None:  # per-token values: 1-D arrays as they are
+            if self._one_d:  # (arrays of the target's shapes, checked: no pass over them)
+                return concat(xp, arrays)
             rows = [a if a.ndim == 1 else reshape(xp, a, (-1,)) for a in arrays]
             return concat(xp, rows)
         rows = []
@@ -587,9 +600,9 @@ class Batch:
         """``max(by, 1)``; for the count, what every ``*_mean`` divides by, once per call.
         (``clip`` with a number: one call, where ``maximum`` needs a second array.)"""
         if by is not self._count:
-            return self.xp.clip(by, min=1.0)
+            return clip_below(self.xp, by, 1.0)
         if self._den is None:
-            object.__setattr__(self, "_den", self.xp.clip(by, min=1.0))
+            object.__setattr__(self, "_den", clip_below(self.xp, by, 1.0))
         return self._den
 
     # ---- reductions over counted tokens ------------------------------------------------------
@@ -767,7 +780,9 @@ def prepare(
     ``where`` (``a`` with the rows of uncounted tokens set to 0) by a native path's exact
     equivalent, which may write into ``a`` where ``fresh`` says it is this call's own array:
     the torch training path passes one that is cheaper on the CPU
-    (``torch_fused.zero_uncounted``). ``known``, where given, is the namespace of
+    (``torch_fused.zero_uncounted``); its attribute ``counted``, where it has one, returns
+    that result and the mask's count (:func:`count_true`) together, from one conversion of
+    the mask. ``known``, where given, is the namespace of
     ``logprobs`` as its caller has already checked it: one array or a non-empty list of
     arrays of that namespace, all of a real floating dtype (the torch training path reads
     their types and dtypes once for its own conditions; a batch of 64 tensors is not walked
@@ -816,12 +831,20 @@ def prepare(
     else:
         token_shapes = [tuple(_moved_shape(a, moved)[: a.ndim - event_ndim]) for a in target_arrays]
 
+    one_d = not event_ndim and moved is None
     if is_list:
-        lengths = tuple([int(s[0]) if len(s) == 1 else _size(s) for s in token_shapes])
+        # one pass over the datums' shapes (a second costs ~3 us for 64 of them): -1 marks a
+        # datum that is not 1-D
+        sizes = [s[0] if len(s) == 1 else -1 for s in token_shapes]
+        if -1 in sizes:
+            one_d, sizes = False, [_size(s) for s in token_shapes]
+        if type(sum(sizes)) is not int:  # sizes of another type (NumPy integers, NaN): ints
+            sizes = [_size(s) for s in token_shapes]
+        lengths = tuple(sizes)
     elif len(token_shapes[0]) >= 2:
-        lengths = (_size(token_shapes[0][1:]),) * int(token_shapes[0][0])
+        one_d, lengths = False, (_size(token_shapes[0][1:]),) * int(token_shapes[0][0])
     else:
-        lengths = (_size(token_shapes[0]),)
+        one_d, lengths = one_d and len(token_shapes[0]) == 1, (_size(token_shapes[0]),)
 
     batch = Batch(
         xp=xp,
@@ -841,6 +864,7 @@ def prepare(
         _token_shapes=token_shapes,
         _is_list=is_list,
         _moved=moved,
+        _one_d=one_d,
         _data=data,
         _count=None,
         _counts=counts,
@@ -874,13 +898,16 @@ def prepare(
             )
         kinds = {m.dtype for m in mask_arrays}
         for d in kinds:
-            if not xp.isdtype(d, ("bool", "integral", "real floating")):
+            if not isdtype(xp, d, ("bool", "integral", "real floating")):
                 i = next(i for i, m in enumerate(mask_arrays) if m.dtype == d)
                 raise TypeError(f"{what} array {i} must be bool, integer or real, got dtype {d}")
         if len(kinds) == 1:  # one dtype: one concatenation, then one comparison
-            flat = [m if m.ndim == 1 else reshape(xp, m, (-1,)) for m in mask_arrays]
+            if one_d:
+                flat = mask_arrays
+            else:
+                flat = [m if m.ndim == 1 else reshape(xp, m, (-1,)) for m in mask_arrays]
             mask_flat = _joined_on(batch.device, partial(concat, xp), flat)
-            if not xp.isdtype(mask_flat.dtype, "bool"):  # nonzero (NaN too) is counted
+            if not isdtype(xp, mask_flat.dtype, "bool"):  # nonzero (NaN too) is counted
                 mask_flat = xp.astype(mask_flat, xp.bool)  # (several times cheaper than != 0)
         else:
             flat = [
@@ -889,9 +916,13 @@ def prepare(
             ]
             mask_flat = _joined_on(batch.device, partial(concat, xp), flat)
         object.__setattr__(batch, "mask", mask_flat)
-        count = count_true(xp, mask_flat, t.dtype)
         # before any transform: exp(NaN) would otherwise reach the gradient as 0 · NaN
-        t = batch.where_counted(t) if zero is None else zero(t, mask_flat, fresh)
+        counted = getattr(zero, "counted", None)  # (zero's work and the count, in one)
+        if counted is not None:
+            t, count = counted(t, mask_flat, fresh)
+        else:
+            count = count_true(xp, mask_flat, t.dtype)
+            t = batch.where_counted(t) if zero is None else zero(t, mask_flat, fresh)
     if target == "probs":
         t = xp.exp(t)
         if batch.mask is not None:
