@@ -30,6 +30,7 @@ __all__ = [
     "max_",
     "nan_among",
     "not_all_neg_inf",
+    "reciprocal",
     "reshape",
     "stop_gradient",
 ]
@@ -72,6 +73,14 @@ def clip_below(xp: Namespace, a: Array, low: float) -> Array:
     if array_api_compat.is_torch_namespace(xp):
         return a.clamp_min(low)
     return xp.clip(a, min=low)
+
+
+def reciprocal(xp: Namespace, a: Array) -> Array:
+    """``1.0 / a``: on torch ``reciprocal`` (a Python number over a tensor goes through
+    ``Tensor.__rdiv__``, ~4 us against 1 for a 0-d count)."""
+    if array_api_compat.is_torch_namespace(xp):
+        return a.reciprocal()
+    return 1.0 / a
 
 
 def count_true(xp: Namespace, mask: Array, dtype: Any) -> Array:

@@ -31,6 +31,7 @@ from .backends import (
     from_host,
     isdtype,
     max_,
+    reciprocal,
     reshape,
 )
 from .options import ByIdentity, Field
@@ -656,7 +657,7 @@ class Batch:
             return 1.0
         if how == "mean":  # (a number, or 1 / the clamped count: no 0-d constant to make)
             n = self.count
-            return 1.0 / max(n, 1) if isinstance(n, int) else 1.0 / self._clamped(n)
+            return 1.0 / max(n, 1) if isinstance(n, int) else reciprocal(self.xp, self._clamped(n))
         s = self.sequences
         if how == "seq-mean-token-sum":
             return self._divide(self.constant(1.0), s)
