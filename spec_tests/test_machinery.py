@@ -120,6 +120,55 @@ def test_batch_field_reads_a_second_field_aligned_with_the_values(bk: Harness) -
         reg.compute({"ref_logprobs": [ref[0], ref[0]]}, x)
 
 
+@pytest.mark.parametrize(
+    "reg",
+    [
+        Cubic(),
+        rg.SampledKL(rg.Field("ref_logprobs")),
+        rg.Consistency(rg.Field("ref_logprobs")),
+        rg.L1(reduce="seq-mean-token-mean"),
+    ],
+    ids=["Cubic", "SampledKL", "Consistency", "L1"],
+)
+def test_datums_of_any_shape_read_like_their_flattening(bk: Harness, reg: Any) -> None:
+    """A list whose datums are not all 1-D is flattened datum by datum (its values, its mask
+    and each field it reads); a list of 1-D datums is joined as it is. Both give the same
+    value, metrics and counts, and each datum's gradient comes back in its own shape."""
+    shapes = [(2, 2), (3,), (1, 2), (0,)]
+    rng = np.random.default_rng(3)
+    xs = [-rng.gamma(1.0, 1.0, size=s) for s in shapes]
+    refs = [-rng.gamma(1.0, 1.0, size=s) for s in shapes]
+    masks = [rng.random(s) < 0.7 for s in shapes]
+    masks[0][0, 0] = masks[0][1, 1] = True  # (some counted token in a 2-D datum)
+
+    def run(x: list[Any], ref: list[Any], mask: list[Any]) -> Any:
+        data = {"ref_logprobs": ref}
+        return bk.call(lambda lp: reg.value_and_grad(data, lp, mask=mask), x)
+
+    def flat(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return [a.reshape(-1) for a in arrays]
+
+    got = run(bk.asarray(xs), refs, masks)
+    want = run(bk.asarray(flat(xs)), flat(refs), flat(masks))
+    assert bk.float(got[0]) == pytest.approx(bk.float(want[0]), rel=1e-12)
+    assert set(got[1]) == set(want[1])
+    for k in want[1]:
+        assert bk.float(got[1][k]) == pytest.approx(bk.float(want[1][k]), rel=1e-12), k
+    grads = bk.to_numpy(got[2])
+    assert [g.shape for g in grads] == shapes
+    np.testing.assert_allclose(
+        np.concatenate(flat(grads)), np.concatenate(bk.to_numpy(want[2])), rtol=1e-12
+    )
+    if bk.backend.has_autodiff:  # the training path (torch: the closed-form node)
+        data = {"ref_logprobs": refs}
+        g = bk.autodiff(
+            lambda lp: reg.compute(data, lp, mask=masks)[0], bk.asarray(xs), generic=False
+        )
+        g = bk.to_numpy(g)
+        assert [a.shape for a in g] == shapes
+        np.testing.assert_allclose(np.concatenate(flat(g)), np.concatenate(flat(grads)), rtol=1e-12)
+
+
 class _CountingData(dict[str, Any]):
     """``data`` that counts how often each key is read."""
 
@@ -199,6 +248,51 @@ def test_a_masks_count_is_exact(bk: Harness, dtype: str) -> None:
         assert bk.to_numpy(got).dtype == np.dtype(dtype)
         assert tuple(got.shape) == ()
         assert bk.float(got) == float(np.asarray(np.count_nonzero(m), dtype=dtype)), n
+        if bk.library == "torch":  # the training path's masking, which counts by the way
+            _zero_and_count_agrees(bk, m, dtype)
+
+
+def test_remembered_dtype_kinds_are_the_namespaces(bk: Harness) -> None:
+    """``backends.isdtype`` (remembered per namespace, dtype and kind, which every call's
+    checks ask) answers what the namespace's own ``isdtype`` does, asked twice over."""
+    from regularizers._core.backends import isdtype
+
+    xp = bk.xp
+    names = ["bool", "int8", "int32", "int64", "uint8", "float16", "bfloat16", "float32"]
+    dtypes = [getattr(xp, d) for d in [*names, "float64", "complex64"] if hasattr(xp, d)]
+    kinds: list[Any] = ["bool", "integral", "real floating", "complex floating", "numeric"]
+    kinds += [("bool", "integral", "real floating"), xp.float32]
+    for _ in range(2):
+        for d in dtypes:
+            for kind in kinds:
+                assert isdtype(xp, d, kind) is bool(xp.isdtype(d, kind)), (d, kind)
+
+
+def _zero_and_count_agrees(bk: Harness, m: np.ndarray, dtype: str) -> None:
+    """torch's ``zero_and_count`` (the CPU's masking product, its count from the floats the
+    product multiplies by): ``where(mask, x, 0)`` and ``count_true``'s count, exactly, with
+    an infinity and a NaN where the mask is False and an infinity where it is True; the
+    input written in place only when ``fresh``."""
+    import torch
+
+    from regularizers._fastpath.torch_fused import zero_and_count
+
+    mask = bk.asarray(m)
+    x = torch.arange(m.size, dtype=getattr(torch, dtype)).remainder_(7.0).sub_(3.0)
+    special = torch.tensor([np.inf, np.nan], dtype=x.dtype)
+    uncounted = torch.nonzero(~mask).flatten()[:2]
+    x[uncounted] = special[: len(uncounted)]
+    x[torch.nonzero(mask).flatten()[-1:]] = -np.inf
+    want = torch.where(mask, x, torch.zeros((), dtype=x.dtype))
+    for fresh in (False, True):
+        a = x.clone()
+        z, count = zero_and_count(a, mask, fresh)
+        assert torch.equal(z, want), (m.size, fresh)
+        assert count.dtype == x.dtype
+        assert count.shape == ()
+        assert count.item() == float(np.asarray(np.count_nonzero(m), dtype=dtype)), m.size
+        if not fresh:
+            torch.testing.assert_close(a, x, rtol=0, atol=0, equal_nan=True)
 
 
 def test_max_tokens_goes_with_its_mode() -> None:
