@@ -50,14 +50,14 @@ def has_autodiff(xp: Namespace) -> bool:
     return bool(array_api_compat.is_torch_namespace(xp) or array_api_compat.is_jax_namespace(xp))
 
 
-_KINDS: dict[tuple[str, Any, Any], bool] = {}
+_KINDS: dict[tuple[Namespace, Any, Any], bool] = {}
 
 
 def isdtype(xp: Namespace, dtype: Any, kind: Any) -> bool:
     """``xp.isdtype(dtype, kind)``, remembered per namespace, dtype and kind: array-api-compat's
     answer for a tuple of kinds walks them in a generator (~1 us, and several times that
     inside a training step), and a call checks the dtypes of each of its arrays."""
-    key = (xp.__name__, dtype, kind)
+    key = (xp, dtype, kind)
     try:
         return _KINDS[key]
     except KeyError:
