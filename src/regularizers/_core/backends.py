@@ -24,6 +24,7 @@ __all__ = [
     "concat",
     "count_true",
     "device_of",
+    "exact_counts",
     "from_host",
     "has_autodiff",
     "isdtype",
@@ -83,6 +84,13 @@ def reciprocal(xp: Namespace, a: Array) -> Array:
     return 1.0 / a
 
 
+def exact_counts(xp: Namespace, dtype: Any) -> int:
+    """Up to how many elements a sum of 0s and 1s in the real floating ``dtype`` is the exact
+    count, whatever the order of its additions (every partial sum is an integer of the
+    dtype): 2^24 in float32, 2^53 in float64, 0 otherwise."""
+    return 1 << 24 if dtype == xp.float32 else 1 << 53 if dtype == xp.float64 else 0
+
+
 def count_true(xp: Namespace, mask: Array, dtype: Any) -> Array:
     """The number of True in the bool ``mask``, as a 0-d array of the real floating ``dtype``:
     ``count_nonzero`` where the namespace has it (2024.12; no float copy of the mask), else a
@@ -91,10 +99,9 @@ def count_true(xp: Namespace, mask: Array, dtype: Any) -> Array:
     torch's reductions of a bool tensor (``count_nonzero``, ``sum``) are not vectorized on
     the CPU: its bytes summed in ``dtype`` are (9 us against 15 at 65K elements, the same at
     1e3), and exact while the count is an integer of ``dtype`` (up to 2^24 in float32)."""
-    if array_api_compat.is_torch_namespace(xp) and mask.device.type == "cpu":
-        exact = 1 << 24 if dtype == xp.float32 else 1 << 53 if dtype == xp.float64 else 0
-        if mask.dtype == xp.bool and mask.numel() <= exact:
-            return mask.view(xp.uint8).sum(dtype=dtype)
+    torch_cpu = array_api_compat.is_torch_namespace(xp) and mask.device.type == "cpu"
+    if torch_cpu and mask.dtype == xp.bool and mask.numel() <= exact_counts(xp, dtype):
+        return mask.view(xp.uint8).sum(dtype=dtype)
     if getattr(xp, "__array_api_version__", "2023.12") >= "2024.12":
         return xp.astype(xp.count_nonzero(mask), dtype)
     return xp.sum(xp.astype(mask, dtype))

@@ -839,19 +839,23 @@ def prepare(
         sizes = [s[0] if len(s) == 1 else -1 for s in token_shapes]
         if -1 in sizes:
             one_d, sizes = False, [_size(s) for s in token_shapes]
-        if type(sum(sizes)) is not int:  # sizes of another type (NumPy integers, NaN): ints
+        size = sum(sizes)
+        if type(size) is not int:  # sizes of another type (NumPy integers, NaN): ints
             sizes = [_size(s) for s in token_shapes]
+            size = sum(sizes)
         lengths = tuple(sizes)
     elif len(token_shapes[0]) >= 2:
         one_d, lengths = False, (_size(token_shapes[0][1:]),) * int(token_shapes[0][0])
+        size = sum(lengths)
     else:
         one_d, lengths = one_d and len(token_shapes[0]) == 1, (_size(token_shapes[0]),)
+        size = lengths[0]
 
     batch = Batch(
         xp=xp,
         values=None,
         mask=None,
-        size=sum(lengths),
+        size=size,
         dtype=None,
         device=device_of(like),
         target=target,

@@ -25,7 +25,7 @@ from typing import Any
 import array_api_compat.torch as xp
 import torch
 
-from .._core.backends import count_true, from_host
+from .._core.backends import count_true, exact_counts, from_host
 from .._core.ops import clamp
 from .common import huber_form_fits, reduced
 from .torch_distributions import GRAD as _CLASS_AXIS
@@ -58,7 +58,7 @@ def zero_uncounted_sum(a: Any, mask: Any, fresh: bool = False) -> tuple[Any, Any
     already, that sum (the same reduction of the same array), not a second pass."""
     if mask is None:
         return a, a.sum()
-    z, total = _zeroed(a, mask, fresh)
+    z, total, _ = _zeroed(a, mask, fresh)
     return z, (z.sum() if total is None else total)
 
 
@@ -67,33 +67,28 @@ def zero_and_count(a: Any, mask: Any, fresh: bool = False) -> tuple[Any, Any]:
     ``prepare`` needs them (its ``zero.counted``): where the product is taken, the count is
     the sum of the mask's bytes as the floats it multiplies by, made once (a second
     conversion of a 35K mask costs ~10 us inside a training step)."""
-    exact = 1 << 24 if a.dtype == torch.float32 else 1 << 53 if a.dtype == torch.float64 else 0
-    if mask.numel() <= exact:  # (the float sum of the 0/1 bytes is the count, exactly)
-        z, _, keep = _zeroed(a, mask, fresh, with_keep=True)
-        if keep is not None:
-            return z, keep.sum()
-        return z, count_true(xp, mask, a.dtype)
-    return zero_uncounted(a, mask, fresh), count_true(xp, mask, a.dtype)
+    z, _, keep = _zeroed(a, mask, fresh)
+    if keep is not None and mask.numel() <= exact_counts(xp, a.dtype):
+        return z, keep.sum()
+    return z, count_true(xp, mask, a.dtype)
 
 
 zero_uncounted.counted = zero_and_count  # type: ignore[attr-defined]
 
 
-def _zeroed(a: Any, mask: Any, fresh: bool, with_keep: bool = False) -> Any:
-    """``zero_uncounted``'s result, and its sum where the check made it (else None); with
-    ``with_keep``, also the mask as ``a``'s floats where the product made them (else None)."""
+def _zeroed(a: Any, mask: Any, fresh: bool) -> tuple[Any, Any, Any]:
+    """``zero_uncounted``'s result, its sum where the check made it, and the mask as ``a``'s
+    floats where the product made them (else None for either)."""
     m = mask if a.ndim == 1 else mask.reshape((-1,) + (1,) * (a.ndim - 1))
     product = a.device.type == "cpu" and mask.dtype == torch.bool and a.is_floating_point()
     if not product or a.numel() <= SMALL:  # (small: one kernel, 4 us at 1e3 against 13)
-        out = torch.where(m, a, a.new_zeros(())), None
-        return (*out, None) if with_keep else out
+        return torch.where(m, a, a.new_zeros(())), None, None
     keep = m.view(torch.uint8).to(a.dtype)  # (then a same-dtype product: ~2x faster)
     z = a.mul_(keep) if fresh else a * keep
     total = z.sum()
     if math.isfinite(total.item()):
-        return (z, total, keep) if with_keep else (z, total)
-    z = torch.where(m, z, z.new_zeros(()))  # (counted entries of z: a's own)
-    return (z, None, keep) if with_keep else (z, None)
+        return z, total, keep
+    return torch.where(m, z, z.new_zeros(())), None, keep  # (counted entries of z: a's own)
 
 
 def all_valid(valid: Any) -> bool:
