@@ -204,6 +204,37 @@ def test_batch_max_among_many_elements(bk: Harness, specials: list[float], want:
         assert np.count_nonzero(g) == 1
 
 
+@pytest.mark.parametrize(
+    ("mask", "want"),
+    [
+        (None, -inf),  # every token counts, and each p is -inf
+        ([True, True, True, True], -inf),  # the same, said by a mask
+        ([True, False, True, False], -inf),  # the counted ones are all -inf
+        ([False, False, False, False], 0.0),  # none counts: 0
+    ],
+    ids=["no-mask", "all-counted", "some-counted", "none-counted"],
+)
+def test_a_max_over_counted_tokens_all_minus_inf_is_minus_inf(
+    bk: Harness, mask: list[bool] | None, want: float
+) -> None:
+    """``*_max`` is the max over counted tokens, 0 only when none counts: where every counted
+    p is -inf, it is -inf (a mask's -inf fill must not read as "none counted"). SampledKL k1's
+    p = logprob - reference is -inf at a logprob of -inf; the uncounted tokens hold 5.0."""
+    reg = rg.SampledKL(rg.Field("ref"), estimator="k1")
+    x = np.full(4, -inf) if mask is None else np.where(mask, -inf, 5.0)
+    data = {"ref": np.zeros(4)}
+    kw = {} if mask is None else {"mask": bk.asarray(np.asarray(mask))}
+    _, metrics = bk.call(lambda lp: reg.compute(data, lp, **kw), bk.asarray(x))
+    assert rg.to_floats(metrics)["sampled_kl_max"] == want
+    _, metrics, _ = bk.call(lambda lp: reg.value_and_grad(data, lp, **kw), bk.asarray(x))
+    assert rg.to_floats(metrics)["sampled_kl_max"] == want
+    if bk.library == "torch":  # the training path (one closed-form node)
+        leaf = bk.asarray(x).requires_grad_(True)
+        value, metrics = reg.compute(data, leaf, **kw)
+        assert rg.to_floats(metrics)["sampled_kl_max"] == want
+        assert value.requires_grad
+
+
 @pytest.mark.parametrize("center", [None, "mean", -2.0])
 @pytest.mark.parametrize(("specials", "nan_out"), [([inf, -inf], False), ([nan, inf, -inf], True)])
 def test_clipped_l2_among_many_elements(

@@ -133,8 +133,9 @@ class _Call:
             return self.dtype.type(0.0)
         if self.m is None or nonnegative:  # (uncounted tokens hold p = 0 <= max)
             return np.maximum.reduce(p, axis=None)
-        top = np.max(p, where=self.m, initial=-np.inf)
-        return self.dtype.type(0.0) if top == -np.inf else top
+        if self.count == 0:  # (not top == -inf: counted tokens whose p are all -inf have it)
+            return self.dtype.type(0.0)
+        return np.max(p, where=self.m, initial=-np.inf)
 
     def total(self, p: np.ndarray) -> Any:
         """Σ of ``p`` over counted tokens (``p`` is anything at uncounted ones)."""
