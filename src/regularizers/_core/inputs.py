@@ -633,11 +633,9 @@ class Batch:
             return max_(xp, p)
         low = xp.full((), -xp.inf, dtype=p.dtype, device=self.device)
         top = max_(xp, xp.where(self.mask, p, low))
-        # 0 where no token counts; where some do, their max, -inf too (all of them -inf)
-        n = self._local
-        if isinstance(n, (int, float)):
-            return top if n > 0 else xp.zeros_like(top)
-        return xp.where(n > 0, top, xp.zeros_like(top))
+        # 0 where no token counts; where some do, their max, -inf too (all of them -inf).
+        # (With a mask, this call's own count is a 0-d array: count_true's, or restrict's.)
+        return xp.where(self._local > 0, top, xp.zeros_like(top))
 
     def metrics(
         self, prefix: str, p: Array, *, total: Array | None = None, peak: bool = True
