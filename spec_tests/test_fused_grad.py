@@ -561,6 +561,65 @@ def test_consistency_kernel_equals_the_generic_path(bk: Harness, metric: str, re
     assert float(got[0].detach()) == float("inf")  # the -inf against 0
 
 
+@pytest.mark.parametrize(
+    ("case", "validated"),
+    [("finite", False), ("uncounted pair", False), ("counted pair", True), ("nan", True)],
+)
+@pytest.mark.parametrize("metric", ["mse", "l1"])
+def test_consistency_validates_only_where_its_value_is_not_finite(
+    bk: Harness, case: str, validated: bool, metric: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel runs before ``valid_tokens`` (``VALID_IF_FINITE``): a finite value means
+    that every counted token is valid, and the restriction is skipped, also with a pair of
+    -inf that the mask does not count; a counted pair of -inf makes the value NaN, and
+    ``valid_tokens`` then drops that token (N = 3, not 4). A NaN in the input is valid: its
+    value is NaN either way. The generic path's numbers in every case."""
+    import torch
+
+    inf = float("inf")
+    x = [[-1.0, -2.0, 0.5], [-3.0, -0.25]]
+    y = [[-1.5, -2.0, 0.0], [-1.0, -0.5]]
+    if case != "finite":
+        x[1][1] = y[1][1] = -inf  # not counted: the mask's 0
+    if case == "counted pair":
+        x[0][1] = y[0][1] = -inf
+    if case == "nan":
+        x[0][2] = float("nan")
+    m = [[1.0, 1.0, 1.0], [1.0, 0.0]]
+    data = {"y": [torch.tensor(a, dtype=torch.float64, device=TORCH_DEVICE) for a in y]}
+    data["m"] = [torch.tensor(a, dtype=torch.float64, device=TORCH_DEVICE) for a in m]
+    reg = rg.Consistency(rg.Field("y"), metric=metric, reduce="mean", mask=rg.Field("m"))
+    lp = [torch.tensor(a, dtype=torch.float64, device=TORCH_DEVICE) for a in x]
+    checked: list[int] = []
+    valid_tokens = rg.Consistency.valid_tokens
+
+    def spied(self: Any, batch: Any) -> Any:
+        checked.append(batch.size)
+        return valid_tokens(self, batch)
+
+    monkeypatch.setattr(rg.Consistency, "valid_tokens", spied)
+    with pytest.MonkeyPatch.context() as mp, _spy(mp) as ran:
+        got = _autograd(reg, data, lp, None, None)
+        assert got[0].grad_fn.name() == ROUTED
+    on_cpu = lp[0].device.type == "cpu"  # (elsewhere no host read: valid_tokens runs first)
+    assert bool(checked) == (validated or not on_cpu), (case, checked)
+    assert ran[-2:] == ["consistency.forward", "grad"], ran
+    with generic_path():
+        want = _autograd(reg, data, lp, None, None)
+    torch.testing.assert_close(got[0], want[0], equal_nan=True)
+    assert got[1].keys() == want[1].keys()
+    for k in got[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], equal_nan=True)
+    for a, b in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    value, raw = float(got[0].detach()), float(got[1]["consistency_raw"])
+    if case == "nan":
+        assert math.isnan(value)
+    else:  # the counted pair of -inf is dropped: it is not in N
+        assert math.isfinite(value)
+        assert value == pytest.approx(raw / (3 if case == "counted pair" else 4))
+
+
 @pytest.mark.parametrize("product", [False, True])
 @pytest.mark.parametrize("special", [None, float("inf"), float("nan"), 1e-300])
 @pytest.mark.parametrize("reduce", ["sum", "mean"])

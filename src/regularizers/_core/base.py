@@ -237,6 +237,7 @@ class Regularizer:
         _zero: Any = None,
         _known: Any = None,
         _whole: Any = None,
+        _validate: bool = True,
     ) -> Batch:
         """The :class:`~regularizers.Batch` of one call (validated, flattened, masked).
 
@@ -246,7 +247,9 @@ class Regularizer:
         check, where reading a value on the host costs nothing (the CPU), that every token
         is valid (``valid_tokens``): then the Batch is not restricted, and counts and
         reductions stay those of the unmasked call (the same numbers, without the mask's
-        ``where``s)."""
+        ``where``s). ``_validate=False`` leaves :meth:`valid_tokens` to a later
+        :meth:`_validated` (for a native kernel whose own result tells that every token is
+        valid)."""
         m = self._opts["mask"] if mask is UNSET else checks.mask("mask", mask)
         batch = prepare(
             data,
@@ -262,6 +265,11 @@ class Regularizer:
             zero=_zero,
             known=_known,
         )
+        return self._validated(batch, _whole) if _validate else batch
+
+    def _validated(self, batch: Batch, _whole: Any = None) -> Batch:
+        """``batch`` restricted to the tokens :meth:`valid_tokens` accepts (``prepare``'s last
+        step); ``batch`` itself where every one is (and ``_whole`` can tell)."""
         valid = self.valid_tokens(batch)
         if valid is None or (batch.mask is None and _whole is not None and _whole(valid)):
             return batch

@@ -271,6 +271,10 @@ def compute(
             # a kernel that zeroes what it derives from the values at uncounted tokens (see
             # MASKS_ITS_OWN) is handed them unmasked: no masked copy is made unless it declines
             own = getattr(kernel, "MASKS_ITS_OWN", False) and reg._opts["target"] == "logprobs"
+            # a kernel whose value is finite only where every token it counts is valid (see
+            # VALID_IF_FINITE) runs before valid_tokens, which runs only where it is not: read
+            # on the host, so on the CPU only
+            defer = getattr(kernel, "VALID_IF_FINITE", False) and arrays[0].device.type == "cpu"
             batch = reg.prepare(
                 data,
                 lp,
@@ -280,6 +284,7 @@ def compute(
                 _zero=_as_they_are if own else zero_uncounted,
                 _known=_XP if floats else None,  # (types and dtypes read above)
                 _whole=all_valid,
+                _validate=not defer,
             )
             if batch._target_arrays is not batch._arrays:  # a Field target: its own gradient
                 return None
@@ -287,6 +292,9 @@ def compute(
             if own:
                 object.__setattr__(batch, "_zero", zero_uncounted)  # (for fields it reads)
             got = None if kernel is None else kernel.forward(reg, batch)
+            if defer and (got is None or not math.isfinite(got[0].item())):
+                batch = reg._validated(batch, all_valid)  # (a token may be invalid: as prepare)
+                got = None if kernel is None else kernel.forward(reg, batch)
             if got is None:
                 if own and batch.mask is not None:  # the values as prepare would leave them
                     object.__setattr__(batch, "values", zero_uncounted(batch.values, batch.mask))

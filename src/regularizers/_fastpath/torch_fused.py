@@ -604,9 +604,16 @@ class ConsistencyGrad:
 
     ``MASKS_ITS_OWN``: the values are read only through ``d`` (and ``valid_tokens``, whose
     verdict on an uncounted token the mask overrides), so they come unmasked, as
-    SampledKL's do."""
+    SampledKL's do.
+
+    ``VALID_IF_FINITE``: a counted token that ``valid_tokens`` rejects (-inf in both
+    arrays) makes its ``d`` NaN, and so the value; a finite value means that every counted
+    token is valid, and the restriction would change nothing. The training path runs this
+    kernel before ``valid_tokens``, which runs only where the value is not finite (two
+    passes and a host read less per call, ~30 us on the Tinker batch)."""
 
     MASKS_ITS_OWN = True
+    VALID_IF_FINITE = True
 
     @staticmethod
     def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
