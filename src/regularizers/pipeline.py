@@ -16,6 +16,7 @@ parameters), :math:`w_i\lVert\nabla R_i\rVert`,
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -410,9 +411,11 @@ class Pipeline:
         if self.base_loss is not None:
             parts.append(("base_loss", self.base_loss, None, "logprobs"))
         for t in active:
-            w = t.weight if weights is None or t.name not in weights else weights[t.name]
-            if not is_array_api_obj(w):
-                w = _weight(t.name, w)
+            w = t.weight  # (checked when the Term was made)
+            if weights is not None and t.name in weights:
+                w = weights[t.name]
+                if not is_array_api_obj(w):
+                    w = _weight(t.name, w)
             parts.append((t.name, t.regularizer, w, t.input))
         # NumPy: the built-ins' blocked kernels add into one gradient per input
         fused, grads = (
@@ -430,11 +433,12 @@ class Pipeline:
             else _run(name, obj, data, inputs[inp], with_grad, counts)
             for name, obj, _, inp in parts
         }
-        first_arrays = as_arrays(inputs.get("logprobs", next(iter(inputs.values()))))
-        xp = namespace_of(first_arrays)
-        like = first_arrays[0]
-        if results:
+        if results:  # (one array: a list of 64 would be walked again)
             like = next(iter(results.values()))[0]
+            xp = namespace_of([like])
+        else:
+            first_arrays = as_arrays(inputs.get("logprobs", next(iter(inputs.values()))))
+            xp, like = namespace_of(first_arrays), first_arrays[0]
 
         def const(v: float) -> Array:
             dtype = like.dtype
@@ -476,15 +480,8 @@ class Pipeline:
                     grads[key] = [xp.zeros_like(a) for a in as_arrays(value)]
         if self.track_grad_norms:
             metrics.update(self._grad_norms(xp, parts, results, grads, like))
-        numpy = np_scalar_types() if array_api_compat.is_numpy_namespace(xp) else None
-        metrics = {
-            k: as_numpy_0d(v)  # (no copy: what as_0d gives, without the namespace's wrapper)
-            if numpy is not None and type(v) in numpy
-            else as_0d(xp, stop_gradient(xp, v))
-            if is_array_api_obj(v)
-            else v
-            for k, v in metrics.items()
-        }
+        constant = _constant(xp)
+        metrics = {k: constant(v) for k, v in metrics.items()}
         loss = as_0d(xp, loss)
         if self.metrics == "array":
             return loss, metrics, grads
@@ -547,6 +544,29 @@ def _run(
             f"{type(value).__name__}" + ("" if shape is None else f" of shape {shape}")
         )
     return value, dict(metrics), grad if isinstance(grad, list) else [grad]
+
+
+def _constant(xp: Any) -> Callable[[Any], Any]:
+    """A metric as the Pipeline reports it: an array of ``xp`` as a 0-d constant for
+    autodiff (NumPy's scalars as 0-d arrays, without a copy), anything else as it is. The
+    common kinds are told by their type: ``is_array_api_obj`` costs ~1 us a metric."""
+    if array_api_compat.is_numpy_namespace(xp):
+        numpy = np_scalar_types()
+
+        def numpy_constant(v: Any) -> Any:
+            if type(v) in numpy:
+                return as_numpy_0d(v)
+            return as_0d(xp, v) if is_array_api_obj(v) else v
+
+        return numpy_constant
+    if array_api_compat.is_torch_namespace(xp):
+        tensor = sys.modules["torch"].Tensor
+
+        def torch_constant(v: Any) -> Any:
+            return v.detach() if type(v) is tensor or is_array_api_obj(v) else v
+
+        return torch_constant
+    return lambda v: as_0d(xp, stop_gradient(xp, v)) if is_array_api_obj(v) else v
 
 
 def _routed(
