@@ -472,6 +472,66 @@ def test_a_pipelines_terms_share_one_node_equal_to_the_generic_path(
     _close(grads, want_grads, rtol, atol, "gradient")
 
 
+@pytest.mark.parametrize("product", [False, True])
+@pytest.mark.parametrize("masked", ["L1", "SampledKL"])
+def test_a_masked_term_reads_the_concatenation_of_a_later_plain_term(
+    bk: Harness, masked: str, product: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A term that reads a mask, before one that reads the values alone, is prepared on
+    the later term's concatenation (one for both): masking it must not write into it. The
+    uncounted tokens hold large values, inf and NaN, which the plain L2 counts; the
+    numbers are the generic path's, and the input is left as it was. The mask by
+    ``where``, or (``product``: ``SMALL`` lowered) by the product, which writes in place
+    into an array of the call's own."""
+    import torch
+
+    from regularizers._fastpath import torch_fused
+
+    if product:
+        monkeypatch.setattr(torch_fused, "SMALL", 1)
+
+    first = (
+        rg.L1(mask=rg.Field("w"))
+        if masked == "L1"
+        else rg.SampledKL(reference=rg.Field("ref"), mask=rg.Field("w"))
+    )
+    terms = [rg.Term(first, 1e-3, name="masked"), rg.Term(rg.L2(), 1e-4, name="plain")]
+    pipe = rg.Pipeline(terms, metrics="array")
+    xs = [[-1.0, 1e4, -2.0, float("inf")], [-0.5, float("nan")], [-3.0, -4.0, 7e3]]
+    ws = [[1.0, 0.0, 1.0, 0.0], [1.0, 0.0], [1.0, 1.0, 0.0]]
+    data = {
+        "w": [torch.tensor(w, dtype=torch.float64, device=TORCH_DEVICE) for w in ws],
+        "ref": [torch.full((len(x),), -1.25, dtype=torch.float64, device=TORCH_DEVICE) for x in xs],
+    }
+    x = [torch.tensor(a, dtype=torch.float64, device=TORCH_DEVICE) for a in xs]
+    kept = [a.clone() for a in x]
+
+    def run() -> Any:
+        leaves = [a.detach().clone().requires_grad_(True) for a in x]
+        loss, metrics = pipe(data, leaves)
+        loss.backward()
+        return loss, metrics, [a.grad for a in leaves]
+
+    loss, metrics, grads = run()
+    assert [f.name() for f, _ in loss.grad_fn.next_functions if f is not None] == [
+        "MulBackward0",
+        "MulBackward0",
+    ]
+    assert {f.next_functions[0][0].name() for f, _ in loss.grad_fn.next_functions} == {ROUTED}
+    with generic_path():
+        want_loss, want_metrics, want_grads = run()
+    torch.testing.assert_close(loss, want_loss, equal_nan=True)
+    for k in want_metrics:
+        torch.testing.assert_close(metrics[k], want_metrics[k], equal_nan=True)
+    for a, b in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert math.isnan(float(metrics["plain/l2_raw"]))  # the plain term counts every token
+    raw = "l1_raw" if masked == "L1" else "sampled_kl_raw"
+    assert math.isfinite(float(metrics[f"masked/{raw}"]))  # the masked one only some
+    for a, b in zip(x, kept, strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
 def test_a_pipelines_terms_are_one_node(bk: Harness) -> None:
     """Two built-ins over one ragged input: one ClosedForm node, and one gradient per tensor."""
     import torch

@@ -238,6 +238,7 @@ class Regularizer:
         _known: Any = None,
         _whole: Any = None,
         _validate: bool = True,
+        _flat: Any = None,
     ) -> Batch:
         """The :class:`~regularizers.Batch` of one call (validated, flattened, masked).
 
@@ -249,7 +250,7 @@ class Regularizer:
         reductions stay those of the unmasked call (the same numbers, without the mask's
         ``where``s). ``_validate=False`` leaves :meth:`valid_tokens` to a later
         :meth:`_validated` (for a native kernel whose own result tells that every token is
-        valid)."""
+        valid); ``_flat`` is the list's concatenation where the caller has made it already."""
         m = self._opts["mask"] if mask is UNSET else checks.mask("mask", mask)
         batch = prepare(
             data,
@@ -264,6 +265,7 @@ class Regularizer:
             call=call,
             zero=_zero,
             known=_known,
+            flat=_flat,
         )
         return self._validated(batch, _whole) if _validate else batch
 

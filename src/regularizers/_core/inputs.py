@@ -776,6 +776,7 @@ def prepare(
     call: str = "compute(data, logprobs)",
     zero: Any = None,
     known: Namespace | None = None,
+    flat: Array | None = None,
 ) -> Batch:
     """Validate and flatten one call's inputs.
 
@@ -789,7 +790,9 @@ def prepare(
     ``logprobs`` as its caller has already checked it: one array or a non-empty list of
     arrays of that namespace, all of a real floating dtype (the torch training path reads
     their types and dtypes once for its own conditions; a batch of 64 tensors is not walked
-    again).
+    again). ``flat``, where given, is the concatenation of ``logprobs`` (per-token values,
+    ``event_ndim`` 0), made by the caller for another term of the same call: it is read,
+    not concatenated again, and not written to.
     """
     check_data(data, logprobs, call)
     is_list = isinstance(logprobs, (list, tuple))
@@ -880,8 +883,11 @@ def prepare(
         _zero=zero,
     )
     flatten = batch._flatten if target_arrays is arrays else batch._flatten_field
-    t = flatten(target_arrays)
-    fresh = len(target_arrays) > 1  # a new array of this call's own (a concatenation)
+    if flat is not None and target_arrays is arrays and not event_ndim:
+        t, fresh = flat, False  # (the caller's concatenation, shared with another term)
+    else:
+        t = flatten(target_arrays)
+        fresh = len(target_arrays) > 1  # a new array of this call's own (a concatenation)
     if is_low_precision(xp, t.dtype):
         t, fresh = xp.astype(t, xp.float32), True
     object.__setattr__(batch, "dtype", t.dtype)

@@ -244,6 +244,10 @@ def compute(
     flat = None
     shapes: list[Any] | None = None
     with torch.no_grad():
+        if is_list and floats and any([_plain(r, m) for r, m in terms[1:]]):  # noqa: C419
+            # a later term will be prepared on the concatenation (below): made first, so
+            # that a term before it reads it too (a Pipeline's L1(mask), then its L2)
+            shapes, flat = _concatenation(arrays)
         for reg, mask in terms:
             lp = logprobs
             # a term that reads nothing but the values is prepared on the concatenation
@@ -251,13 +255,7 @@ def compute(
             # structure, without walking the list again
             if is_list and _plain(reg, mask) and (runs or (floats and reg.name in PLAIN)):
                 if flat is None:
-                    shapes = [a.shape for a in arrays]  # (read once: for the split too)
-                    flat = torch.cat(
-                        [
-                            a if len(s) == 1 else a.reshape(-1)
-                            for a, s in zip(arrays, shapes, strict=True)
-                        ]
-                    )
+                    shapes, flat = _concatenation(arrays)
                 lp = flat  # the same values, without walking the list again
                 kernel = kernels.get(reg.name) if reg.name in PLAIN else None
                 if kernel is not None and counts is None and reg._opts["target"] == "logprobs":
@@ -285,6 +283,7 @@ def compute(
                 _known=_XP if floats else None,  # (types and dtypes read above)
                 _whole=all_valid,
                 _validate=not defer,
+                _flat=flat,  # (read, not written: MASKS_ITS_OWN or a masked copy)
             )
             if batch._target_arrays is not batch._arrays:  # a Field target: its own gradient
                 return None
@@ -323,6 +322,15 @@ def compute(
     node = _Call(runs, shape, generic, direct)
     values = _apply(node, [v for v, _ in results], *arrays)
     return [(v, metrics) for v, (_, metrics) in zip(values, results, strict=True)]
+
+
+def _concatenation(arrays: list[Any]) -> tuple[list[Any], Any]:
+    """The shapes of a list's tensors (read once: for the split too) and their flat
+    concatenation."""
+    shapes = [a.shape for a in arrays]
+    return shapes, torch.cat(
+        [a if len(s) == 1 else a.reshape(-1) for a, s in zip(arrays, shapes, strict=True)]
+    )
 
 
 def _as_they_are(a: Any, mask: Any, fresh: bool = False) -> Any:
