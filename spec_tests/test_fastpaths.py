@@ -335,6 +335,26 @@ def test_fast_path_steps_aside(bk: Harness) -> None:
         assert leaf.grad.tolist() == [-1.0, 0.0]  # the generic path's convention at 0
 
 
+def test_the_path_found_is_remembered_per_array_module(bk: Harness) -> None:
+    """``try_compute`` keeps on each regularizer the path it found for each array module
+    (the class and the options decide it): the same answer on every call, for each module
+    apart (NumPy's after torch's and back), and the switch still read on each call."""
+    x = bk.asarray(np.array([-1.0, 0.0, 2.0]))
+    arrays = [np.array([-1.0, 0.0, 2.0]), x]  # (both NumPy in the numpy session)
+    plain, masked, field = rg.L1(), rg.L1(mask=np.ones(3)), rg.L2(target=rg.Field("adv"))
+    for _ in range(2):
+        for a in arrays:
+            got = _fastpath.try_compute(plain, a)
+            assert got is not None
+            assert type(got[0]) is type(a)  # (the path of a's own module)
+            assert float(got[0]) == 3.0
+            assert _fastpath.try_compute(masked, a) is None
+            assert _fastpath.try_compute(field, a) is None
+            with _fastpath.disabled():
+                assert _fastpath.try_compute(plain, a) is None
+    assert set(plain._fast) == {type(a).__module__ for a in arrays}
+
+
 @pytest.mark.parametrize("bounds", [(-1e300, 0.0), (None, 1e300), (-1e39, -1.0)])
 def test_bounds_beyond_the_dtype_agree_with_the_generic_path(bk: Harness, bounds: Any) -> None:
     """float32 input, float64-sized bounds and center: clamped to float32's range on both."""

@@ -80,8 +80,9 @@ class Regularizer:
     """0: a penalty per element; 1: per row of a class axis (``axis``); 2: per matrix.
 
     A class attribute, or a property where an option decides it."""
-    __slots__ = ("__weakref__", "_opts")
+    __slots__ = ("__weakref__", "_fast", "_opts")
     _opts: dict[str, Any]
+    _fast: dict[str, Any]  # the native fast path per array module, found on first use
     _options: ClassVar[dict[str, Option]] = {}
     _positional: ClassVar[str | None] = None
 
@@ -149,6 +150,7 @@ class Regularizer:
             n: o.validate(kwargs[n]) if n in kwargs else o.default for n, o in options.items()
         }
         object.__setattr__(self, "_opts", stored)
+        object.__setattr__(self, "_fast", {})  # (a cache of what the options decide)
         self.check_options()
 
     def check_options(self) -> None:

@@ -58,25 +58,43 @@ def _torch_compiling() -> bool:
 
 
 def try_compute(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
-    """``(value, metrics)`` by a native path, or None where none applies."""
+    """``(value, metrics)`` by a native path, or None where none applies.
+
+    Which path applies to arrays of a module depends only on ``reg``'s class and options:
+    found once per module and kept on ``reg`` (``_fast``, a cache of an immutable object),
+    so that a call on a small array pays a dict lookup, not the checks (L1 on 1e3 NumPy
+    elements: 3.5 us a call against 3.2, the native code's 1.9)."""
     if _torch_compiling():  # before anything Dynamo cannot trace (ContextVar.get)
         return None
+    first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
+    module = type(first).__module__
+    cache = getattr(reg, "_fast", None)  # (None: a subclass that did not run __init__)
+    fast: Any = _UNKNOWN if cache is None else cache.get(module, _UNKNOWN)
+    if fast is _UNKNOWN:
+        fast = _fast_for(reg, module)
+        if cache is not None:
+            cache[module] = fast
+    if fast is None or not ENABLED.get():
+        return None
+    return fast(reg, logprobs)  # type: ignore[no-any-return]
+
+
+_UNKNOWN = object()
+
+
+def _fast_for(reg: Any, module: str) -> Any:
+    """The fast path of ``reg`` for arrays of ``module``, or None (see :func:`try_compute`)."""
     if not _builtin(reg):
         return None
-    o = reg._opts  # the options themselves: no descriptor on the hot path
-    if o["mask"] is not None or o["reduce"] not in ("sum", "mean") or not ENABLED.get():
+    o = reg._opts
+    if o["mask"] is not None or o["reduce"] not in ("sum", "mean"):
         return None
-    target = o["target"]
-    if target != "logprobs" and target != "probs":  # a Field reads data: generic
+    if o["target"] != "logprobs" and o["target"] != "probs":  # a Field reads data: generic
         return None
-    first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
-    native = _NATIVE.get(type(first).__module__)
+    native = _NATIVE.get(module)
     if native is None:
-        native = _load(type(first).__module__)
-        if native is None:
-            return None
-    fast = native.get(reg.name)
-    return None if fast is None else fast(reg, logprobs)
+        native = _load(module)
+    return None if native is None else native.get(reg.name)
 
 
 # torch.Tensor and nn.Parameter (weights regularized as they are): the route's tensor types

@@ -88,6 +88,13 @@ def _prepared(reg: Any, logprobs: Any) -> Any:
 
 def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     """L1's value and metrics: Σ|x| (or Σ exp(x)) block by block."""
+    if (  # one array that fits a block (_prepared's first case, without the call)
+        type(logprobs) is np.ndarray
+        and logprobs.size <= BLOCK
+        and logprobs.dtype.type in _SMALL
+        and reg._opts["target"] == "logprobs"
+    ):
+        return _small_l1(reg, logprobs)
     got = _prepared(reg, logprobs)
     if got is None:
         return None
@@ -110,6 +117,13 @@ def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
 def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     """L2's value and metrics: clip, center and square block by block (Chan's merge for
     ``center="mean"``)."""
+    if (  # one array that fits a block (_prepared's first case, without the call)
+        type(logprobs) is np.ndarray
+        and logprobs.size <= BLOCK
+        and logprobs.dtype.type in _SMALL
+        and reg._opts["target"] == "logprobs"
+    ):
+        return _small_l2(reg, logprobs)
     got = _prepared(reg, logprobs)
     if got is None:
         return None
