@@ -33,6 +33,30 @@ STEP = {"torch": "loss.backward()", "jax": "jit(value_and_grad)", "numpy": "valu
 FAMILY = HERE / "family_distributions.py"
 
 
+def stale_modules() -> list[str]:
+    """The modules of the installed ``regularizers`` that differ from this checkout's
+    ``src/regularizers`` (none where they agree, or where the package imported is the
+    checkout itself). A virtualenv reused without reinstalling (``nox -R``) would measure
+    the copy installed when it was made, not the code beside this file."""
+    import regularizers
+
+    installed = Path(regularizers.__file__).parent
+    source = HERE.parent / "src" / "regularizers"
+    if not source.is_dir() or installed.resolve() == source.resolve():
+        return []
+    names = {p.relative_to(source) for p in source.rglob("*.py")}
+    names |= {p.relative_to(installed) for p in installed.rglob("*.py")}
+    return sorted(
+        str(n)
+        for n in names
+        if not (
+            (source / n).is_file()
+            and (installed / n).is_file()
+            and (source / n).read_bytes() == (installed / n).read_bytes()
+        )
+    )
+
+
 def measure(backend: str, extra: list[str]) -> dict[str, Any]:
     import os
 
@@ -450,6 +474,12 @@ def main() -> int:
     parser.add_argument("--backend", action="append", choices=BACKENDS, help="repeatable")
     parser.add_argument("--no-family", action="store_true", help="skip the [T, V] family cases")
     args = parser.parse_args()
+    stale = stale_modules()
+    if stale:
+        raise SystemExit(
+            f"the installed regularizers is not this checkout's ({', '.join(stale[:4])}"
+            f"{' ...' if len(stale) > 4 else ''} differ): reinstall it (nox -s bench, not -R)"
+        )
     extra = ["--budget", str(args.budget)] + (["--smoke"] if args.smoke else [])
     start = time.perf_counter()
     results = []
