@@ -323,10 +323,13 @@ def test_pipeline_fused_terms_equal_the_generic_path(bk: Harness, data: st.DataO
     pipe = rg.Pipeline(terms, metrics="array")
     counts = counts_for(data.draw)
     block = data.draw(st.sampled_from([None, 1, 5]), label="block")
+    product = data.draw(st.booleans(), label="mask by the product at any size")
     with pytest.MonkeyPatch.context() as patch:
         ran = spy(patch)
         if block is not None:
             patch.setattr(_native, "BLOCK", block)
+        if product:
+            patch.setattr(_direct, "_PRODUCT", 0)
         with np.errstate(all="ignore"):
             loss, metrics, grad = pipe.value_and_grad(d or None, x, counts=counts)
     if counts is None and all(r.reduce in ("sum", "mean") for r in regs):
@@ -507,10 +510,13 @@ def test_direct_path_equals_the_generic_path(
         reg = type(reg)(**{**reg.options(), "mask": mask})  # an array given at construction
         covered = False
     rows = data.draw(st.sampled_from([None, 1, 7]), label="_ROWS")
+    product = data.draw(st.booleans(), label="mask by the product at any size")
     before = [a.copy() for a in as_list(x)] + [a.copy() for v in d.values() for a in as_list(v)]
     with pytest.MonkeyPatch.context() as patch:
         if rows is not None:  # (1: a row per block; 7: up to 7 classes' worth of rows)
             patch.setattr(_direct, "_ROWS", rows)
+        if product:  # (the product and its check, else where below 2048 elements)
+            patch.setattr(_direct, "_PRODUCT", 0)
         ran = spy(patch)
         with np.errstate(all="ignore"):
             fast = reg.value_and_grad(d or None, x)
@@ -556,6 +562,48 @@ def test_direct_kernels_on_a_masked_ragged_batch(bk: Harness, reg: rg.Regularize
     check_equal(reg, x, fast, generic)
     for g, mask in zip(fast[2], m, strict=True):
         assert (g[mask == 0] == 0.0).all(), g
+
+
+@pytest.mark.parametrize("product", [False, True])
+@pytest.mark.parametrize(
+    "reg",
+    [
+        rg.L1(mask=rg.Field("m")),
+        rg.L2(center="mean", mask=rg.Field("m"), reduce="mean"),
+        rg.SampledKL(rg.Field("y"), mask=rg.Field("m")),
+    ],
+    ids=repr,
+)
+def test_direct_masking_keeps_uncounted_inf_and_nan_out(
+    bk: Harness, reg: rg.Regularizer, product: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uncounted tokens holding inf, -inf and NaN: the whole-call kernels mask by ``where``,
+    or (``product``: at any size) by the product with the mask, whose check must catch the
+    0 · inf and 0 · NaN it makes and mask by ``where`` after all. Alone and as a
+    Pipeline's first term before a plain one (which reads the unmasked values): the
+    general path's numbers, finite for the masked term, 0 gradient where uncounted."""
+    if product:
+        monkeypatch.setattr(_direct, "_PRODUCT", 0)
+    x = [np.array([1.0, np.inf, -6.0, 0.5, np.nan]), np.array([-np.inf, -1.0, -0.25])]
+    m = [np.array([1.0, 0.0, 1.0, 1.0, 0.0]), np.array([0.0, 1.0, 1.0])]
+    y = [np.array([0.5, 2.5, 1.0, 0.0, -1.0]), np.array([-9.0, -1.5, -0.75])]
+    data = {"m": m, "y": y}
+    fast = reg.value_and_grad(data, x)
+    with generic_path():
+        generic = reg.value_and_grad(data, x)
+    check_equal(reg, x, fast, generic)
+    assert np.isfinite(float(fast[0]))
+    for g, mask in zip(fast[2], m, strict=True):
+        assert (g[mask == 0] == 0.0).all(), g
+    pipe = rg.Pipeline([rg.Term(reg, 0.5, name="masked"), rg.Term(rg.L1(), 1e-3, name="all")])
+    got = pipe.value_and_grad(data, x)
+    with generic_path():
+        want = pipe.value_and_grad(data, x)
+    assert got[1].keys() == want[1].keys()
+    for k in want[1]:
+        np.testing.assert_allclose(got[1][k], want[1][k], rtol=1e-12, equal_nan=True)
+    assert np.isfinite(got[1]["masked/value"])
+    assert np.isnan(got[1]["all/value"])  # (the plain term reads the NaN)
 
 
 @pytest.mark.parametrize("block", [None, 2])

@@ -39,13 +39,14 @@ class _Call:
     """One call's flat input: ``x`` (compute dtype, 0 at uncounted tokens), ``m`` (bool, or
     None when every token counts), ``count`` (N) and the way back to the input's shapes."""
 
-    __slots__ = ("arrays", "count", "data", "dtype", "event", "is_list", "m", "n", "x")
+    __slots__ = ("arrays", "count", "data", "dtype", "event", "flat", "is_list", "m", "n", "x")
 
     arrays: list[np.ndarray]
     count: int
     data: Any
     dtype: Any
     event: int
+    flat: np.ndarray  # the input's flat values before masking (shared by a Pipeline's terms)
     is_list: bool
     m: np.ndarray | None
     n: int
@@ -665,13 +666,31 @@ def _call(reg: Any, event: int, parsed: tuple[list[np.ndarray], bool], data: Any
         x = c._flat(arrays)
         if x.dtype != c.dtype:
             x = x.astype(c.dtype)
-    c.n = x.shape[0]
+    c.n, c.flat = x.shape[0], x
     if not c.read_mask(reg._opts["mask"]):
         return None
     if c.m is not None:
-        x = np.where(c._mask_like(x), x, 0)
+        x = _zeroed(x, c._mask_like(x))
     c.x = x
     return c
+
+
+def _zeroed(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """``x`` with 0 where the bool ``m`` is False: the product ``x · m`` where it is exact,
+    which its sum tells (finite: no inf or NaN met a 0, and the counted entries are ``x``'s
+    own), else ``where`` (NaN or inf in ``x``, or a sum beyond the dtype's range). Timed on
+    float32: at 35K elements 8 + 5 us against 30 for ``where``, at 16K 7.8 against 14.3,
+    at 4K 3.4 against 4.5; at 1K 2.2 against 2.0 (so ``where`` up to :data:`_PRODUCT`)."""
+    if x.size > _PRODUCT:
+        with np.errstate(invalid="ignore", over="ignore"):  # (0 · inf: told by the sum)
+            z: np.ndarray = x * m
+            total = np.add.reduce(z, axis=None)
+        if math.isfinite(total):
+            return z
+    return np.where(m, x, 0)
+
+
+_PRODUCT = 2048  # elements beyond which the mask's product (and its check) beats ``where``
 
 
 def terms(
@@ -699,8 +718,7 @@ def terms(
         c = _call(reg, 0, parsed, data, x)
         if c is None:
             return None
-        if x is None:
-            x = c.x if c.m is None else None  # the unmasked flat input, shared
+        x = c.flat  # the unmasked flat input, shared by the terms (no kernel writes to it)
         got = entry[1](reg, c, c.weight(how))
         if got is None:
             return None
