@@ -433,12 +433,11 @@ class Pipeline:
             else _run(name, obj, data, inputs[inp], with_grad, counts)
             for name, obj, _, inp in parts
         }
-        if results:  # (one array: a list of 64 would be walked again)
+        first_arrays = as_arrays(inputs.get("logprobs", next(iter(inputs.values()))))
+        xp = namespace_of(first_arrays)
+        like = first_arrays[0]
+        if results:
             like = next(iter(results.values()))[0]
-            xp = namespace_of([like])
-        else:
-            first_arrays = as_arrays(inputs.get("logprobs", next(iter(inputs.values()))))
-            xp, like = namespace_of(first_arrays), first_arrays[0]
 
         def const(v: float) -> Array:
             dtype = like.dtype
