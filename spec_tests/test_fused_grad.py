@@ -109,6 +109,19 @@ def _autograd(reg: Any, data: Any, x: Any, mask: Any, counts: Any) -> Any:
     return value, metrics, grads
 
 
+def _assert_same(got: Any, want: Any) -> None:
+    """Two results of :func:`_autograd` (value, metrics, gradients): equal, NaN where NaN,
+    with the same metrics."""
+    import torch
+
+    torch.testing.assert_close(got[0], want[0], equal_nan=True)
+    assert got[1].keys() == want[1].keys()
+    for k in got[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], equal_nan=True)
+    for a, b in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
 @contextlib.contextmanager
 def _spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """The names of the fused kernels whose forward and backward ran."""
@@ -612,12 +625,7 @@ def test_consistency_kernel_equals_the_generic_path(bk: Harness, metric: str, re
     assert ran[-1] == "grad", ran
     with generic_path():
         want = _autograd(reg, data, lp, None, None)
-    torch.testing.assert_close(got[0], want[0])
-    assert got[1].keys() == want[1].keys()
-    for k in got[1]:
-        torch.testing.assert_close(got[1][k], want[1][k])
-    for a, b in zip(got[2], want[2], strict=True):
-        torch.testing.assert_close(a, b)
+    _assert_same(got, want)
     assert float(got[0].detach()) == float("inf")  # the -inf against 0
 
 
@@ -666,12 +674,7 @@ def test_consistency_validates_only_where_its_value_is_not_finite(
     assert ran[-2:] == ["consistency.forward", "grad"], ran
     with generic_path():
         want = _autograd(reg, data, lp, None, None)
-    torch.testing.assert_close(got[0], want[0], equal_nan=True)
-    assert got[1].keys() == want[1].keys()
-    for k in got[1]:
-        torch.testing.assert_close(got[1][k], want[1][k], equal_nan=True)
-    for a, b in zip(got[2], want[2], strict=True):
-        torch.testing.assert_close(a, b, equal_nan=True)
+    _assert_same(got, want)
     value, raw = float(got[0].detach()), float(got[1]["consistency_raw"])
     if case == "nan":
         assert math.isnan(value)
@@ -715,12 +718,7 @@ def test_gradient_penalty_kernel_equals_the_generic_path(
     assert (ran[:1] == ["gradient_penalty.forward"]) == (special is None and on_host), ran
     with generic_path():
         want = _autograd(reg, data, lp, None, None)
-    torch.testing.assert_close(got[0], want[0], equal_nan=True)
-    assert got[1].keys() == want[1].keys()
-    for k in got[1]:
-        torch.testing.assert_close(got[1][k], want[1][k], equal_nan=True)
-    for a, b in zip(got[2], want[2], strict=True):
-        torch.testing.assert_close(a, b, equal_nan=True)
+    _assert_same(got, want)
 
 
 @pytest.mark.parametrize("special", [None, float("nan")])
@@ -746,10 +744,7 @@ def test_orthogonality_kernel_equals_the_generic_path(bk: Harness, special: Any,
     assert ran[:1] == ["orthogonality.forward"], ran
     with generic_path():
         want = _autograd(reg, data, x, None, None)
-    torch.testing.assert_close(got[0], want[0], equal_nan=True)
-    for k in got[1]:
-        torch.testing.assert_close(got[1][k], want[1][k], equal_nan=True)
-    torch.testing.assert_close(got[2][0], want[2][0], equal_nan=True)
+    _assert_same(got, want)
 
 
 @pytest.mark.parametrize(

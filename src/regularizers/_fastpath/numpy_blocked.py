@@ -61,15 +61,21 @@ def _sum(b: np.ndarray) -> float:
     return head + float(np.add.reduce(b[m:]))
 
 
-def _prepared(reg: Any, logprobs: Any) -> Any:
-    """``("small", x)`` for an input that fits one block, ``("blocks", arrays, dtype, n)``
-    otherwise, or None where the generic path must run (it validates and raises)."""
-    if (
+def _one_block(reg: Any, logprobs: Any) -> bool:
+    """One NumPy array of float32 or float64 logprobs that fits a block: the whole-array
+    form (``_small_l1``, ``_small_l2``)."""
+    return (
         type(logprobs) is np.ndarray
         and logprobs.size <= BLOCK
         and logprobs.dtype.type in _SMALL
         and reg._opts["target"] == "logprobs"
-    ):
+    )
+
+
+def _prepared(reg: Any, logprobs: Any) -> Any:
+    """``("small", x)`` for an input that fits one block, ``("blocks", arrays, dtype, n)``
+    otherwise, or None where the generic path must run (it validates and raises)."""
+    if _one_block(reg, logprobs):
         return ("small", logprobs)
     arrays = _arrays(logprobs)
     if arrays is None:
@@ -88,12 +94,7 @@ def _prepared(reg: Any, logprobs: Any) -> Any:
 
 def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     """L1's value and metrics: Σ|x| (or Σ exp(x)) block by block."""
-    if (  # one array that fits a block (_prepared's first case, without the call)
-        type(logprobs) is np.ndarray
-        and logprobs.size <= BLOCK
-        and logprobs.dtype.type in _SMALL
-        and reg._opts["target"] == "logprobs"
-    ):
+    if _one_block(reg, logprobs):  # (_prepared's first case, without building its tuple)
         return _small_l1(reg, logprobs)
     got = _prepared(reg, logprobs)
     if got is None:
@@ -117,12 +118,7 @@ def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
 def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     """L2's value and metrics: clip, center and square block by block (Chan's merge for
     ``center="mean"``)."""
-    if (  # one array that fits a block (_prepared's first case, without the call)
-        type(logprobs) is np.ndarray
-        and logprobs.size <= BLOCK
-        and logprobs.dtype.type in _SMALL
-        and reg._opts["target"] == "logprobs"
-    ):
+    if _one_block(reg, logprobs):  # (_prepared's first case, without building its tuple)
         return _small_l2(reg, logprobs)
     got = _prepared(reg, logprobs)
     if got is None:
