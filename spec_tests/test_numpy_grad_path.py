@@ -323,13 +323,14 @@ def test_pipeline_fused_terms_equal_the_generic_path(bk: Harness, data: st.DataO
     pipe = rg.Pipeline(terms, metrics="array")
     counts = counts_for(data.draw)
     block = data.draw(st.sampled_from([None, 1, 5]), label="block")
-    product = data.draw(st.booleans(), label="mask by the product at any size")
+    large = data.draw(st.booleans(), label="the large arrays' forms at any size")
     with pytest.MonkeyPatch.context() as patch:
         ran = spy(patch)
         if block is not None:
             patch.setattr(_native, "BLOCK", block)
-        if product:
+        if large:
             patch.setattr(_direct, "_PRODUCT", 0)
+            patch.setattr(_direct, "_CLIP", 0)
         with np.errstate(all="ignore"):
             loss, metrics, grad = pipe.value_and_grad(d or None, x, counts=counts)
     if counts is None and all(r.reduce in ("sum", "mean") for r in regs):
@@ -510,13 +511,14 @@ def test_direct_path_equals_the_generic_path(
         reg = type(reg)(**{**reg.options(), "mask": mask})  # an array given at construction
         covered = False
     rows = data.draw(st.sampled_from([None, 1, 7]), label="_ROWS")
-    product = data.draw(st.booleans(), label="mask by the product at any size")
+    large = data.draw(st.booleans(), label="the large arrays' forms at any size")
     before = [a.copy() for a in as_list(x)] + [a.copy() for v in d.values() for a in as_list(v)]
     with pytest.MonkeyPatch.context() as patch:
         if rows is not None:  # (1: a row per block; 7: up to 7 classes' worth of rows)
             patch.setattr(_direct, "_ROWS", rows)
-        if product:  # (the product and its check, else where below 2048 elements)
-            patch.setattr(_direct, "_PRODUCT", 0)
+        if large:  # (the mask's product and its check, np.clip: else below 2048 elements
+            patch.setattr(_direct, "_PRODUCT", 0)  # where, np.minimum and np.maximum)
+            patch.setattr(_direct, "_CLIP", 0)
         ran = spy(patch)
         with np.errstate(all="ignore"):
             fast = reg.value_and_grad(d or None, x)

@@ -191,6 +191,20 @@ def _finite(value: float, c: _Call) -> Any:
     return c.dtype.type(min(max(float(value), -top), top))
 
 
+def _clipped(u: np.ndarray, lo: Any, hi: Any) -> np.ndarray:
+    """``clip(u, lo, hi)`` (a bound None: none on that side), a new array: ``np.clip``, one
+    pass, beyond 2048 elements; below, ``np.minimum``/``np.maximum``, whose calls cost less
+    (float32, timed: at 35K elements 6 us against 27, at 8K 3.6 against 7.4, at 2K the
+    same, at 1K 2.8 against 2.0)."""
+    if u.size > _CLIP and (lo is not None or hi is not None):
+        return np.clip(u, lo, hi)  # type: ignore[no-any-return]
+    if hi is not None:
+        u = np.minimum(u, hi)
+    if lo is not None:
+        u = np.maximum(u, lo)
+    return u
+
+
 def _deviation(reg: Any, c: _Call) -> np.ndarray:
     """``u = clip(t) - center`` (``deviation`` of the L2 family), 0 at uncounted tokens (where
     every penalty of the family is 0 with slope 0)."""
@@ -199,10 +213,7 @@ def _deviation(reg: Any, c: _Call) -> np.ndarray:
     u = c.x
     if clip is not None:
         lo, hi = (None if b is None else _finite(b, c) for b in clip)
-        if hi is not None:
-            u = np.minimum(u, hi)
-        if lo is not None:
-            u = np.maximum(u, lo)
+        u = _clipped(u, lo, hi)
     if center == "mean":
         total = c.total(u)
         u = u - total / max(c.count, 1)  # the local mean (no counts= on this path)
@@ -267,7 +278,7 @@ def huber(reg: Any, c: _Call, w: Any) -> Result | None:
     np.subtract(a, p, out=p)
     p *= q
     raw = np.add.reduce(p, axis=None)
-    g = np.minimum(np.maximum(x, -d), d)  # clip(u, -δ, δ)
+    g = _clipped(x, -d, d)  # the slope clip(u, -δ, δ)
     if w is not None:
         g *= w
     if not _plain(reg):
@@ -691,6 +702,7 @@ def _zeroed(x: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 
 _PRODUCT = 2048  # elements beyond which the mask's product (and its check) beats ``where``
+_CLIP = 2048  # elements beyond which ``np.clip`` beats ``np.minimum`` and ``np.maximum``
 
 
 def terms(
