@@ -381,6 +381,19 @@ def _zero_outside_(g: Any, v: Any, lo: float | None, hi: float | None) -> Any:
     return g
 
 
+def _squares(batch: Any, d: Any) -> tuple[Any, Any]:
+    """``Σ d²`` by one dot and ``max d²`` from the extrema of ``d`` (NaN if any ``d`` is):
+    no ``d²`` temporary, and one pass fewer than its sum and max."""
+    raw = torch.dot(d, d)
+    if not batch.size:
+        return raw, batch.zero()
+    if batch.size <= SMALL:  # one kernel: max |d|
+        top = torch.linalg.vector_norm(d, float("inf"))
+        return raw, top * top
+    low, high = torch.aminmax(d)  # both extrema in one pass (max |d| is a slow kernel)
+    return raw, torch.maximum(low * low, high * high)
+
+
 class L2Grad:
     """L2: the deviation ``d = c(v) - center`` once (kept for the gradient), Σd² by one dot
     and max d² from the extrema; the gradient is 2(d - mean d) for ``center="mean"`` (the
@@ -410,15 +423,7 @@ class L2Grad:
             d = d.sub_(mu) if own else d - mu
             if mask is not None:
                 d = zero_uncounted(d, mask, True)
-        raw = torch.dot(d, d)
-        if not batch.size:
-            peak = batch.zero()
-        elif batch.size <= SMALL:  # one kernel: max |d| (NaN if any is)
-            top = torch.linalg.vector_norm(d, float("inf"))
-            peak = top * top
-        else:  # both extrema in one pass (max |d| is a slow kernel)
-            low, high = torch.aminmax(d)
-            peak = torch.maximum(low * low, high * high)
+        raw, peak = _squares(batch, d)
         metrics = {"l2_raw": raw, "l2_mean": batch.per_token(raw), "l2_max": peak}
         return _scaled(w, raw), metrics, (d, w, lo, hi)
 
@@ -625,9 +630,12 @@ class ConsistencyGrad:
         d = batch.values - y
         if batch.mask is not None:
             d = zero_uncounted(d, batch.mask, True)
-        p = d * d if how == "mse" else d.abs()
-        raw = p.sum()
-        peak = p.amax() if batch.size else batch.zero()  # (p >= 0, 0 where uncounted)
+        if how == "mse":
+            raw, peak = _squares(batch, d)
+        else:
+            p = d.abs()
+            raw = p.sum()
+            peak = p.amax() if batch.size else batch.zero()  # (p >= 0, 0 where uncounted)
         metrics = {
             "consistency_raw": raw,
             "consistency_mean": batch.per_token(raw),
