@@ -1392,6 +1392,37 @@ def test_half_precision_plain_call_computes_in_float32(bk: Harness, reg: Any) ->
     _same(grad, want_grad)
 
 
+@pytest.mark.parametrize(
+    "reg",
+    [
+        rg.L2(reduce="mean"),
+        rg.L1(reduce="mean"),
+        rg.Consistency(rg.Field("other"), reduce="mean"),
+        rg.SampledKL(rg.Field("other"), reduce="mean"),
+    ],
+    ids=repr,
+)
+def test_constants_are_made_per_dtype_and_device(bk: Harness, reg: Any) -> None:
+    """The training path's constants (``torch_fused.const``: ``reduce``'s 1/N, the count a
+    mean divides by, the 2 of a squared slope) are 0-d tensors kept from call to call: calls
+    of one size in float64, float32, then float64 again each get their own, so the value and
+    metrics keep the call's dtype (a float64 constant would make a float32 call's 0-d results
+    float64) and equal the generic path's, gradients included."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    a, b = -np.abs(rng.normal(size=7)), -np.abs(rng.normal(size=7))
+    for dtype in (torch.float64, torch.float32, torch.float64):
+        x = torch.asarray(a, dtype=dtype, device=TORCH_DEVICE).requires_grad_(True)
+        data = {"other": torch.asarray(b, dtype=dtype, device=TORCH_DEVICE)}
+        (value, metrics, grad), (want, want_metrics, want_grad) = _both_paths(reg, data, x)
+        assert value.grad_fn.name() == ROUTED
+        _same(value, want)
+        for k in want_metrics:
+            _same(metrics[k], want_metrics[k])
+        _same(grad, want_grad)
+
+
 def test_sampled_kl_k1_max_is_over_counted_tokens(bk: Harness) -> None:
     """SampledKL k1 with a mask: an uncounted token's log ratio is 0 in the kernel, and must
     not win the max over counted ones that are all negative."""

@@ -47,7 +47,7 @@ from array_api_compat import array_namespace
 from .._core.inputs import check_data
 from .._core.typing import Array, Metrics
 from .common import disabled
-from .torch_fused import GRAD, PLAIN, all_valid, zero_uncounted
+from .torch_fused import GRAD, PLAIN, all_valid, const, zero_uncounted
 
 __all__ = ["ClosedForm", "Generic", "compute", "value_metrics_and_grad"]
 
@@ -65,6 +65,24 @@ class Generic:
     @staticmethod
     def grad(reg: Any, batch: Any, g: Any, scale: Any) -> Any:
         return g * scale.to(g.dtype)
+
+
+_set_grad_enabled = torch._C._set_grad_enabled
+
+
+class _NoGrad:
+    """``torch.no_grad()`` for this module's eager calls (never traced: see
+    :func:`~regularizers._fastpath.dispatch.try_route`), without its Python layers: grad mode
+    off, then back as it was (0.4 us a call on this machine's CPU, against 1.6)."""
+
+    __slots__ = ("prev",)
+
+    def __enter__(self) -> None:
+        self.prev = torch.is_grad_enabled()
+        _set_grad_enabled(False)
+
+    def __exit__(self, *exc: object) -> None:
+        _set_grad_enabled(self.prev)
 
 
 class _Run:
@@ -243,7 +261,7 @@ def compute(
     results: list[tuple[Any, Metrics]] = []
     flat = None
     shapes: list[Any] | None = None
-    with torch.no_grad():
+    with _NoGrad():
         if is_list and floats and any([_plain(r, m) for r, m in terms[1:]]):  # noqa: C419
             # a later term will be prepared on the concatenation (below): made first, so
             # that a term before it reads it too (a Pipeline's L1(mask), then its L2)
@@ -393,10 +411,10 @@ class _Flat:
         return 1.0 if self.reduce == "sum" else 1.0 / max(self.size, 1)
 
     def per_token(self, total: Any) -> Any:
-        return total / max(self.size, 1)
+        return total / const(float(max(self.size, 1)), total)
 
     def _divide(self, total: Any, by: int) -> Any:
-        return total / max(by, 1)
+        return total / const(float(max(by, 1)), total)
 
     def zero(self) -> Any:
         return torch.zeros((), dtype=self.dtype, device=self.values.device)
@@ -428,7 +446,7 @@ def compute_plain(reg: Any, x: Any, kernel: Any) -> tuple[Array, Metrics] | None
     if _functorch_active():
         return None
     results: list[tuple[Any, Metrics]] = []
-    with torch.no_grad():
+    with _NoGrad():
         run = _flat_run(reg, x, kernel, results)
     if run is None:
         return None
@@ -455,7 +473,7 @@ def value_metrics_and_grad(reg: Any, batch: Any) -> tuple[Array, Metrics, Array]
         return None
     watch: list[str] = []
     constant = batch.constant_values(values.detach() if recorded else values, watch)
-    with torch.no_grad():
+    with _NoGrad():
         value, metrics, g = _closed_form(reg, constant)
     if watch:
         return None

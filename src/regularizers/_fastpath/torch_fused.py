@@ -318,8 +318,32 @@ def _weight(batch: Any) -> Any:
     return w if isinstance(w, float) or w.ndim == 0 else None
 
 
-def _scaled(w: Any, raw: Any) -> Any:
-    return raw if isinstance(w, float) and w == 1.0 else raw * w
+_CONSTANTS: dict[tuple[float, Any, Any], Any] = {}
+
+
+def const(value: float, like: Any) -> Any:
+    """``value`` as a 0-d tensor of ``like``'s dtype and device, made once and never written.
+
+    An operator given a Python number wraps it into a double tensor and converts it on every
+    call: on this machine's CPU ``raw / 1000`` takes 2.6 us and ``raw / c`` 1.2 us, so each
+    constant of a small call's arithmetic costs ~1.4 us more as a number. The result is the
+    same: the number is rounded to ``like``'s dtype either way. (At most 64 are kept.)"""
+    key = (value, like.dtype, like.device)
+    c = _CONSTANTS.get(key)
+    if c is None:
+        if len(_CONSTANTS) >= 64:
+            _CONSTANTS.clear()
+        c = _CONSTANTS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+    return c
+
+
+def _scaled(w: Any, raw: Any, k: float = 1.0) -> Any:
+    """``k · w · raw``: ``w`` is ``reduce``'s one weight (a float, or a 0-d tensor), ``k`` a
+    power of two (or its negative: the product rounds as ``k · (w · raw)`` does)."""
+    if isinstance(w, float):
+        f = k * w
+        return raw if f == 1.0 else raw * const(f, raw)
+    return raw * w if k == 1.0 else (raw * w) * const(k, raw)
 
 
 def _sign(v: Any) -> Any:
@@ -387,9 +411,8 @@ def _squares(batch: Any, d: Any) -> tuple[Any, Any]:
     raw = torch.dot(d, d)
     if not batch.size:
         return raw, batch.zero()
-    if batch.size <= SMALL:  # one kernel: max |d|
-        top = torch.linalg.vector_norm(d, float("inf"))
-        return raw, top * top
+    if batch.size <= SMALL:  # (2.3 us at 1e3, 2.9 at 4096: max |d| by vector_norm 5.6 and 14)
+        return raw, (d * d).max()
     low, high = torch.aminmax(d)  # both extrema in one pass (max |d| is a slow kernel)
     return raw, torch.maximum(low * low, high * high)
 
@@ -430,7 +453,7 @@ class L2Grad:
     @staticmethod
     def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
         d, w, lo, hi = state
-        two_s = 2.0 * _scaled(w, scale.to(batch.dtype))
+        two_s = _scaled(w, scale.to(batch.dtype), 2.0)
         if reg._opts["center"] != "mean":
             g = d * two_s
         else:  # the mean's share: mean d (0 but for rounding, NaN where the mean is)
@@ -493,10 +516,10 @@ class SampledKLGrad:
     @staticmethod
     def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
         d, e, w = state
-        s = _scaled(w, scale.to(batch.dtype))
         estimator = reg._opts["estimator"]
         if estimator == "k3":
-            return e * -s
+            return e * _scaled(w, scale.to(batch.dtype), -1.0)
+        s = _scaled(w, scale.to(batch.dtype))
         if estimator == "k2":
             return d * s
         g = torch.full_like(d, 1.0).mul_(s)
@@ -646,10 +669,9 @@ class ConsistencyGrad:
     @staticmethod
     def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
         w, d = state
-        s = _scaled(w, scale.to(batch.dtype))
         if reg._opts["metric"] == "mse":
-            return d * (2.0 * s)
-        return _sign(d).mul_(s)
+            return d * _scaled(w, scale.to(batch.dtype), 2.0)
+        return _sign(d).mul_(_scaled(w, scale.to(batch.dtype)))
 
 
 class GradientPenaltyGrad:
