@@ -118,7 +118,7 @@ class ClosedForm(torch.autograd.Function):
         call.arrays = arrays
         call.versions = [a._version for a in arrays]  # (what save_for_backward would check)
         ctx.set_materialize_grads(False)
-        return tuple(v.clone() for v in values)  # (0-d copies: this node's own outputs)
+        return tuple(values)  # (each the call's own: see _own)
 
     @staticmethod
     def backward(ctx: Any, *gos: Any) -> tuple[Any, ...]:
@@ -183,6 +183,15 @@ def _generic_grads(call: _Call, gos: tuple[Any, ...]) -> list[Any]:
     return out
 
 
+def _own(value: Any, metrics: Metrics) -> Any:
+    """``value`` as an output of the node: a copy where it is also a metric (which stays a
+    constant; with ``reduce="sum"`` the value is often ``*_raw`` itself) or a view, else
+    ``value`` itself, a 0-d tensor the kernel made for this call (a copy costs ~1.5 us)."""
+    if value._base is not None or any([value is m for m in metrics.values()]):  # noqa: C419
+        return value.clone()
+    return value
+
+
 def _pieces(batch: Any, g: Any, needed: tuple[bool, ...]) -> list[Any]:
     """``g`` (w.r.t. the flat values, 0 at uncounted tokens) as one gradient per tensor of
     the call: views of one flat gradient where the shapes allow, in each tensor's dtype."""
@@ -190,9 +199,11 @@ def _pieces(batch: Any, g: Any, needed: tuple[bool, ...]) -> list[Any]:
     if batch._moved is not None:  # a class axis moved last: the generic way back
         grads = batch.pullback(g)
         return grads if batch._is_list else [grads]
-    if len(arrays) == 1:
+    if len(arrays) == 1:  # (a reshape to the same shape costs ~2 us: not made)
         a = arrays[0]
-        return [g.reshape(a.shape).to(a.dtype)]
+        if g.shape != a.shape:
+            g = g.reshape(a.shape)
+        return [g if g.dtype == a.dtype else g.to(a.dtype)]
     out: list[Any] = []
     for p, a, need in zip(g.split_with_sizes(list(batch.lengths)), arrays, needed, strict=True):
         if not need:
@@ -338,7 +349,7 @@ def compute(
     )
     shape = _Split(arrays, shapes) if is_list and not first._is_list else first
     node = _Call(runs, shape, generic, direct)
-    values = _apply(node, [v for v, _ in results], *arrays)
+    values = _apply(node, [_own(v, m) for v, m in results], *arrays)
     return [(v, metrics) for v, (_, metrics) in zip(values, results, strict=True)]
 
 
@@ -457,7 +468,7 @@ def compute_plain(reg: Any, x: Any, kernel: Any) -> tuple[Array, Metrics] | None
             return [reg.compute(None, arrays[0])[0]]
 
     node = _Call([run], run.batch, generic)
-    (out,) = _apply(node, [value], x)
+    (out,) = _apply(node, [_own(value, metrics)], x)
     return out, metrics
 
 
@@ -484,7 +495,7 @@ def value_metrics_and_grad(reg: Any, batch: Any) -> tuple[Array, Metrics, Array]
         return [reg.evaluate(batch.constant_values(arrays[0], []))[0]]
 
     node = _Call([_Run(reg, _Values(values), _Saved, g)], _Values(values), generic)
-    (out,) = _apply(node, [value], values)
+    (out,) = _apply(node, [_own(value, metrics)], values)
     return out, metrics, g
 
 
