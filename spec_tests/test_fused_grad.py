@@ -860,6 +860,72 @@ def test_all_valid_is_all(bk: Harness, n: int) -> None:
     assert all_valid(valid[: n // 2]) is on_cpu  # (a view)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        "ragged",  # the Tinker batch's shape: 64 tensors, 35K elements, two groups
+        "one long",  # a tensor of _GRAIN elements or more among short ones: a group alone
+        "many groups",  # close to _CHUNKED
+        "bool",  # a mask
+        "equal",  # equal lengths: torch.cat itself
+        "dtypes",  # float32 and float64: torch.cat's promotion
+        "small",  # under _GRAIN: torch.cat itself
+        "grad",  # autograd records: torch.cat itself
+    ],
+)
+def test_torch_cat_is_torch_cat(bk: Harness, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    """``backends.torch_cat`` equals ``torch.cat`` (values, dtype, shape; a fresh tensor,
+    the inputs untouched), by groups of fewer than ``_GRAIN`` elements written into one
+    result where it takes them (counted by a spy on ``torch.cat``'s ``out=`` calls), and by
+    ``torch.cat`` itself where it should not."""
+    import torch
+
+    from regularizers._core import backends
+
+    rng = np.random.default_rng(len(case))
+    lengths = [int(n) for n in rng.integers(64, 1025, size=64)]
+    if case == "one long":
+        lengths[30] = backends._GRAIN + 5
+    elif case == "many groups":
+        lengths = [int(n) for n in rng.integers(100, 3000, size=80)]
+    elif case == "equal":
+        lengths = [600] * 64
+    elif case == "small":
+        lengths = lengths[:20]
+    arrays = [torch.asarray(rng.normal(size=n).astype(np.float32)) for n in lengths]
+    if case == "bool":
+        arrays = [a > 0 for a in arrays]
+    if case == "dtypes":
+        arrays[5] = arrays[5].double()
+    copies = [a.clone() for a in arrays]
+    grouped = case in ("ragged", "one long", "many groups", "bool")
+    want = torch.cat(arrays)
+    calls: list[int] = []
+    real = torch.cat
+
+    def spy(tensors: Any, *args: Any, **kw: Any) -> Any:
+        calls.append(int("out" in kw))
+        return real(tensors, *args, **kw)
+
+    monkeypatch.setattr(torch, "cat", spy)
+    if case == "grad":
+        arrays[3].requires_grad_(True)
+        got = backends.torch_cat(arrays, lengths)
+        assert got.requires_grad
+        assert calls == [0]
+    else:
+        with torch.no_grad():
+            got = backends.torch_cat(arrays, lengths, torch.bool if case == "bool" else None)
+    assert sum(lengths) <= backends._CHUNKED
+    ok = torch.get_num_threads() > 1
+    assert (sum(calls) >= 2) is (grouped and ok), calls
+    assert got.dtype == want.dtype
+    assert got.shape == want.shape
+    assert torch.equal(got.detach(), want)
+    for a, c in zip(arrays, copies, strict=True):
+        assert torch.equal(a.detach(), c)
+
+
 @pytest.mark.parametrize("fresh", [False, True])
 @pytest.mark.parametrize("special", [None, "inf masked", "nan masked", "inf counted"])
 @pytest.mark.parametrize("shape", ["small", "one more", "large", "rows"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat
@@ -34,6 +34,7 @@ __all__ = [
     "reciprocal",
     "reshape",
     "stop_gradient",
+    "torch_cat",
 ]
 
 
@@ -249,13 +250,72 @@ def not_all_neg_inf(xp: Namespace, rows: Array) -> Array:
     return xp.logical_or(xp.max(r, axis=-1) != -xp.inf, xp.isnan(xp.sum(r, axis=-1)))
 
 
-def concat(xp: Namespace, arrays: list[Array], axis: int = 0) -> Array:
+def concat(
+    xp: Namespace,
+    arrays: list[Array],
+    axis: int = 0,
+    sizes: Sequence[int] | None = None,
+    dtype: Any = None,
+) -> Array:
     """``xp.concat(arrays, axis=axis)`` (the one array itself when there is one). On Dask,
     arrays of no element join into one fresh chunk: Dask's graphs over several chunks of no
     element come apart (a ``where`` against a broadcast mask asks for a chunk that does not
-    exist, and a reshape of them raises), and an empty array carries nothing to keep."""
-    out = arrays[0] if len(arrays) == 1 else xp.concat(arrays, axis=axis)
+    exist, and a reshape of them raises), and an empty array carries nothing to keep. On
+    torch, :func:`torch_cat` (``sizes``: the lengths of ``arrays``, where they are 1-D and
+    known; ``dtype``: the dtype they all have, where known)."""
+    if len(arrays) == 1:
+        out = arrays[0]
+    elif axis == 0 and array_api_compat.is_torch_namespace(xp):
+        out = torch_cat(arrays, sizes, dtype)
+    else:
+        out = xp.concat(arrays, axis=axis)
     return _fresh_empty(xp, out, tuple(out.shape)) if _dask_empty(xp, out) else out
+
+
+_GRAIN = 32768  # at::internal::GRAIN_SIZE: torch's CPU kernels split work above it
+_CHUNKED = 1 << 17  # up to here (in elements), the concatenation by groups measured faster
+
+
+def torch_cat(arrays: list[Array], sizes: Sequence[int] | None = None, dtype: Any = None) -> Array:
+    """``torch.cat(arrays)``, as fast as this CPU allows it for 1-D tensors of the known
+    lengths ``sizes`` (and, where given, the one ``dtype`` they all have).
+
+    On the CPU with more than one thread, ``torch.cat`` of tensors of different lengths
+    whose result reaches ``_GRAIN`` elements copies them one by one, each copy a kernel
+    call of its own; below ``_GRAIN`` it runs one serial loop over them all. For a ragged
+    batch of 64 tensors of 64-1024 tokens (35K elements) the first takes ~45 us, the second
+    ~11 us. So the result is allocated once and filled by consecutive groups of tensors,
+    each under ``_GRAIN`` elements (~18 us; reading the lengths or the dtypes of 64 tensors
+    costs ~5 us more each, hence ``sizes`` and ``dtype``). ``torch.cat`` itself where that does
+    not pay (another device, one thread, few or equal lengths, which torch copies in one
+    go, more than ``_CHUNKED`` elements), where dtypes differ (its promotion), and where
+    autograd records (a result written with ``out=`` has no graph)."""
+    import torch
+
+    first = arrays[0]
+    if sizes is None or len(arrays) < 3 or torch.is_grad_enabled():
+        return torch.cat(arrays)
+    n = sum(sizes)
+    if n < _GRAIN or n > _CHUNKED or min(sizes) == max(sizes) or first.device.type != "cpu":
+        return torch.cat(arrays)
+    if dtype is None:
+        dtype = first.dtype
+        if any([a.dtype != dtype for a in arrays]):  # noqa: C419
+            return torch.cat(arrays)
+    if torch.get_num_threads() == 1:
+        return torch.cat(arrays)
+    out = torch.empty((n,), dtype=dtype, device=first.device)
+    start = done = size = 0
+    try:
+        for k, m in enumerate(sizes):
+            if size + m >= _GRAIN and k > start:  # (a group of one may reach it)
+                torch.cat(arrays[start:k], out=out[done : done + size])
+                start, done, size = k, done + size, 0
+            size += m
+        torch.cat(arrays[start:], out=out[done:])
+    except (RuntimeError, ValueError, TypeError):  # not 1-D of these lengths: torch's way
+        return torch.cat(arrays)
+    return out
 
 
 def _dask_empty(xp: Namespace, a: Array) -> bool:

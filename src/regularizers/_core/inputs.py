@@ -515,10 +515,11 @@ class Batch:
     def _flatten(self, arrays: list[Array]) -> Array:
         xp, k = self.xp, self.event_ndim
         if not k and self._moved is None:  # per-token values: 1-D arrays as they are
-            if self._one_d:  # (arrays of the target's shapes, checked: no pass over them)
-                return concat(xp, arrays)
+            # (arrays of the target's shapes, checked: their sizes are the lengths)
+            if self._one_d:  # (1-D: no pass over them)
+                return concat(xp, arrays, sizes=self.lengths)
             rows = [a if a.ndim == 1 else reshape(xp, a, (-1,)) for a in arrays]
-            return concat(xp, rows)
+            return concat(xp, rows, sizes=self.lengths)
         rows = []
         for a in arrays:
             if self._moved is not None:
@@ -919,7 +920,9 @@ def prepare(
                 flat = mask_arrays
             else:
                 flat = [m if m.ndim == 1 else reshape(xp, m, (-1,)) for m in mask_arrays]
-            mask_flat = _joined_on(batch.device, partial(concat, xp), flat)
+            (kind,) = kinds
+            join = partial(concat, xp, sizes=lengths, dtype=kind)
+            mask_flat = _joined_on(batch.device, join, flat)
             if not isdtype(xp, mask_flat.dtype, "bool"):  # nonzero (NaN too) is counted
                 mask_flat = xp.astype(mask_flat, xp.bool)  # (several times cheaper than != 0)
         else:

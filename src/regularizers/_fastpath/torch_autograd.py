@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from array_api_compat import array_namespace
 
+from .._core.backends import torch_cat
 from .._core.inputs import check_data
 from .._core.typing import Array, Metrics
 from .common import disabled
@@ -357,9 +358,8 @@ def _concatenation(arrays: list[Any]) -> tuple[list[Any], Any]:
     """The shapes of a list's tensors (read once: for the split too) and their flat
     concatenation."""
     shapes = [a.shape for a in arrays]
-    return shapes, torch.cat(
-        [a if len(s) == 1 else a.reshape(-1) for a, s in zip(arrays, shapes, strict=True)]
-    )
+    rows = [a if len(s) == 1 else a.reshape(-1) for a, s in zip(arrays, shapes, strict=True)]
+    return shapes, torch_cat(rows, [math.prod(s) for s in shapes])
 
 
 def _as_they_are(a: Any, mask: Any, fresh: bool = False) -> Any:

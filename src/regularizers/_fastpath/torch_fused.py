@@ -25,7 +25,7 @@ from typing import Any
 import array_api_compat.torch as xp
 import torch
 
-from .._core.backends import count_true, exact_counts, from_host
+from .._core.backends import count_true, exact_counts, from_host, torch_cat
 from .._core.ops import clamp
 from .common import huber_form_fits, reduced
 from .torch_distributions import GRAD as _CLASS_AXIS
@@ -120,7 +120,7 @@ def _flat(logprobs: Any) -> Any:
         return None
     if len({a.device for a in arrays}) != 1:
         return None
-    return torch.cat([a.reshape(-1) for a in arrays])
+    return torch_cat([a.reshape(-1) for a in arrays])
 
 
 def _dtype(x: Any) -> Any:
