@@ -293,17 +293,17 @@ def torch_cat(arrays: list[Array], sizes: Sequence[int] | None = None, dtype: An
     import torch
 
     first = arrays[0]
-    if sizes is None or len(arrays) < 3 or torch.is_grad_enabled():
+    if sizes is None or len(arrays) < 3 or torch.get_num_threads() == 1:
+        return torch.cat(arrays)
+    if torch.is_grad_enabled() or first.device.type != "cpu":
         return torch.cat(arrays)
     n = sum(sizes)
-    if n < _GRAIN or n > _CHUNKED or min(sizes) == max(sizes) or first.device.type != "cpu":
+    if n < _GRAIN or n > _CHUNKED or min(sizes) == max(sizes):
         return torch.cat(arrays)
     if dtype is None:
         dtype = first.dtype
         if any([a.dtype != dtype for a in arrays]):  # noqa: C419
             return torch.cat(arrays)
-    if torch.get_num_threads() == 1:
-        return torch.cat(arrays)
     out = torch.empty((n,), dtype=dtype, device=first.device)
     start = done = size = 0
     try:

@@ -359,6 +359,8 @@ def _concatenation(arrays: list[Any]) -> tuple[list[Any], Any]:
     concatenation."""
     shapes = [a.shape for a in arrays]
     rows = [a if len(s) == 1 else a.reshape(-1) for a, s in zip(arrays, shapes, strict=True)]
+    if torch.get_num_threads() == 1:  # (torch_cat's groups are for several threads)
+        return shapes, torch.cat(rows)
     return shapes, torch_cat(rows, [math.prod(s) for s in shapes])
 
 
