@@ -595,6 +595,8 @@ class Batch:
     def _divide(self, total: Array, by: Array | int) -> Array:
         """``total / by``, and 0 (not NaN) when ``by`` is 0."""
         if isinstance(by, (int, float)):
+            if by is self._count and self._den is not None:  # (a native path's 0-d count)
+                return total / self._den
             return total / max(by, 1)
         return total / self._clamped(by)
 

@@ -318,6 +318,8 @@ def compute(
             if batch._target_arrays is not batch._arrays:  # a Field target: its own gradient
                 return None
             object.__setattr__(batch, "_watch", watch)
+            if type(batch._count) is int:  # the count divided by as a 0-d tensor (see const)
+                object.__setattr__(batch, "_den", const(float(max(batch._count, 1)), batch.values))
             if own:
                 object.__setattr__(batch, "_zero", zero_uncounted)  # (for fields it reads)
             got = None if kernel is None else kernel.forward(reg, batch)
