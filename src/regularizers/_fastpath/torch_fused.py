@@ -351,7 +351,7 @@ def _sign(v: Any) -> Any:
     ``torch.sign`` gives 0: ``clip(v · 2^e · 2^e, -1, 1)`` with ``2^e`` the dtype's largest
     power of two makes every nonzero ``v`` (subnormals too) at least 1 in magnitude, keeps
     ±0 and NaN, and takes three cheap kernels where a NaN fix-up takes two slow ones."""
-    big = 2.0**1023 if v.dtype == torch.float64 else 2.0**127
+    big = const(2.0**1023 if v.dtype == torch.float64 else 2.0**127, v)
     return (v * big).mul_(big).clamp_(-1.0, 1.0)
 
 
@@ -576,7 +576,7 @@ class ElasticNetGrad:
         flat = v.reshape(-1)
         l1 = v.abs().sum()
         l2 = torch.dot(flat, flat)
-        raw = l1 if a == 1.0 else l2 if a == 0.0 else a * l1 + (1.0 - a) * l2
+        raw = l1 if a == 1.0 else l2 if a == 0.0 else l1 * const(a, l1) + l2 * const(1.0 - a, l2)
         metrics = {
             "elastic_net_raw": raw,
             "elastic_net_mean": batch.per_token(raw),
@@ -590,9 +590,9 @@ class ElasticNetGrad:
         w, a = state
         v, s = batch.values, _scaled(w, scale.to(batch.dtype))
         if a == 0.0:
-            return v * (2.0 * s)
-        g = _sign(v).mul_(a * s)
-        return g if a == 1.0 else g.addcmul_(v, (2.0 - 2.0 * a) * s)
+            return v * (s * const(2.0, s))
+        g = _sign(v).mul_(s * const(a, s))
+        return g if a == 1.0 else g.addcmul_(v, s * const(2.0 - 2.0 * a, s))
 
 
 class SampledEntropyGrad:
@@ -695,7 +695,7 @@ class GradientPenaltyGrad:
         info = torch.finfo(v.dtype)
         if not (math.isfinite(top) and low > math.sqrt(v.shape[1] * info.tiny / info.eps)):
             return None
-        d = norm - float(reg._opts["target_norm"])
+        d = norm - const(float(reg._opts["target_norm"]), norm)
         p, raw = zero_uncounted_sum(d * d, batch.mask, True)  # (an uncounted row's p is c²)
         metrics = {
             "gradient_penalty_raw": raw,
@@ -708,8 +708,8 @@ class GradientPenaltyGrad:
     @staticmethod
     def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
         w, norm, d = state
-        inv = torch.where(norm > 0, norm.reciprocal(), norm.new_zeros(()))
-        factor = (d * inv).mul_(2.0 * _scaled(w, scale.to(batch.dtype)))
+        inv = torch.where(norm > 0, norm.reciprocal(), const(0.0, norm))
+        factor = (d * inv).mul_(_scaled(w, scale.to(batch.dtype), 2.0))
         return batch.values * factor[:, None]  # (an uncounted row holds 0: so is its slope)
 
 
@@ -729,12 +729,12 @@ class OrthogonalityGrad:
         if r < 2:
             return None
         sq = (a * a).sum(-1)
-        inv = torch.where(sq != 0, 1.0 / sq.sqrt(), sq.new_zeros(()))  # [N, r]
+        inv = torch.where(sq != 0, 1.0 / sq.sqrt(), const(0.0, sq))  # [N, r]
         c = torch.matmul(a, a.transpose(1, 2)).mul_(inv[:, :, None]).mul_(inv[:, None, :])
         absc = c.abs().clamp_(max=1.0)
         absc.diagonal(dim1=-2, dim2=-1).zero_()
         pairs = float(r * (r - 1))
-        p = absc.sum((-2, -1)).div_(pairs)
+        p = absc.sum((-2, -1)).div_(const(pairs, absc))
         raw = p.sum()
         metrics = {
             "orthogonality_raw": raw,
@@ -752,11 +752,11 @@ class OrthogonalityGrad:
         sgn = _sign(c)
         sgn.mul_(torch.clamp(c.abs().sub_(1.0), min=0.0).sign_().neg_().add_(1.0))
         sgn.diagonal(dim1=-2, dim2=-1).zero_()
-        sgn.div_(pairs)
+        sgn.div_(const(pairs, sgn))
         col = inv[:, :, None]
         u = a * col
         along = (sgn * c).sum(-1, keepdim=True)
-        g = (2.0 * col) * torch.matmul(sgn, u).sub_(along * u)
+        g = (col * const(2.0, col)) * torch.matmul(sgn, u).sub_(along * u)
         g.mul_(_scaled(w, scale.to(batch.dtype)))
         return g if reg._opts["mode"] == "rows" else g.transpose(1, 2)
 
