@@ -683,6 +683,88 @@ def test_consistency_validates_only_where_its_value_is_not_finite(
         assert value == pytest.approx(raw / (3 if case == "counted pair" else 4))
 
 
+@pytest.mark.parametrize("case", ["finite", "uncounted row", "counted row", "reference row", "nan"])
+@pytest.mark.parametrize(
+    ("name", "vouching"),
+    [
+        ("KL", True),
+        ("JSD", True),
+        ("ZLoss", True),
+        ("Entropy", True),
+        ("Entropy, threshold", False),  # its hinge is 0 at NaN: the value cannot tell
+        ("KL, steps", False),  # SOFTMAX=False: a row of all -inf normalizes to a finite 0
+    ],
+)
+def test_class_axis_kernels_validate_only_where_their_value_is_not_finite(
+    bk: Harness, monkeypatch: pytest.MonkeyPatch, name: str, vouching: bool, case: str
+) -> None:
+    """Where their forward vouches for it (``vouches``: by log_softmax, softmax or logsumexp,
+    without Entropy's hinge), the class-axis kernels run before ``valid_tokens``
+    (``VALID_IF_FINITE``): a finite value means no counted row is all -inf (in the scores or
+    the reference), so the restriction is skipped, also with such a row that the mask does
+    not count; a counted one makes the value NaN or +inf, and ``valid_tokens`` then drops it
+    (N = 2, not 3). A NaN is valid, and its value NaN either way. Where the forward does not
+    vouch, ``valid_tokens`` runs first, as ``prepare`` has it. The generic path's numbers in
+    every case, and the kernel's forward ran once or, where it was asked again, twice."""
+    import torch
+
+    from regularizers._fastpath import torch_distributions
+
+    kind = name.split(",")[0]
+    if kind not in ("KL", "JSD") and case == "reference row":
+        pytest.skip("no reference")
+    if name.endswith("steps"):
+        monkeypatch.setattr(torch_distributions, "SOFTMAX", False)
+    inf = float("inf")
+    x = [[[0.5, -1.0, 2.0, -inf], [1.0, 0.0, -0.5, 0.25]], [[-2.0, 0.0, 1.5, 0.5]]]
+    r = [[[0.0, -0.5, 1.0, -inf], [0.5, 0.5, -1.0, 0.0]], [[-1.0, 0.5, 1.0, 0.0]]]
+    m = [[1.0, 1.0], [0.0]]  # the last row is not counted
+    if case == "uncounted row":
+        x[1][0] = [-inf] * 4
+    elif case == "counted row":
+        x[0][1] = [-inf] * 4
+    elif case == "reference row":
+        r[0][1] = [-inf] * 4
+    elif case == "nan":
+        x[0][1][2] = float("nan")
+    key = {"KL": "kl", "JSD": "jsd", "ZLoss": "z_loss", "Entropy": "entropy"}[kind]
+    opts: dict[str, Any] = {"reduce": "mean", "mask": rg.Field("m")}
+    if kind in ("KL", "JSD"):
+        reg = getattr(rg, kind)(rg.Field("r"), **opts)
+    elif name == "Entropy, threshold":
+        reg = rg.Entropy(threshold=0.5, **opts)
+    else:
+        reg = getattr(rg, kind)(**opts)
+    cls = type(reg)
+
+    def tensors(a: Any) -> list[Any]:
+        return [torch.tensor(b, dtype=torch.float64, device=TORCH_DEVICE) for b in a]
+
+    data = {"r": tensors(r), "m": tensors(m)}
+    lp = tensors(x)
+    checked: list[int] = []
+    valid_tokens = cls.valid_tokens
+
+    def spied(self: Any, batch: Any) -> Any:
+        checked.append(batch.size)
+        return valid_tokens(self, batch)
+
+    monkeypatch.setattr(cls, "valid_tokens", spied)
+    with pytest.MonkeyPatch.context() as mp, _spy(mp) as ran:
+        got = _autograd(reg, data, lp, None, None)
+        assert got[0].grad_fn.name() == ROUTED
+    on_cpu = lp[0].device.type == "cpu"  # (elsewhere no host read: valid_tokens runs first)
+    invalid = case in ("counted row", "reference row", "nan")
+    assert bool(checked) == (invalid or not vouching or not on_cpu), (case, checked)
+    asked = 2 if vouching and on_cpu and invalid else 1
+    assert ran == [f"{key}.forward"] * asked + ["grad"], ran
+    with generic_path():
+        want = _autograd(reg, data, lp, None, None)
+    _assert_same(got, want)
+    value = float(got[0].detach())  # (the hinge's 0 at NaN: finite)
+    assert math.isnan(value) is (case == "nan" and name != "Entropy, threshold")
+
+
 @pytest.mark.parametrize("product", [False, True])
 @pytest.mark.parametrize("special", [None, float("inf"), float("nan"), 1e-300])
 @pytest.mark.parametrize("reduce", ["sum", "mean"])

@@ -300,8 +300,9 @@ def compute(
             # MASKS_ITS_OWN) is handed them unmasked: no masked copy is made unless it declines
             own = getattr(kernel, "MASKS_ITS_OWN", False) and reg._opts["target"] == "logprobs"
             # a kernel whose value is finite only where every token it counts is valid (see
-            # VALID_IF_FINITE) runs before valid_tokens, which runs only where it is not: read
-            # on the host, so on the CPU only
+            # VALID_IF_FINITE; for some, only on some of their paths: their vouches) runs
+            # before valid_tokens, which runs only where it is not: read on the host, so on
+            # the CPU only
             defer = getattr(kernel, "VALID_IF_FINITE", False) and arrays[0].device.type == "cpu"
             batch = reg.prepare(
                 data,
@@ -322,6 +323,9 @@ def compute(
                 object.__setattr__(batch, "_den", const(float(max(batch._count, 1)), batch.values))
             if own:
                 object.__setattr__(batch, "_zero", zero_uncounted)  # (for fields it reads)
+            vouches = getattr(kernel, "vouches", None)
+            if defer and vouches is not None and not vouches(reg, batch):
+                batch, defer = reg._validated(batch, all_valid), False  # (as prepare would)
             got = None if kernel is None else kernel.forward(reg, batch)
             if defer and (got is None or not math.isfinite(got[0].item())):
                 batch = reg._validated(batch, all_valid)  # (a token may be invalid: as prepare)

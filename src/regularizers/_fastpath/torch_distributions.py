@@ -288,7 +288,20 @@ class EntropyGrad:
     """Entropy: ``H = -Σ p log p`` per row; the gradient ``-p (log p + H) · slope / T``, the
     slope that of the penalty's steps (the normalization, ``mode``, the hinge) as
     ``Entropy._penalty`` defines it. Kept: ``log p`` and ``p``; or ``(m, log s)``, from which the
-    backward recomputes them."""
+    backward recomputes them.
+
+    ``VALID_IF_FINITE`` where :meth:`vouches`: without a threshold (whose hinge is 0 at NaN),
+    by ``softmax``/``entr`` or ``log_softmax`` (not the steps), a row of all -inf, which
+    ``valid_tokens`` drops, makes its H NaN, and so the value where it counts."""
+
+    VALID_IF_FINITE = True
+
+    @staticmethod
+    def vouches(reg: Any, batch: Any) -> bool:
+        v = batch.values
+        fused = _fused(v.device, False)
+        steps = not fused and not (SOFTMAX is None and v.numel() <= KEEP)
+        return reg._opts["threshold"] is None and not steps
 
     @staticmethod
     def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
@@ -416,7 +429,17 @@ def _logsumexp(z: Any) -> Any:
 
 class ZLossGrad:
     """ZLoss: ``log Z`` per row (as the generic path computes it); the gradient
-    ``2 log Z · softmax(z)``. Kept: ``softmax(z)``; or nothing but ``log Z``."""
+    ``2 log Z · softmax(z)``. Kept: ``softmax(z)``; or nothing but ``log Z``.
+
+    ``VALID_IF_FINITE`` where :meth:`vouches` (by ``logsumexp``, not the steps): a row of
+    all -inf, which ``valid_tokens`` drops, has ``log Z = -inf``, and a value of +inf where
+    it counts."""
+
+    VALID_IF_FINITE = True
+
+    @staticmethod
+    def vouches(reg: Any, batch: Any) -> bool:
+        return _fused(batch.values.device, True)
 
     @staticmethod
     def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
@@ -477,7 +500,17 @@ class KLGrad:
     gradient ``(p - q) / T``; symmetric, their mean. A token with a support gap is +inf and
     its direction's gradient 0 (its KL replaced by 0 first, so that the row stays finite),
     unless the token's scores hold a NaN: then its KL and its gradient are NaN.
-    Kept: ``p``, ``log p - log q`` (and ``q``); or both ``(m, log s)``."""
+    Kept: ``p``, ``log p - log q`` (and ``q``); or both ``(m, log s)``.
+
+    ``VALID_IF_FINITE`` where :meth:`vouches` (by ``log_softmax``, not the steps): a row of
+    all -inf in either operand, which ``valid_tokens`` drops, makes its logs NaN, and so its
+    KL and the value where it counts."""
+
+    VALID_IF_FINITE = True
+
+    @staticmethod
+    def vouches(reg: Any, batch: Any) -> bool:
+        return _fused(batch.values.device, True)
 
     @staticmethod
     def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
@@ -608,7 +641,15 @@ class JSDGrad:
     and ``log (1-β) p``), with the logs clamped to finite where the generic path has its
     ``where``: ``β Σ q (log q - log m) + (1-β) Σ p (log p - log m)`` and the gradient
     ``(1-β) p (log p - log m - KL(p‖m)) / T``. Kept: ``p`` and ``log p - log m``; or both
-    ``(m, log s)``."""
+    ``(m, log s)``.
+
+    ``VALID_IF_FINITE`` where :meth:`vouches` (by ``log_softmax``, not the steps), as KL's."""
+
+    VALID_IF_FINITE = True
+
+    @staticmethod
+    def vouches(reg: Any, batch: Any) -> bool:
+        return _fused(batch.values.device, True)
 
     @staticmethod
     def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
