@@ -212,7 +212,7 @@ def _on(device: Any, a: Array) -> Array:
     another device is brought over, as a field from ``data`` always is. ``device`` is None
     where there is none to bring it to (traced under ``jax.jit``, or sharded over several
     devices: :func:`~regularizers._core.backends.device_of`)."""
-    if device is None or array_api_compat.device(a) == device:
+    if device is None or device_of(a) == device:
         return a
     return array_api_compat.to_device(a, device)
 
