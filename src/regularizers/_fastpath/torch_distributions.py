@@ -291,8 +291,9 @@ class EntropyGrad:
     backward recomputes them.
 
     ``VALID_IF_FINITE`` where :meth:`vouches`: without a threshold (whose hinge is 0 at NaN),
-    by ``softmax``/``entr`` or ``log_softmax`` (not the steps), a row of all -inf, which
-    ``valid_tokens`` drops, makes its H NaN, and so the value where it counts."""
+    by ``softmax``/``entr`` or ``log_softmax`` (not the steps, nor the Triton kernels), a row
+    of all -inf, which ``valid_tokens`` drops, makes its H NaN, and so the value where it
+    counts."""
 
     VALID_IF_FINITE = True
 
@@ -301,7 +302,7 @@ class EntropyGrad:
         v = batch.values
         fused = _fused(v.device, False)
         steps = not fused and not (SOFTMAX is None and v.numel() <= KEEP)
-        return reg._opts["threshold"] is None and not steps
+        return reg._opts["threshold"] is None and not steps and not torch_triton.available(v)
 
     @staticmethod
     def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
@@ -502,15 +503,17 @@ class KLGrad:
     unless the token's scores hold a NaN: then its KL and its gradient are NaN.
     Kept: ``p``, ``log p - log q`` (and ``q``); or both ``(m, log s)``.
 
-    ``VALID_IF_FINITE`` where :meth:`vouches` (by ``log_softmax``, not the steps): a row of
-    all -inf in either operand, which ``valid_tokens`` drops, makes its logs NaN, and so its
-    KL and the value where it counts."""
+    ``VALID_IF_FINITE`` where :meth:`vouches` (by ``log_softmax``, not the steps, nor the
+    Triton kernels, whose rows of all -inf are not vouched for here): a row of all -inf in
+    either operand, which ``valid_tokens`` drops, makes its logs NaN, and so its KL and the
+    value where it counts."""
 
     VALID_IF_FINITE = True
 
     @staticmethod
     def vouches(reg: Any, batch: Any) -> bool:
-        return _fused(batch.values.device, True)
+        v = batch.values
+        return _fused(v.device, True) and not torch_triton.available(v)
 
     @staticmethod
     def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
@@ -643,13 +646,15 @@ class JSDGrad:
     ``(1-β) p (log p - log m - KL(p‖m)) / T``. Kept: ``p`` and ``log p - log m``; or both
     ``(m, log s)``.
 
-    ``VALID_IF_FINITE`` where :meth:`vouches` (by ``log_softmax``, not the steps), as KL's."""
+    ``VALID_IF_FINITE`` where :meth:`vouches` (by ``log_softmax``, not the steps nor the
+    Triton kernels), as KL's."""
 
     VALID_IF_FINITE = True
 
     @staticmethod
     def vouches(reg: Any, batch: Any) -> bool:
-        return _fused(batch.values.device, True)
+        v = batch.values
+        return _fused(v.device, True) and not torch_triton.available(v)
 
     @staticmethod
     def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
