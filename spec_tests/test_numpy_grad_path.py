@@ -566,6 +566,44 @@ def test_direct_kernels_on_a_masked_ragged_batch(bk: Harness, reg: rg.Regularize
         assert (g[mask == 0] == 0.0).all(), g
 
 
+@pytest.mark.parametrize(
+    "reg",
+    [
+        rg.Huber(delta=0.5, reduce="mean"),
+        rg.ElasticNet(l1_ratio=0.3, reduce="mean"),
+        rg.ElasticNet(l1_ratio=0.0, reduce="mean"),
+        rg.ElasticNet(l1_ratio=1.0, reduce="mean"),
+        rg.Entropy(mask=rg.Field("m"), reduce="mean"),
+        rg.KL(rg.Field("y"), mask=rg.Field("m"), reduce="mean"),
+        rg.JSD(rg.Field("y"), beta=0.1, mask=rg.Field("m"), reduce="mean"),
+        rg.ZLoss(mask=rg.Field("m"), reduce="mean"),
+        rg.GradientPenalty(target_norm=1.0, mask=rg.Field("m"), reduce="mean"),
+    ],
+    ids=repr,
+)
+def test_direct_kernels_weigh_a_mean_once(bk: Harness, reg: rg.Regularizer) -> None:
+    """Kernels that put ``reduce``'s 1/N into the gradient's own coefficients (on the way,
+    not as a pass of its own), and take the value from sums they already have: a mean over
+    a masked ragged batch (N = 5 counted of 7) equals the general path's, value, metrics
+    and gradient, and the direct kernel ran."""
+    rng = np.random.default_rng(7)
+    if reg.name in ("huber", "elastic_net"):
+        x = [rng.normal(0.0, 2.0, size=4), rng.normal(0.0, 2.0, size=3)]
+        data: dict[str, Any] = {}
+    else:
+        x = [rng.normal(0.0, 2.0, size=(4, 6)), rng.normal(0.0, 2.0, size=(3, 6))]
+        y = [rng.normal(0.0, 2.0, size=(4, 6)), rng.normal(0.0, 2.0, size=(3, 6))]
+        m = [np.array([1.0, 0.0, 1.0, 1.0]), np.array([1.0, 1.0, 0.0])]
+        data = {"m": m, "y": y}
+    with pytest.MonkeyPatch.context() as patch:
+        ran = spy(patch)
+        fast = reg.value_and_grad(data, x)
+    assert ran == ["direct"], ran
+    with generic_path():
+        generic = reg.value_and_grad(data, x)
+    check_equal(reg, x, fast, generic)
+
+
 @pytest.mark.parametrize("product", [False, True])
 @pytest.mark.parametrize(
     "reg",

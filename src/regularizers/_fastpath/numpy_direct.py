@@ -20,6 +20,7 @@ that declines after reading its input has only cost time.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -96,7 +97,7 @@ class _Call:
     def _flat(self, arrays: list[np.ndarray]) -> np.ndarray:
         if self.event:
             tail = self.arrays[0].shape[-self.event :]
-            rows = [a.reshape(-1, *tail) for a in arrays]
+            rows = [a if a.ndim == self.event + 1 else a.reshape(-1, *tail) for a in arrays]
             return rows[0] if len(rows) == 1 else np.concatenate(rows)
         return arrays[0].reshape(-1) if len(arrays) == 1 else np.concatenate(arrays, axis=None)
 
@@ -430,9 +431,14 @@ def consistency(reg: Any, c: _Call, w: Any) -> Result | None:
 
 
 # ---- penalties over a class axis (rows [n, V], the axis last) ----------------------------------
-def _blocks(n: int, v: int) -> list[slice]:
+def _blocks(n: int, v: int) -> Sequence[slice]:
     step = max(1, _ROWS // max(v, 1))
+    if n <= step:  # one block (every call at small sizes): no list to build
+        return _WHOLE
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+_WHOLE = (slice(None),)
 
 
 def _exp_shifted(z: np.ndarray, out: np.ndarray | None = None) -> tuple[Any, Any, Any]:
@@ -451,20 +457,30 @@ def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _rows_finish(
-    c: _Call, w: Any, prefix: str, p: np.ndarray, g: np.ndarray, **means: np.ndarray
+    c: _Call,
+    w: Any,
+    prefix: str,
+    p: np.ndarray,
+    g: np.ndarray,
+    raw: Any = None,
+    weighted: bool = False,
+    **totals: Any,
 ) -> Result:
-    """Value and metrics of the per-token ``p`` (and the mean of each of ``means`` over
-    counted tokens), and the gradient with uncounted tokens zeroed and ``reduce``'s weight."""
-    raw = c.total(p)
+    """Value and metrics of the per-token ``p`` (``raw``: its total over counted tokens,
+    where the kernel has summed it already), the mean of each further metric from its
+    total in ``totals``, and the gradient with uncounted tokens zeroed and ``reduce``'s
+    weight (``weighted``: the kernel has applied it, on the way)."""
+    if raw is None:
+        raw = c.total(p)
     c.zero_uncounted(g)
     metrics = {
         f"{prefix}_raw": _A(raw),
         f"{prefix}_mean": _A(c.mean(raw)),
         f"{prefix}_max": _A(c.peak(p)),
     }
-    for k, v in means.items():
-        metrics[k] = _A(c.mean(c.total(v)))
-    return _value(raw, w), metrics, _scaled(g, w)
+    for k, total in totals.items():
+        metrics[k] = _A(c.mean(total))
+    return _value(raw, w), metrics, g if weighted else _scaled(g, w)
 
 
 def _axis_last(reg: Any, c: _Call) -> bool:
@@ -495,7 +511,7 @@ def entropy(reg: Any, c: _Call, w: Any) -> Result | None:
     total = c.total(h)
     if not math.isfinite(total):
         return None  # -inf classes, all -inf rows, NaN or +inf: the general path
-    return _rows_finish(c, w, "entropy", h, g)
+    return _rows_finish(c, w, "entropy", h, g, raw=total)
 
 
 def kl(reg: Any, c: _Call, w: Any) -> Result | None:
@@ -530,7 +546,7 @@ def kl(reg: Any, c: _Call, w: Any) -> Result | None:
     total = c.total(k)
     if not math.isfinite(total):
         return None
-    return _rows_finish(c, w, "kl", k, g)
+    return _rows_finish(c, w, "kl", k, g, raw=total)
 
 
 def _log_softmax(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -555,6 +571,7 @@ def jsd(reg: Any, c: _Call, w: Any) -> Result | None:
     n, v = x.shape
     k = np.empty(n, dtype=c.dtype)
     g = np.empty_like(x)
+    one_b = c.dtype.type((1.0 - beta) if w is None else (1.0 - beta) * w)  # (with reduce's weight)
     for sl in _blocks(n, v):
         logp, p = _log_softmax(x[sl])
         logq, q = _log_softmax(r[sl])
@@ -568,11 +585,11 @@ def jsd(reg: Any, c: _Call, w: Any) -> Result | None:
         kb += (1.0 - beta) * kl_p
         logp -= kl_p[:, None]
         logp *= p
-        np.multiply(logp, 1.0 - beta, out=g[sl])  # (1 - β) p (log p - log m - KL(p‖m))
+        np.multiply(logp, one_b, out=g[sl])  # (1 - β) p (log p - log m - KL(p‖m))
     total = c.total(k)
     if not math.isfinite(total):
         return None  # -inf classes (0 · -inf), rows of all -inf, NaN or +inf: general path
-    return _rows_finish(c, w, "jsd", k, g)
+    return _rows_finish(c, w, "jsd", k, g, raw=total, weighted=True)
 
 
 def z_loss(reg: Any, c: _Call, w: Any) -> Result | None:
@@ -582,16 +599,17 @@ def z_loss(reg: Any, c: _Call, w: Any) -> Result | None:
     n, v = x.shape
     lz = np.empty(n, dtype=c.dtype)
     g = np.empty_like(x)
+    two = c.dtype.type(2.0 if w is None else 2.0 * w)  # (reduce's weight, on [n] not [n, V])
     for sl in _blocks(n, v):
         z = x[sl]
         top, e, s = _exp_shifted(z, g[sl])
         lse = top + np.log(s)
         lz[sl] = lse[:, 0]
-        e *= (2.0 * lse) / s  # 2 log Z · softmax(z)
+        e *= (two * lse) / s  # 2 log Z · softmax(z)
     total = c.total(lz)
     if not math.isfinite(total):
         return None
-    return _rows_finish(c, w, "z_loss", lz * lz, g, log_z_mean=lz)
+    return _rows_finish(c, w, "z_loss", lz * lz, g, weighted=True, log_z_mean=total)
 
 
 def gradient_penalty(reg: Any, c: _Call, w: Any) -> Result | None:
@@ -609,10 +627,10 @@ def gradient_penalty(reg: Any, c: _Call, w: Any) -> Result | None:
     norm = np.sqrt(sq)
     d = norm - c.dtype.type(reg._opts["target_norm"])
     p = d * d
-    slope = 2.0 * d
+    slope = d * c.dtype.type(2.0 if w is None else 2.0 * w)  # (reduce's weight, per row)
     slope /= norm
     g = x * slope[:, None]
-    return _rows_finish(c, w, "gradient_penalty", p, g, grad_norm_mean=norm)
+    return _rows_finish(c, w, "gradient_penalty", p, g, weighted=True, grad_norm_mean=c.total(norm))
 
 
 def orthogonality(reg: Any, c: _Call, w: Any) -> Result | None:
@@ -701,10 +719,15 @@ def _call(reg: Any, event: int, parsed: tuple[list[np.ndarray], bool], data: Any
     arrays, is_list = parsed
     c = _Call()
     c.arrays, c.is_list, c.data, c.event = arrays, is_list, data, event
-    if event:
-        tail = arrays[0].shape[-event:] if arrays[0].ndim >= event else ()
-        if not math.prod(tail) or any(a.ndim < event or a.shape[-event:] != tail for a in arrays):
-            return None  # no class axis, an empty one, or different sizes: general path
+    if event:  # no class axis, an empty one, or different sizes: the general path
+        first = arrays[0]
+        if first.ndim < event:
+            return None
+        tail = first.shape[-event:]
+        if not math.prod(tail):
+            return None
+        if is_list and any(a.ndim < event or a.shape[-event:] != tail for a in arrays[1:]):
+            return None
     dtype = arrays[0].dtype
     c.dtype = _F32 if dtype.type is np.float16 else dtype
     if x is None:
