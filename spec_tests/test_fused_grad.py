@@ -1561,19 +1561,25 @@ def test_half_precision_plain_call_computes_in_float32(bk: Harness, reg: Any) ->
         rg.L1(reduce="mean"),
         rg.Consistency(rg.Field("other"), reduce="mean"),
         rg.SampledKL(rg.Field("other"), reduce="mean"),
+        rg.JSD(rg.Field("other"), beta=0.25, reduce="mean"),
+        rg.KL(rg.Field("other"), reduce="mean"),
+        rg.Entropy(reduce="mean"),
+        rg.ZLoss(reduce="mean"),
     ],
     ids=repr,
 )
 def test_constants_are_made_per_dtype_and_device(bk: Harness, reg: Any) -> None:
-    """The training path's constants (``torch_fused.const``: ``reduce``'s 1/N, the count a
-    mean divides by, the 2 of a squared slope) are 0-d tensors kept from call to call: calls
+    """The training path's constants (``torch_const.const``: ``reduce``'s 1/N, the count a
+    mean divides by, the 2 of a squared slope, JSD's log β and its factors, the coefficient
+    of a class-axis gradient) are 0-d tensors kept from call to call: calls
     of one size in float64, float32, then float64 again each get their own, so the value and
     metrics keep the call's dtype (a float64 constant would make a float32 call's 0-d results
     float64) and equal the generic path's, gradients included."""
     import torch
 
     rng = np.random.default_rng(3)
-    a, b = -np.abs(rng.normal(size=7)), -np.abs(rng.normal(size=7))
+    shape = (3, 5) if reg.name in ("jsd", "kl", "entropy", "z_loss") else (7,)  # [T, V] rows
+    a, b = -np.abs(rng.normal(size=shape)), -np.abs(rng.normal(size=shape))
     for dtype in (torch.float64, torch.float32, torch.float64):
         x = torch.asarray(a, dtype=dtype, device=TORCH_DEVICE).requires_grad_(True)
         data = {"other": torch.asarray(b, dtype=dtype, device=TORCH_DEVICE)}
@@ -1818,3 +1824,34 @@ def test_ragged_list_checks_its_data(bk: Harness, data: Any) -> None:
         context = generic_path() if generic else contextlib.nullcontext()
         with context, pytest.raises(TypeError, match="data"):
             rg.L1().compute(bad, xs, mask=None)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_z_loss_log_sum_exp_of_each_kind_of_row(bk: Harness, dtype: str) -> None:
+    """ZLoss's row log-sum-exp (``torch_distributions._logsumexp``) is the generic path's
+    ``m + log Σ exp(z - m)``, row by row: finite rows as ``torch.logsumexp`` (to rounding),
+    -inf for a row of all -inf (not the NaN of ``-inf - -inf``), NaN where a row holds +inf
+    or NaN; a -inf class is exp 0, and rows at the largest float stay finite."""
+    import torch
+
+    from regularizers._fastpath.torch_distributions import _logsumexp
+
+    top = float(torch.finfo(getattr(torch, dtype)).max)
+    inf, nan = math.inf, math.nan
+    rows = [
+        [0.5, -1.0, 2.0, 3.0],
+        [-inf, -inf, -inf, -inf],
+        [1.0, inf, 0.0, -inf],
+        [1.0, nan, 0.0, 2.0],
+        [-inf, 1.0, -inf, 0.0],
+        [top, top, top, top],
+    ]
+    z = torch.tensor(rows, dtype=getattr(torch, dtype), device=TORCH_DEVICE)
+    got = _logsumexp(z)
+    assert got.shape == (6, 1)
+    want = torch.logsumexp(z[[0, 4, 5]], -1, keepdim=True)
+    torch.testing.assert_close(got[[0, 4, 5]], want)
+    assert got[1, 0].item() == -inf
+    assert math.isnan(got[2, 0].item())
+    assert math.isnan(got[3, 0].item())
+    assert got[5, 0].item() == top

@@ -48,7 +48,8 @@ from .._core.backends import torch_cat
 from .._core.inputs import check_data
 from .._core.typing import Array, Metrics
 from .common import disabled
-from .torch_fused import GRAD, PLAIN, all_valid, const, zero_uncounted
+from .torch_const import const
+from .torch_fused import GRAD, PLAIN, all_valid, zero_uncounted
 
 __all__ = ["ClosedForm", "Generic", "compute", "value_metrics_and_grad"]
 

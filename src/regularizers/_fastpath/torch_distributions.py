@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from . import torch_triton
+from .torch_const import const
 
 __all__ = ["GRAD", "EntropyGrad", "JSDGrad", "KLGrad", "ZLossGrad"]
 
@@ -185,9 +186,14 @@ class _Rows:
 def _coefficient(batch: Any, scale: Any, factor: float, slope: Any = None) -> Any:
     """``scale · factor · w · slope``: 0-d, or ``[n, 1]`` where the ``reduce`` weight ``w``
     or the ``slope`` is per token."""
-    c = scale.to(batch.dtype) * factor
+    c = scale.to(batch.dtype)
+    if factor != 1.0:
+        c = c * const(factor, c)  # (0-d constants: see torch_const)
     w = batch.token_weights()
-    if not (isinstance(w, float) and w == 1.0):
+    if isinstance(w, float):
+        if w != 1.0:
+            c = c * const(w, c)
+    else:
         c = c * w
     if slope is not None:
         c = c * slope
@@ -417,15 +423,14 @@ def _entropy_penalty(o: dict[str, Any], h: Any, size: int) -> tuple[Any, Any]:
 
 # ---- ZLoss -----------------------------------------------------------------------------------
 def _logsumexp(z: Any) -> Any:
-    """``torch.logsumexp`` of rows ``[c, V]`` (``[c, 1]``), NaN where a row holds +inf, as
-    the generic path's ``m + log Σ exp(z - m)`` is there (``inf - inf``), where torch gives
-    +inf. Its +inf stays where ``m + log s`` overflows from finite scores. On the CPU the
-    rows' max is taken only where some lse is +inf (read on the host, no device to sync)."""
-    lse = torch.logsumexp(z, -1, keepdim=True)
-    hot = lse == _INF
-    if z.device.type == "cpu" and not bool(hot.any()):
-        return lse
-    return lse.masked_fill_(hot & (z.amax(-1, keepdim=True) == _INF), math.nan)
+    """Log-sum-exp of rows ``[c, V]`` (``[c, 1]``) as the generic path computes it, ``m +
+    log Σ exp(z - m)`` with ``m`` the row max: NaN where a row holds +inf (``inf - inf``)
+    or NaN, -inf for a row of all -inf (its ``m`` is taken as the lowest finite number, so
+    that ``z - m`` is -inf, not NaN). Seven kernels and no host read: inside a training
+    step at 1e3 elements ~20 us less than ``torch.logsumexp`` (a composite, whose +inf at
+    a row holding +inf needed a fix-up: NaN is what the generic path has there)."""
+    m = z.amax(-1, keepdim=True).clamp_min_(_lowest(z.dtype))
+    return torch.sub(z, m).exp_().sum(-1, keepdim=True).log_().add_(m)
 
 
 class ZLossGrad:
@@ -684,7 +689,7 @@ class JSDGrad:
                 norm_p, norm_q = _log_normalize(x)[1], _log_normalize(y)[1]
             p, d, kl_q, work = _jsd_rows(x, y, norm_p, norm_q, beta, _lowest(v.dtype), True)
             kl_p = torch.mul(p, d, out=work).sum(-1)
-            values.put(sl, beta * kl_q + (1.0 - beta) * kl_p)
+            values.put(sl, const(beta, kl_p) * kl_q + const(1.0 - beta, kl_p) * kl_p)
             kls.put(sl, kl_p)
             if keep:
                 kept.append((p, d))
@@ -735,13 +740,13 @@ def _jsd_rows(
         raw_p, raw_q = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
     else:
         raw_p, raw_q = _raw(x, norm_p), _raw(y, norm_q)
-    a = raw_q + math.log(beta)  # log(β q), -inf where q = 0
-    b = raw_p + math.log1p(-beta)  # log((1 - β) p)
+    a = raw_q + const(math.log(beta), raw_q)  # log(β q), -inf where q = 0
+    b = raw_p + const(math.log1p(-beta), raw_p)  # log((1 - β) p)
     top = torch.maximum(a, b).clamp_min_(low)  # (-inf where both are: no -inf - -inf)
     u = a.sub_(top).exp_().add_(b.sub_(top).exp_())
     lm = top.add_(u.log_()).clamp_min_(low)  # log m
     p = torch.exp(raw_p, out=b)
-    kl_q = torch.zeros((), dtype=x.dtype, device=x.device)
+    kl_q = const(0.0, x)  # (an operand only)
     if value:
         q = torch.exp(raw_q, out=a)
         kl_q = q.mul_(raw_q.clamp_min_(low).sub_(lm)).sum(-1)

@@ -28,6 +28,7 @@ import torch
 from .._core.backends import count_true, exact_counts, from_host, torch_cat
 from .._core.ops import clamp
 from .common import huber_form_fits, reduced
+from .torch_const import const
 from .torch_distributions import GRAD as _CLASS_AXIS
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -316,25 +317,6 @@ def _weight(batch: Any) -> Any:
     """The one aggregation weight of ``reduce`` (a float or a 0-d tensor), or None."""
     w = batch.token_weights()
     return w if isinstance(w, float) or w.ndim == 0 else None
-
-
-_CONSTANTS: dict[tuple[float, Any, Any], Any] = {}
-
-
-def const(value: float, like: Any) -> Any:
-    """``value`` as a 0-d tensor of ``like``'s dtype and device, made once and never written.
-
-    An operator given a Python number wraps it into a double tensor and converts it on every
-    call: on this machine's CPU ``raw / 1000`` takes 2.6 us and ``raw / c`` 1.2 us, so each
-    constant of a small call's arithmetic costs ~1.4 us more as a number. The result is the
-    same: the number is rounded to ``like``'s dtype either way. (At most 64 are kept.)"""
-    key = (value, like.dtype, like.device)
-    c = _CONSTANTS.get(key)
-    if c is None:
-        if len(_CONSTANTS) >= 64:
-            _CONSTANTS.clear()
-        c = _CONSTANTS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
-    return c
 
 
 def _scaled(w: Any, raw: Any, k: float = 1.0) -> Any:

@@ -1,0 +1,32 @@
+"""0-d torch constants of a dtype and device, made once (the training path's arithmetic).
+
+An operator given a Python number wraps it into a double tensor and converts it on every
+call: on this machine's CPU ``raw / 1000`` takes 2.6 us and ``raw / c`` 1.2 us, so each
+constant of a small call's arithmetic costs ~1.4 us more as a number. The result is the
+same: the number is rounded to the tensor's dtype either way. Shared by the fused kernels
+(``torch_fused``) and the class-axis ones (``torch_distributions``), which ``torch_fused``
+imports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["const"]
+
+_CONSTANTS: dict[tuple[float, Any, Any], Any] = {}
+_KEEP = 64  # constants kept at most (cleared when full)
+
+
+def const(value: float, like: Any) -> Any:
+    """``value`` as a 0-d tensor of ``like``'s dtype and device, made once and never
+    written (callers use it as an operand only)."""
+    key = (value, like.dtype, like.device)
+    c = _CONSTANTS.get(key)
+    if c is None:
+        if len(_CONSTANTS) >= _KEEP:
+            _CONSTANTS.clear()
+        c = _CONSTANTS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+    return c
