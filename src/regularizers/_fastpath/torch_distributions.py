@@ -223,10 +223,11 @@ def _gap(first: Any, second: Any) -> Any:
     a NaN) are looked at closely."""
     if not (INDEXED and first.device.type == "cpu"):  # no host sync: every row, full size
         return ((first != -_INF) & (second == -_INF)).any(-1)
-    suspect = ~(second.amin(-1) > -_INF)  # a -inf or a NaN in the row
+    low = second.amin(-1)
+    if low.amin().item() > -_INF:  # (the common case, one host read: no row has a -inf or a
+        return None  # NaN; then no where, no fill, no factor of 0 or 1)
+    suspect = ~(low > -_INF)  # a -inf or a NaN in the row
     idx = torch.nonzero(suspect).squeeze(1)
-    if not idx.numel():  # (the common case: then no where, no fill, no factor of 0 or 1)
-        return None
     gap = torch.zeros_like(suspect)
     a, b = first.index_select(0, idx), second.index_select(0, idx)
     gap.index_copy_(0, idx, ((a != -_INF) & (b == -_INF)).any(-1))
