@@ -36,6 +36,7 @@ _TOPS: dict[Any, float] = {}  # the largest finite value of each dtype (np.finfo
 _WEIGHTS: dict[tuple[Any, int], Any] = {}  # reduce's 1/N per (dtype, N) (_Call.weight)
 _SCALARS: dict[tuple[Any, Any], Any] = {}  # options in the compute dtype (_finite)
 _KEEP = 256  # entries each of these keeps at most (cleared when full)
+_TINY: dict[Any, float] = {}  # tiny / eps of each dtype (GradientPenalty's underflow bound)
 _ROWS = 1 << 16  # elements of [rows, V] per block of a class-axis kernel (inside the L2 cache)
 
 
@@ -450,6 +451,15 @@ def _exp_shifted(z: np.ndarray, out: np.ndarray | None = None) -> tuple[Any, Any
     return top, e, np.add.reduce(e, axis=-1, keepdims=True)
 
 
+def _shifted(z: np.ndarray, out: np.ndarray | None = None) -> tuple[Any, Any, Any]:
+    """``(z - top, e, s)`` of rows ``z``: as :func:`_exp_shifted`, with the shifted rows
+    kept (a new array; ``e``, their exp, into ``out`` where given) for a caller that reads
+    them again (``log p = (z - top) - log s``), instead of subtracting twice."""
+    zt = z - np.maximum.reduce(z, axis=-1, keepdims=True)
+    e = np.exp(zt) if out is None else np.exp(zt, out=out)
+    return zt, e, np.add.reduce(e, axis=-1, keepdims=True)
+
+
 def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Σ a·b per row (one temporary; einsum's call costs more on small blocks)."""
     out: np.ndarray = np.add.reduce(a * b, axis=-1)
@@ -500,9 +510,8 @@ def entropy(reg: Any, c: _Call, w: Any) -> Result | None:
     g = np.empty_like(x)
     for sl in _blocks(n, v):
         z = x[sl]
-        top, e, s = _exp_shifted(z, g[sl])
-        logp = z - top  # (z - top) - log s, as log_normalize has it
-        logp -= np.log(s)
+        logp, e, s = _shifted(z, g[sl])
+        logp -= np.log(s)  # (z - top) - log s, as log_normalize has it
         e /= s  # p
         minus = _rowdot(e, logp)  # -H
         np.negative(minus, out=h[sl])
@@ -527,7 +536,7 @@ def kl(reg: Any, c: _Call, w: Any) -> Result | None:
     g = np.empty_like(x)
     for sl in _blocks(n, v):
         z, y = x[sl], r[sl]
-        top, e, s = _exp_shifted(z, g[sl])
+        diff, e, s = _shifted(z, g[sl])  # (diff: z - top, where log p - log q starts)
         e /= s  # p
         ytop = np.maximum.reduce(y, axis=-1, keepdims=True)
         yd = y - ytop
@@ -536,11 +545,9 @@ def kl(reg: Any, c: _Call, w: Any) -> Result | None:
         # raw logs: neither lse is rounded to a unit of its max, nor z - y to one of its own
         shift = np.log(s)
         shift -= np.log(np.add.reduce(q, axis=-1, keepdims=True))
-        diff = z - top
         diff -= yd
         diff -= shift
-        kb = k[sl]
-        kb[...] = _rowdot(e, diff)
+        kb = np.add.reduce(e * diff, axis=-1, out=k[sl])  # Σ p (log p - log q) per row
         diff -= kb[:, None]
         e *= diff  # p (log p - log q - KL)
     total = c.total(k)
@@ -551,10 +558,9 @@ def kl(reg: Any, c: _Call, w: Any) -> Result | None:
 
 def _log_softmax(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(log p, p)`` of rows ``z`` (finite rows: the caller checks the result)."""
-    top, e, s = _exp_shifted(z)
+    logp, e, s = _shifted(z)
     e /= s
-    logp = z - top  # (z - top) - log s, as log_normalize has it
-    logp -= np.log(s, out=s)
+    logp -= np.log(s, out=s)  # (z - top) - log s, as log_normalize has it
     return logp, e
 
 
@@ -618,11 +624,17 @@ def gradient_penalty(reg: Any, c: _Call, w: Any) -> Result | None:
     x = c.x
     v = x.shape[1]
     sq = _rowdot(x, x)
-    info = np.finfo(c.dtype)
+    tiny = _TINY.get(c.dtype)
+    if tiny is None:
+        info = np.finfo(c.dtype)
+        tiny = _TINY[c.dtype] = float(info.tiny) / float(info.eps)
     # no square overflowed, and none that underflowed matters (no counted row is 0 or tiny):
     # else the general path, which scales each row by its largest |g| first
-    low = np.min(sq, where=c.m, initial=np.inf) if c.m is not None else sq.min(initial=np.inf)
-    if not (np.isfinite(c.total(sq)) and low > v * float(info.tiny) / float(info.eps)):
+    if c.m is not None:
+        low = np.min(sq, where=c.m, initial=np.inf)
+    else:
+        low = np.minimum.reduce(sq, initial=np.inf)
+    if not (math.isfinite(c.total(sq)) and low > v * tiny):
         return None
     norm = np.sqrt(sq)
     d = norm - c.dtype.type(reg._opts["target_norm"])
