@@ -240,9 +240,14 @@ def _small_l2(reg: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
         center = _finite(center_opt, x.dtype) if center_opt != "mean" else None
         c = c - (c.mean() if center is None and n else center if n else 0.0)
         c = c.astype(x.dtype, copy=False)
-    c = c.reshape(-1)
+    if c.ndim != 1:
+        c = c.reshape(-1)
     raw = np.dot(c, c)
-    peak = max(np.maximum.reduce(c) ** 2, np.minimum.reduce(c) ** 2) if n else raw
+    if n:  # max c² as (max |c|)² (exactly: squares of equal magnitudes), one reduction
+        top = np.maximum.reduce(np.abs(c))  # (at 1e3 float32: 1.4 us, the extrema 2.0)
+        peak = top * top
+    else:
+        peak = raw
     if peak != peak or raw != raw:  # NaN: as np.maximum and the generic path
         peak = raw = x.dtype.type("nan")
     mean = raw / n if n else raw
