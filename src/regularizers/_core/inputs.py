@@ -524,9 +524,9 @@ class Batch:
         for a in arrays:
             if self._moved is not None:
                 a = xp.moveaxis(a, self._moved, -1)
-            if not k and a.ndim == 1:
-                rows.append(a)  # already flat: no reshape (nor, on torch, a view to record)
-                continue
+            if a.ndim == k + 1:
+                rows.append(a)  # already [n, *event] (or flat): no reshape (nor, on torch, a
+                continue  # view to record)
             rows.append(reshape(xp, a, (-1, *a.shape[a.ndim - k :]) if k else (-1,)))
         return concat(xp, rows)
 
