@@ -163,6 +163,11 @@ class _Call:
     def grads(self, g: np.ndarray) -> Any:
         """``g`` over the flat input back to the structure of ``logprobs``."""
         arrays = self.arrays
+        if not self.is_list:  # one array: g in its shape and dtype, no walk
+            a = arrays[0]
+            if g.shape != a.shape:
+                g = g.reshape(a.shape)
+            return g if g.dtype == a.dtype else g.astype(a.dtype)
         out = []
         start = 0
         for a in arrays:
@@ -639,10 +644,13 @@ def gradient_penalty(reg: Any, c: _Call, w: Any) -> Result | None:
     norm = np.sqrt(sq)
     d = norm - c.dtype.type(reg._opts["target_norm"])
     p = d * d
+    raw = np.dot(d, d) if c.m is None else None  # (Σ p, where every row counts)
     slope = d * c.dtype.type(2.0 if w is None else 2.0 * w)  # (reduce's weight, per row)
     slope /= norm
     g = x * slope[:, None]
-    return _rows_finish(c, w, "gradient_penalty", p, g, weighted=True, grad_norm_mean=c.total(norm))
+    return _rows_finish(
+        c, w, "gradient_penalty", p, g, raw=raw, weighted=True, grad_norm_mean=c.total(norm)
+    )
 
 
 def orthogonality(reg: Any, c: _Call, w: Any) -> Result | None:
