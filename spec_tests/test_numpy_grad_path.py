@@ -533,6 +533,19 @@ def test_direct_path_equals_the_generic_path(
     check_equal(reg, x, fast, generic)
 
 
+def direct_equals_generic(reg: rg.Regularizer, data: Any, x: Any) -> Any:
+    """``reg.value_and_grad(data, x)`` by the direct kernel (which must run), checked equal
+    to the general path's; the direct result."""
+    with pytest.MonkeyPatch.context() as patch:
+        ran = spy(patch)
+        fast = reg.value_and_grad(data, x)
+    assert ran == ["direct"], ran
+    with generic_path():
+        generic = reg.value_and_grad(data, x)
+    check_equal(reg, x, fast, generic)
+    return fast
+
+
 @pytest.mark.parametrize(
     "reg",
     [
@@ -555,13 +568,7 @@ def test_direct_kernels_on_a_masked_ragged_batch(bk: Harness, reg: rg.Regularize
     m = [np.array([1.0, 1.0, 0.0, 1.0, 1.0]), np.array([0.0, 1.0, 1.0])]
     y = [np.array([0.5, 2.5, 1.0, 0.0, -1.0]), np.array([-9.0, -1.5, -0.75])]
     data = {"m": m, "y": y}
-    with pytest.MonkeyPatch.context() as patch:
-        ran = spy(patch)
-        fast = reg.value_and_grad(data, x)
-    assert ran == ["direct"], ran
-    with generic_path():
-        generic = reg.value_and_grad(data, x)
-    check_equal(reg, x, fast, generic)
+    fast = direct_equals_generic(reg, data, x)
     for g, mask in zip(fast[2], m, strict=True):
         assert (g[mask == 0] == 0.0).all(), g
 
@@ -595,13 +602,7 @@ def test_direct_kernels_weigh_a_mean_once(bk: Harness, reg: rg.Regularizer) -> N
         y = [rng.normal(0.0, 2.0, size=(4, 6)), rng.normal(0.0, 2.0, size=(3, 6))]
         m = [np.array([1.0, 0.0, 1.0, 1.0]), np.array([1.0, 1.0, 0.0])]
         data = {"m": m, "y": y}
-    with pytest.MonkeyPatch.context() as patch:
-        ran = spy(patch)
-        fast = reg.value_and_grad(data, x)
-    assert ran == ["direct"], ran
-    with generic_path():
-        generic = reg.value_and_grad(data, x)
-    check_equal(reg, x, fast, generic)
+    direct_equals_generic(reg, data, x)
 
 
 @pytest.mark.parametrize("product", [False, True])
