@@ -658,9 +658,13 @@ def small_value_and_grad(reg: Any, x: Any) -> tuple[Any, dict[str, Any], Any] | 
         else:
             mu = _finite(center, x.dtype)
         d = d - dtype(mu)
-    flat = d.reshape(-1)
+    flat = d if d.ndim == 1 else d.reshape(-1)
     raw = np.dot(flat, flat)
-    peak = max(np.maximum.reduce(flat) ** 2, np.minimum.reduce(flat) ** 2) if n else dtype(0.0)
+    if n:  # max d² as (max |d|)², one reduction (as _small_l2)
+        top = np.maximum.reduce(np.abs(flat))
+        peak = top * top
+    else:
+        peak = dtype(0.0)
     if peak != peak or raw != raw:  # NaN: as np.maximum and the generic path
         peak = raw = dtype("nan")
     if center == "mean" and n:  # 2(d - mean(d)), as the generic path (exactly 0 on constants)
