@@ -179,7 +179,7 @@ class _Call:
             if piece.dtype != a.dtype:
                 piece = piece.astype(a.dtype)
             out.append(piece)
-        return out if self.is_list else out[0]
+        return out
 
 
 _A = np.asarray  # metrics are 0-d arrays, written as dict literals: ~0.4 us a call less
