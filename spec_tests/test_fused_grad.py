@@ -928,6 +928,35 @@ def test_an_input_modified_in_place_before_backward_is_refused(bk: Harness) -> N
             value.backward()
 
 
+@pytest.mark.parametrize("own", [False, True])
+def test_the_masks_floats_follow_the_mask(bk: Harness, own: bool) -> None:
+    """The mask as the values' floats, made once where ``prepare`` counts it (``Batch._keep``,
+    for the kernels that zero by their product; ``own``: a kernel that masks what it
+    derives, whose values stay as they are), is the mask's own; a restricted Batch (tokens
+    a penalty finds invalid) keeps none, so what it zeroes follows its own mask."""
+    import torch
+
+    from regularizers._fastpath.torch_autograd import _as_they_are
+    from regularizers._fastpath.torch_fused import SMALL, zero_uncounted
+
+    rng = np.random.default_rng(3)
+    n = 2 * SMALL
+    x = torch.as_tensor(rng.normal(size=n), device=TORCH_DEVICE)
+    mask = torch.as_tensor(rng.random(n) < 0.7, device=TORCH_DEVICE)
+    zero = _as_they_are if own else zero_uncounted
+    batch = rg.L1().prepare(None, x, mask=mask, _zero=zero)
+    assert torch.equal(batch.values, x if own else torch.where(mask, x, 0.0))
+    if x.device.type == "cpu":
+        assert torch.equal(batch._keep, mask.to(x.dtype))
+    else:  # (the where: no floats made)
+        assert batch._keep is None
+    valid = torch.as_tensor(rng.random(n) < 0.8, device=TORCH_DEVICE)
+    restricted = batch.restrict(valid)
+    a = torch.as_tensor(rng.normal(size=n), device=TORCH_DEVICE)
+    got = zero_uncounted(a.clone(), restricted.mask, True, restricted._keep)
+    assert torch.equal(got, torch.where(mask & valid, a, 0.0))
+
+
 @pytest.mark.parametrize("n", [0, 1, 1000, 35422])
 def test_all_valid_is_all(bk: Harness, n: int) -> None:
     """``all_valid`` (read on the host by the training path, so that a call whose tokens are

@@ -272,10 +272,17 @@ def _zero_and_count_agrees(bk: Harness, m: np.ndarray, dtype: str) -> None:
     """torch's ``zero_and_count`` (the CPU's masking product, its count from the floats the
     product multiplies by): ``where(mask, x, 0)`` and ``count_true``'s count, exactly, with
     an infinity and a NaN where the mask is False and an infinity where it is True; the
-    input written in place only when ``fresh``."""
+    input written in place only when ``fresh``. The floats it keeps (``Batch._keep``) are
+    the mask's, and ``count_and_keep`` (a kernel that masks its own) gives the same count
+    and floats, which ``zero_uncounted`` then takes for the same result."""
     import torch
 
-    from regularizers._fastpath.torch_fused import zero_and_count
+    from regularizers._fastpath.torch_fused import (
+        SMALL,
+        count_and_keep,
+        zero_and_count,
+        zero_uncounted,
+    )
 
     mask = bk.asarray(m)
     x = torch.arange(m.size, dtype=getattr(torch, dtype)).remainder_(7.0).sub_(3.0)
@@ -286,13 +293,21 @@ def _zero_and_count_agrees(bk: Harness, m: np.ndarray, dtype: str) -> None:
     want = torch.where(mask, x, torch.zeros((), dtype=x.dtype))
     for fresh in (False, True):
         a = x.clone()
-        z, count = zero_and_count(a, mask, fresh)
+        z, count, keep = zero_and_count(a, mask, fresh)
         assert torch.equal(z, want), (m.size, fresh)
         assert count.dtype == x.dtype
         assert count.shape == ()
         assert count.item() == float(np.asarray(np.count_nonzero(m), dtype=dtype)), m.size
         if not fresh:
             torch.testing.assert_close(a, x, rtol=0, atol=0, equal_nan=True)
+        same, own_count, own_keep = count_and_keep(x, mask)
+        assert same is x
+        assert own_count.item() == count.item()
+        assert (keep is None) == (own_keep is None) == (m.size <= SMALL), m.size
+        if keep is not None:
+            assert torch.equal(keep, mask.to(x.dtype))
+            assert torch.equal(own_keep, keep)
+        assert torch.equal(zero_uncounted(x.clone(), mask, fresh, own_keep), want)
 
 
 def test_max_tokens_goes_with_its_mode() -> None:

@@ -324,6 +324,7 @@ class Batch:
         "_den",
         "_fields",
         "_is_list",
+        "_keep",
         "_local",
         "_moved",
         "_one_d",
@@ -375,12 +376,15 @@ class Batch:
     _fields: dict[str, tuple[Array, bool]]
     _watch: list[str] | None
     _zero: Any
+    _keep: Any  # the mask as the values' floats, where zero's counted made them (else None)
 
     def __init__(self, **kw: Any) -> None:
         for k, v in kw.items():
             object.__setattr__(self, k, v)
         self._per_seq = None
         self._den = None
+        if "_keep" not in kw:
+            self._keep = None
         if "_watch" not in kw:
             self._watch = None
         if "_zero" not in kw:
@@ -501,6 +505,7 @@ class Batch:
         local = count_true(xp, mask, self.dtype)
         given = self._counts or {}
         object.__setattr__(out, "mask", mask)
+        object.__setattr__(out, "_keep", None)  # (of the mask before)
         object.__setattr__(out, "_local", local)
         object.__setattr__(out, "_count", self._count if "tokens" in given else local)
         object.__setattr__(out, "_seq_count", self._seq_count if "sequences" in given else None)
@@ -788,8 +793,9 @@ def prepare(
     equivalent, which may write into ``a`` where ``fresh`` says it is this call's own array:
     the torch training path passes one that is cheaper on the CPU
     (``torch_fused.zero_uncounted``); its attribute ``counted``, where it has one, returns
-    that result and the mask's count (:func:`count_true`) together, from one conversion of
-    the mask. ``known``, where given, is the namespace of
+    that result, the mask's count (:func:`count_true`) and the mask as the values' floats
+    (or None), from one conversion of the mask; the floats are kept as ``Batch._keep``, for
+    the native kernels that zero by their product. ``known``, where given, is the namespace of
     ``logprobs`` as its caller has already checked it: one array or a non-empty list of
     arrays of that namespace, all of a real floating dtype (the torch training path reads
     their types and dtypes once for its own conditions; a batch of 64 tensors is not walked
@@ -937,7 +943,8 @@ def prepare(
         # before any transform: exp(NaN) would otherwise reach the gradient as 0 · NaN
         counted = getattr(zero, "counted", None)  # (zero's work and the count, in one)
         if counted is not None:
-            t, count = counted(t, mask_flat, fresh)
+            t, count, keep = counted(t, mask_flat, fresh)
+            object.__setattr__(batch, "_keep", keep)
         else:
             count = count_true(xp, mask_flat, t.dtype)
             t = batch.where_counted(t) if zero is None else zero(t, mask_flat, fresh)

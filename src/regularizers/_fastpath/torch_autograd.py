@@ -49,7 +49,7 @@ from .._core.inputs import check_data
 from .._core.typing import Array, Metrics
 from .common import disabled
 from .torch_const import const
-from .torch_fused import GRAD, PLAIN, all_valid, zero_uncounted
+from .torch_fused import GRAD, PLAIN, all_valid, count_and_keep, zero_uncounted
 
 __all__ = ["ClosedForm", "Generic", "compute", "value_metrics_and_grad"]
 
@@ -61,7 +61,7 @@ class Generic:
     def forward(reg: Any, batch: Any) -> tuple[Any, Metrics, Any]:
         value, metrics, g = reg.evaluate_with_grad(batch)
         if batch.mask is not None:  # tokens a penalty's valid_tokens excluded keep values
-            g = zero_uncounted(g, batch.mask)
+            g = zero_uncounted(g, batch.mask, False, batch._keep)
         return value, metrics, g
 
     @staticmethod
@@ -374,8 +374,12 @@ def _concatenation(arrays: list[Any]) -> tuple[list[Any], Any]:
 
 def _as_they_are(a: Any, mask: Any, fresh: bool = False) -> Any:
     """``prepare``'s masking for a kernel that masks what it derives (``MASKS_ITS_OWN``):
-    none; the values keep what the caller's tensors hold at uncounted tokens."""
+    none; the values keep what the caller's tensors hold at uncounted tokens (its
+    ``counted``: the count, and the mask as floats for the kernel's own product)."""
     return a
+
+
+_as_they_are.counted = count_and_keep  # type: ignore[attr-defined]
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -406,6 +410,7 @@ class _Flat:
     __slots__ = (
         "_arrays",
         "_is_list",
+        "_keep",
         "_local",
         "_moved",
         "dtype",
@@ -425,7 +430,7 @@ class _Flat:
         self.values, self.dtype, self._arrays = v, v.dtype, [x]
         self.size = self._local = v.numel()
         self.lengths = (self.size,)
-        self.mask, self.reduce, self.target = None, reduce, "logprobs"
+        self.mask, self._keep, self.reduce, self.target = None, None, reduce, "logprobs"
         self._is_list, self._moved, self.event_ndim = False, None, 0
 
     def token_weights(self) -> float:

@@ -37,9 +37,10 @@ BLOCK = 1 << 20  # elements per block where the input is transformed (4 MiB of f
 SMALL = 1 << 12  # up to here, the fewest kernel calls win (one slow kernel beats two fast)
 
 
-def zero_uncounted(a: Any, mask: Any, fresh: bool = False) -> Any:
+def zero_uncounted(a: Any, mask: Any, fresh: bool = False, keep: Any = None) -> Any:
     """``where(mask, a, 0)`` (``mask`` over ``a``'s first axis), for eager calls that record
-    nothing; ``fresh``: ``a`` is the caller's own scratch, which may be overwritten.
+    nothing; ``fresh``: ``a`` is the caller's own scratch, which may be overwritten;
+    ``keep``: the mask as ``a``'s floats where ``prepare`` made them (``Batch._keep``).
 
     On the CPU, ``a`` times the mask (its bytes as floats), which equals the ``where``
     wherever it is finite: a counted entry is multiplied by 1 (inf and NaN included), an
@@ -50,42 +51,67 @@ def zero_uncounted(a: Any, mask: Any, fresh: bool = False) -> Any:
     its check ~20 us, in place on an array of the call's own (no allocation; see
     ``benchmarks/profile_training.py``); on other devices, and up to ``SMALL`` elements,
     the ``where``."""
-    return _zeroed(a, mask, fresh)[0]
+    return _zeroed(a, mask, fresh, keep)[0]
 
 
-def zero_uncounted_sum(a: Any, mask: Any, fresh: bool = False) -> tuple[Any, Any]:
-    """``zero_uncounted(a, mask, fresh)`` (``a`` itself where ``mask`` is None) and the sum
-    of its result, a 0-d tensor: where the product's finiteness check has summed it
+def zero_uncounted_sum(a: Any, mask: Any, fresh: bool = False, keep: Any = None) -> tuple[Any, Any]:
+    """``zero_uncounted(a, mask, fresh, keep)`` (``a`` itself where ``mask`` is None) and the
+    sum of its result, a 0-d tensor: where the product's finiteness check has summed it
     already, that sum (the same reduction of the same array), not a second pass."""
     if mask is None:
         return a, a.sum()
-    z, total, _ = _zeroed(a, mask, fresh)
+    z, total, _ = _zeroed(a, mask, fresh, keep)
     return z, (z.sum() if total is None else total)
 
 
-def zero_and_count(a: Any, mask: Any, fresh: bool = False) -> tuple[Any, Any]:
-    """``zero_uncounted(a, mask, fresh)`` and ``count_true(mask)`` in ``a``'s dtype, as
-    ``prepare`` needs them (its ``zero.counted``): where the product is taken, the count is
-    the sum of the mask's bytes as the floats it multiplies by, made once (a second
-    conversion of a 35K mask costs ~10 us inside a training step)."""
+def zero_and_count(a: Any, mask: Any, fresh: bool = False) -> tuple[Any, Any, Any]:
+    """``zero_uncounted(a, mask, fresh)``, ``count_true(mask)`` in ``a``'s dtype and the
+    mask as ``a``'s floats (None where the product is not taken), as ``prepare`` needs them
+    (its ``zero.counted``; it keeps the floats as ``Batch._keep``): where the product is
+    taken, the count is the sum of the mask's bytes as the floats it multiplies by, made
+    once (a second conversion of a 35K mask costs ~10 us inside a training step)."""
     z, _, keep = _zeroed(a, mask, fresh)
+    return z, _count(a, mask, keep), keep
+
+
+def count_and_keep(a: Any, mask: Any, fresh: bool = False) -> tuple[Any, Any, Any]:
+    """``zero_and_count`` for a kernel that zeroes what it derives from the values itself
+    (``MASKS_ITS_OWN``): ``a`` as it is, the count, and the mask as ``a``'s floats where
+    the kernel's product will take them, made once here (the count their sum, as above)."""
+    keep = _keep(a, mask)
+    return a, _count(a, mask, keep), keep
+
+
+def _count(a: Any, mask: Any, keep: Any) -> Any:
     if keep is not None and mask.numel() <= exact_counts(xp, a.dtype):
-        return z, keep.sum()
-    return z, count_true(xp, mask, a.dtype)
+        return keep.sum()
+    return count_true(xp, mask, a.dtype)
 
 
 zero_uncounted.counted = zero_and_count  # type: ignore[attr-defined]
 
 
-def _zeroed(a: Any, mask: Any, fresh: bool) -> tuple[Any, Any, Any]:
-    """``zero_uncounted``'s result, its sum where the check made it, and the mask as ``a``'s
-    floats where the product made them (else None for either)."""
-    m = mask if a.ndim == 1 else mask.reshape((-1,) + (1,) * (a.ndim - 1))
+def _keep(a: Any, mask: Any) -> Any:
+    """The ``[n]`` bool ``mask`` as ``a``'s floats, where the product zeroes ``a`` (on the
+    CPU, beyond ``SMALL`` elements); else None (the ``where``)."""
     product = a.device.type == "cpu" and mask.dtype == torch.bool and a.is_floating_point()
     if not product or a.numel() <= SMALL:  # (small: one kernel, 4 us at 1e3 against 13)
+        return None
+    return mask.view(torch.uint8).to(a.dtype)  # (then a same-dtype product: ~2x faster)
+
+
+def _zeroed(a: Any, mask: Any, fresh: bool, keep: Any = None) -> tuple[Any, Any, Any]:
+    """``zero_uncounted``'s result, its sum where the check made it, and the mask as ``a``'s
+    floats where the product made them or ``keep`` gave them (else None for either)."""
+    if keep is None or keep.dtype != a.dtype:
+        keep = _keep(a, mask)
+    elif a.device.type != "cpu" or a.numel() <= SMALL:
+        keep = None
+    m = mask if a.ndim == 1 else mask.reshape((-1,) + (1,) * (a.ndim - 1))
+    if keep is None:
         return torch.where(m, a, const(0.0, a)), None, None
-    keep = m.view(torch.uint8).to(a.dtype)  # (then a same-dtype product: ~2x faster)
-    z = a.mul_(keep) if fresh else a * keep
+    k = keep if a.ndim == 1 else keep.reshape(m.shape)
+    z = a.mul_(k) if fresh else a * k
     total = z.sum()
     if math.isfinite(total.item()):
         return z, total, keep
@@ -417,7 +443,9 @@ class L2Grad:
         if lo is not None or hi is not None:
             d, own = torch.clamp(v, lo, hi), True
             if mask is not None and ((lo is not None and lo > 0) or (hi is not None and hi < 0)):
-                d = zero_uncounted(d, mask, True)  # an uncounted 0 clipped to a bound: back to 0
+                d = zero_uncounted(
+                    d, mask, True, batch._keep
+                )  # an uncounted 0 clipped to a bound: back to 0
         if center is not None:
             if center != "mean":
                 mu = batch.constant(float(center))
@@ -427,7 +455,7 @@ class L2Grad:
                 mu = batch._divide(d.sum(), batch._local)
             d = d.sub_(mu) if own else d - mu
             if mask is not None:
-                d = zero_uncounted(d, mask, True)
+                d = zero_uncounted(d, mask, True, batch._keep)
         raw, peak = _squares(batch, d)
         metrics = {"l2_raw": raw, "l2_mean": batch.per_token(raw), "l2_max": peak}
         return _scaled(w, raw), metrics, (d, w, lo, hi)
@@ -442,7 +470,7 @@ class L2Grad:
             shift = batch._divide(d.sum(), batch._local)
             g = torch.sub(d, shift).mul_(two_s)
             if batch.mask is not None:
-                g = zero_uncounted(g, batch.mask, True)
+                g = zero_uncounted(g, batch.mask, True, batch._keep)
         if lo is not None or hi is not None:
             g = _zero_outside_(g, batch.values, lo, hi)
         return g
@@ -478,12 +506,12 @@ class SampledKLGrad:
         e = None
         if est == "k3":  # with -d = r - lp: k = expm1(-d) - (-d), written over -d
             # (0 at uncounted tokens, whatever the reference holds there)
-            d, total = zero_uncounted_sum(r - batch.values, batch.mask, True)
+            d, total = zero_uncounted_sum(r - batch.values, batch.mask, True, batch._keep)
             total = -total
             e = torch.expm1(d)
             k = torch.sub(e, d, out=d)
         else:
-            d, total = zero_uncounted_sum(batch.values - r, batch.mask, True)
+            d, total = zero_uncounted_sum(batch.values - r, batch.mask, True, batch._keep)
             k = d * d * 0.5 if est == "k2" else d
         raw = total if est == "k1" else k.sum()
         peak = batch.max(k) if est == "k1" else (k.amax() if batch.size else batch.zero())
@@ -505,7 +533,7 @@ class SampledKLGrad:
         if estimator == "k2":
             return d * s
         g = torch.full_like(d, 1.0).mul_(s)
-        return g if batch.mask is None else zero_uncounted(g, batch.mask, True)
+        return g if batch.mask is None else zero_uncounted(g, batch.mask, True, batch._keep)
 
 
 def _plain_terms(reg: Any, batch: Any) -> Any:
@@ -604,7 +632,7 @@ class SampledEntropyGrad:
         w, p = state
         s = _scaled(w, scale.to(batch.dtype))
         g = p.mul(s if reg._opts["mode"] == "maximize" else -s)
-        return g if batch.mask is None else zero_uncounted(g, batch.mask, True)
+        return g if batch.mask is None else zero_uncounted(g, batch.mask, True, batch._keep)
 
 
 class ConsistencyGrad:
@@ -634,7 +662,7 @@ class ConsistencyGrad:
         y = batch.field(reg._opts["paired"], role="paired", counted=False)
         d = batch.values - y
         if batch.mask is not None:
-            d = zero_uncounted(d, batch.mask, True)
+            d = zero_uncounted(d, batch.mask, True, batch._keep)
         if how == "mse":
             raw, peak = _squares(batch, d)
         else:
@@ -678,7 +706,9 @@ class GradientPenaltyGrad:
         if not (math.isfinite(top) and low > math.sqrt(v.shape[1] * info.tiny / info.eps)):
             return None
         d = norm - const(float(reg._opts["target_norm"]), norm)
-        p, raw = zero_uncounted_sum(d * d, batch.mask, True)  # (an uncounted row's p is c²)
+        p, raw = zero_uncounted_sum(
+            d * d, batch.mask, True, batch._keep
+        )  # (an uncounted row's p is c²)
         metrics = {
             "gradient_penalty_raw": raw,
             "gradient_penalty_mean": batch.per_token(raw),
