@@ -252,6 +252,20 @@ def test_a_masks_count_is_exact(bk: Harness, dtype: str) -> None:
             _zero_and_count_agrees(bk, m, dtype)
 
 
+def test_a_bounded_memo_empties_itself_when_full() -> None:
+    """The fast paths' memo of small constants (a weight per count, a constant per dtype
+    and device: keys from the caller's data) holds at most ``keep`` entries, and what was
+    just put is there to get."""
+    from regularizers._fastpath.common import Bounded
+
+    memo = Bounded(3)
+    for k in range(10):
+        assert memo.put(("key", k), k * k) == k * k
+        assert memo.get(("key", k)) == k * k
+        assert 1 <= len(memo) <= 3
+    assert memo.get(("key", 0)) is None  # (emptied since)
+
+
 def test_remembered_dtype_kinds_are_the_namespaces(bk: Harness) -> None:
     """``backends.isdtype`` (remembered per namespace, dtype and kind, which every call's
     checks ask) answers what the namespace's own ``isdtype`` does, asked twice over."""

@@ -1,5 +1,5 @@
 """What the native fast paths share: the switch that turns them off, Chan's merge of block
-statistics and the reduce rule.
+statistics, the reduce rule and the bounded memo of small constants.
 
 Written once over plain arithmetic, so that it serves Python floats (NumPy path) and 0-d
 tensors (torch path) alike.
@@ -12,9 +12,30 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["ENABLED", "chan_merge", "disabled", "huber_form_fits", "reduced"]
+__all__ = ["ENABLED", "Bounded", "chan_merge", "disabled", "huber_form_fits", "reduced"]
 
 ENABLED: ContextVar[bool] = ContextVar("regularizers_fastpath", default=True)
+
+
+class Bounded(dict[Any, Any]):
+    """A memo of small values made once per key (a constant per dtype and device, a weight
+    per count), read with ``get`` (a dict's own, on every call) and written with
+    :meth:`put` (on a miss), which empties it first when it holds ``keep`` entries: the
+    keys come from callers' data (counts, options), so it must not grow without bound. A
+    dict's get and set are atomic under the GIL, and an entry cleared is made again."""
+
+    __slots__ = ("keep",)
+
+    def __init__(self, keep: int) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def put(self, key: Any, value: Any) -> Any:
+        """``value``, remembered under ``key``."""
+        if len(self) >= self.keep:
+            self.clear()
+        self[key] = value
+        return value
 
 
 @contextlib.contextmanager

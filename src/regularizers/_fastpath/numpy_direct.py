@@ -26,16 +26,16 @@ from typing import Any
 import numpy as np
 
 from .._core.options import ByIdentity, Field
-from .common import huber_form_fits
+from .common import Bounded, huber_form_fits
+from .numpy_blocked import squares
 
 __all__ = ["KERNELS", "value_and_grad"]
 
 _FLOATS = (np.float16, np.float32, np.float64)
 _F32 = np.dtype(np.float32)
 _TOPS: dict[Any, float] = {}  # the largest finite value of each dtype (np.finfo is slow)
-_WEIGHTS: dict[tuple[Any, int], Any] = {}  # reduce's 1/N per (dtype, N) (_Call.weight)
-_SCALARS: dict[tuple[Any, Any], Any] = {}  # options in the compute dtype (_finite)
-_KEEP = 256  # entries each of these keeps at most (cleared when full)
+_WEIGHTS = Bounded(256)  # reduce's 1/N per (dtype, N) (_Call.weight)
+_SCALARS = Bounded(256)  # options in the compute dtype (_finite)
 _TINY: dict[Any, float] = {}  # tiny / eps of each dtype (GradientPenalty's underflow bound)
 _ROWS = 1 << 16  # elements of [rows, V] per block of a class-axis kernel (inside the L2 cache)
 
@@ -132,9 +132,7 @@ class _Call:
         key = (self.dtype, self.count)
         w = _WEIGHTS.get(key)
         if w is None:
-            if len(_WEIGHTS) >= _KEEP:
-                _WEIGHTS.clear()
-            w = _WEIGHTS[key] = self.dtype.type(1.0) / max(self.count, 1)
+            w = _WEIGHTS.put(key, self.dtype.type(1.0) / max(self.count, 1))
         return w
 
     def mean(self, total: Any) -> Any:
@@ -209,9 +207,7 @@ def _finite(value: float, c: _Call) -> Any:
         top = _TOPS.get(c.dtype)
         if top is None:
             top = _TOPS[c.dtype] = float(np.finfo(c.dtype).max)
-        if len(_SCALARS) >= _KEEP:
-            _SCALARS.clear()
-        got = _SCALARS[key] = c.dtype.type(min(max(float(value), -top), top))
+        got = _SCALARS.put(key, c.dtype.type(min(max(float(value), -top), top)))
     return got
 
 
@@ -279,12 +275,7 @@ def l1(reg: Any, c: _Call, w: Any) -> Result | None:
 
 def l2(reg: Any, c: _Call, w: Any) -> Result | None:
     x = _deviation(reg, c)
-    raw = np.dot(x, x)
-    if x.shape[0]:
-        top = np.maximum.reduce(np.abs(x))  # max u² = (max |u|)², one reduction (NaN kept)
-        peak = top * top
-    else:
-        peak = c.dtype.type(0.0)
+    raw, peak = squares(x)
     g = x * c.dtype.type(2.0 if w is None else 2.0 * w)
     if not _plain(reg):
         g = _deviation_grad(reg, c, g)

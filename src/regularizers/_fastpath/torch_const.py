@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
+from .common import Bounded
+
 __all__ = ["const"]
 
-_CONSTANTS: dict[tuple[float, Any, Any], Any] = {}
-_KEEP = 64  # constants kept at most (cleared when full)
+_CONSTANTS = Bounded(64)  # per (value, dtype, device)
 
 
 def const(value: float, like: Any) -> Any:
@@ -26,7 +27,5 @@ def const(value: float, like: Any) -> Any:
     key = (value, like.dtype, like.device)
     c = _CONSTANTS.get(key)
     if c is None:
-        if len(_CONSTANTS) >= _KEEP:
-            _CONSTANTS.clear()
-        c = _CONSTANTS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+        c = _CONSTANTS.put(key, torch.full((), value, dtype=like.dtype, device=like.device))
     return c
