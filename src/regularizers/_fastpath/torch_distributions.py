@@ -424,13 +424,13 @@ def _entropy_penalty(o: dict[str, Any], h: Any, size: int) -> tuple[Any, Any]:
     threshold = o["threshold"]
     if threshold is None and sign > 0:
         return x, scale
-    tau = torch.full((), top if threshold is None else threshold, dtype=h.dtype, device=h.device)
+    tau = const(float(top if threshold is None else threshold), h)
     excess = x - tau if sign > 0 else tau - x
     if threshold is None:  # log V - H, kept >= 0 (rounding); the slope stays -scale
         return excess.clamp_min(0.0), -scale
-    active = excess > 0.0
-    zero = torch.zeros((), dtype=h.dtype, device=h.device)
-    return torch.where(active, excess, zero), active.to(h.dtype) * (sign * scale)
+    zero = const(0.0, h)
+    active = excess > zero
+    return torch.where(active, excess, zero), active.to(h.dtype) * const(sign * scale, h)
 
 
 # ---- ZLoss -----------------------------------------------------------------------------------

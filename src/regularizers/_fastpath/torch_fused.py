@@ -298,6 +298,8 @@ def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
 
 
 _TOP = {t: float(torch.finfo(t).max) for t in (torch.float32, torch.float64)}
+# tiny / eps: a row of D squares underflows where Σ g² is within D times this of 0
+_UNDERFLOW = {t: torch.finfo(t).tiny / torch.finfo(t).eps for t in (torch.float32, torch.float64)}
 
 
 def _deviations(b: Any, s: Any, k: int) -> Any:
@@ -702,13 +704,11 @@ class GradientPenaltyGrad:
         total = norm.sum()
         counted = norm if batch.mask is None else norm.masked_fill(~batch.mask, math.inf)
         top, low = torch.stack([total, counted.amin()]).tolist()  # (one read on the host)
-        info = torch.finfo(v.dtype)
-        if not (math.isfinite(top) and low > math.sqrt(v.shape[1] * info.tiny / info.eps)):
+        if not (math.isfinite(top) and low > math.sqrt(v.shape[1] * _UNDERFLOW[v.dtype])):
             return None
         d = norm - const(float(reg._opts["target_norm"]), norm)
-        p, raw = zero_uncounted_sum(
-            d * d, batch.mask, True, batch._keep
-        )  # (an uncounted row's p is c²)
+        # (an uncounted row's p is c²: zeroed)
+        p, raw = zero_uncounted_sum(d * d, batch.mask, True, batch._keep)
         metrics = {
             "gradient_penalty_raw": raw,
             "gradient_penalty_mean": batch.per_token(raw),
@@ -720,7 +720,11 @@ class GradientPenaltyGrad:
     @staticmethod
     def grad(reg: Any, batch: Any, state: Any, scale: Any) -> Any:
         w, norm, d = state
-        inv = torch.where(norm > 0, norm.reciprocal(), const(0.0, norm))
+        if batch.mask is None:  # every row counts, and every norm is > 0 (the forward's check)
+            inv = norm.reciprocal()
+        else:  # (an uncounted row's norm is 0)
+            zero = const(0.0, norm)
+            inv = torch.where(norm > zero, norm.reciprocal(), zero)
         factor = (d * inv).mul_(_scaled(w, scale.to(batch.dtype), 2.0))
         return batch.values * factor[:, None]  # (an uncounted row holds 0: so is its slope)
 
