@@ -515,7 +515,7 @@ class SampledKLGrad:
             k = torch.sub(e, d, out=d)
         else:
             d, total = zero_uncounted_sum(batch.values - r, batch.mask, True, batch._keep)
-            k = d * d * 0.5 if est == "k2" else d
+            k = d * d * const(0.5, d) if est == "k2" else d
         raw = total if est == "k1" else k.sum()
         peak = batch.max(k) if est == "k1" else (k.amax() if batch.size else batch.zero())
         metrics = {
@@ -768,7 +768,8 @@ class OrthogonalityGrad:
         # (the generic closed form's operations in its order: a gradient that is 0 but for
         # rounding rounds the same way)
         sgn = _sign(c)
-        sgn.mul_(torch.clamp(c.abs().sub_(1.0), min=0.0).sign_().neg_().add_(1.0))
+        one = const(1.0, c)
+        sgn.mul_(torch.clamp(c.abs().sub_(one), min=0.0).sign_().neg_().add_(one))
         sgn.diagonal(dim1=-2, dim2=-1).zero_()
         sgn.div_(const(pairs, sgn))
         col = inv[:, :, None]
