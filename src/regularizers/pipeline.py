@@ -562,7 +562,9 @@ def _constant(xp: Any) -> Callable[[Any], Any]:
         tensor = sys.modules["torch"].Tensor
 
         def torch_constant(v: Any) -> Any:
-            return v.detach() if type(v) is tensor or is_array_api_obj(v) else v
+            if type(v) is tensor:  # (one that needs no gradient is one already: no detach)
+                return v.detach() if v.requires_grad else v
+            return v.detach() if is_array_api_obj(v) else v
 
         return torch_constant
     return lambda v: as_0d(xp, stop_gradient(xp, v)) if is_array_api_obj(v) else v
