@@ -219,6 +219,9 @@ def _jax_max() -> Callable[..., Any]:
     return jax.jit(max_of, static_argnums=1)
 
 
+DIRECT_NAN = 2048  # elements up to which nan_among reads every element (no lax.cond)
+
+
 def nan_among(
     a: Array, total: Array, top: Array, bottom: Array | None = None, axis: int | None = None
 ) -> Array:
@@ -229,10 +232,16 @@ def nan_among(
 
     A NaN sum means a NaN, or +inf beside -inf, which are then the max and the min. Only
     where the sum is NaN beside a max of +inf (and a min of -inf, where ``bottom`` is given)
-    does ``any(isnan(a))`` decide, under ``lax.cond``: not run otherwise."""
+    does ``any(isnan(a))`` decide, under ``lax.cond``: not run otherwise. Up to
+    ``DIRECT_NAN`` elements, ``any(isnan(a))`` itself: there the conditional costs more than
+    the pass it saves (it is a control-flow step of its own, and its result fuses with
+    nothing: a jitted step at 1e3 elements, loss and gradient, took ~8 us less without it,
+    ZLoss 57 to 49 us, Consistency 55 to 46), and at 10^4 elements the pass ~16 us more."""
     import jax
     import jax.numpy as jnp
 
+    if a.size <= DIRECT_NAN:
+        return jnp.any(jnp.isnan(jax.lax.stop_gradient(a)), axis=axis)
     nan = jnp.isnan(total)
     unsure = jnp.logical_and(nan, top == math.inf)
     if bottom is not None:
