@@ -233,15 +233,35 @@ def sync(out: Any) -> Any:
     return out
 
 
+_EVICT: list[np.ndarray] = []
+COLD = 10_000_000  # from here (40 MB of float32), each timed call starts from memory
+
+
+def evict() -> None:
+    """Read 64 MiB (twice the 32 MiB L3 of this machine class), so that the next call reads
+    its input from memory. Without it a 1e7 float32 input (40 MB) was read partly from the
+    L3 in some rounds and not in others: one ``sum(x)``, the floor, took 0.58-0.77 ms in two
+    runs of the same code and 1.09-1.19 ms in a third, and every ratio against it moved
+    with it (torch L1 3.2x and 1.7x)."""
+    if not _EVICT:
+        _EVICT.append(np.ones(1 << 24, dtype=np.float32))
+    _EVICT[0].sum()
+
+
 def time_all(
-    impls: dict[str, Callable[[Any], Any]], x: Any, budget: float, smoke: bool = False
+    impls: dict[str, Callable[[Any], Any]],
+    x: Any,
+    budget: float,
+    smoke: bool = False,
+    cold: bool = False,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds per call, implementations interleaved round by round in an order
     shuffled each round; and, where ``"ours"`` is one of them, the paired ratios: for each
     other implementation the median over rounds of ours / it, both timed in the same round
     (what the table reports: a slow stretch of a busy machine weighs on both sides of each
     pair, and no implementation always runs in the same place of a round). ``smoke``: one
-    call each, after one warm-up."""
+    call each, after one warm-up. ``cold``: each timed call (one per sample) starts from
+    caches emptied of the input (:func:`evict`, not timed): the floor is a read of memory."""
     if smoke:
         for fn in impls.values():
             sync(fn(x))
@@ -259,13 +279,15 @@ def time_all(
         sync(fn(x))
     one_round = max(time.perf_counter() - start, 1e-7)
     rounds = int(min(200, max(7, budget / one_round)))
-    inner = 1 if one_round > 1e-3 else int(min(200, 1e-3 / one_round) + 1)
+    inner = 1 if cold or one_round > 1e-3 else int(min(200, 1e-3 / one_round) + 1)
     samples: dict[str, list[float]] = {k: [] for k in impls}
     order = list(impls.items())
     shuffle = random.Random(0).shuffle  # (seeded: a run is repeatable)
     for _ in range(rounds):
         shuffle(order)
         for name, fn in order:
+            if cold:
+                evict()
             t0 = time.perf_counter()
             for _ in range(inner):
                 sync(fn(x))
@@ -360,7 +382,8 @@ def main() -> None:
             todo = {"floor": floor, **case_impls}
             if case in keras:
                 todo["keras"] = keras[case]
-            times, ratios = time_all(todo, x, args.budget if n >= 10**6 else args.budget / 3, smoke)
+            budget = args.budget if n >= 10**6 else args.budget / 3
+            times, ratios = time_all(todo, x, budget, smoke, cold=n >= COLD)
             results["cases"].append({"case": case, "n": n, "seconds": times, "paired": ratios})
             print(
                 f"# {backend} {case} n={n}: "
