@@ -928,6 +928,42 @@ def test_an_input_modified_in_place_before_backward_is_refused(bk: Harness) -> N
             value.backward()
 
 
+@pytest.mark.parametrize("case", ["logprobs", "zeros", "positive first", "positive later", "nan"])
+def test_l1_of_logprobs_is_a_negated_sum(
+    bk: Harness, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's L1 value and metrics (no gradient) of an input whose elements are all <= 0
+    is ``0 - Σx`` block by block, bit for bit Σ|x| by ``|x|``'s blocks (+0 for zeros); an
+    element > 0 or a NaN, in the first block or a later one, takes ``|x|``: the value is
+    the generic path's either way."""
+    import torch
+
+    from regularizers._fastpath import torch_fused
+
+    monkeypatch.setattr(torch_fused, "BLOCK", 1000)
+    rng = np.random.default_rng(11)
+    n = torch_fused.SMALL + 27  # (up to SMALL, one vector_norm: no blocks)
+    x = torch.as_tensor(-rng.gamma(0.6, 1.8, size=n).astype(np.float32))
+    if case == "zeros":
+        x = torch.zeros(n)
+    at = {"positive first": 5, "positive later": n - 100, "nan": n - 100}.get(case)
+    if at is not None:
+        x[at] = math.nan if case == "nan" else 0.5
+    got = torch_fused._negated_sum(x, x.dtype)
+    if case in ("logprobs", "zeros"):
+        by_abs = torch.stack([x[i : i + 1000].abs().sum() for i in range(0, n, 1000)]).sum()
+        assert got is not None
+        assert torch.equal(got, by_abs)
+        assert not got.signbit()
+    else:
+        assert got is None
+    value, metrics = rg.L1().compute(None, x)
+    with generic_path():
+        want, want_metrics = rg.L1().compute(None, x)
+    torch.testing.assert_close(value, want, rtol=2e-6, atol=0, equal_nan=True)
+    torch.testing.assert_close(metrics["l1_mean"], want_metrics["l1_mean"], equal_nan=True)
+
+
 @pytest.mark.parametrize("own", [False, True])
 def test_the_masks_floats_follow_the_mask(bk: Harness, own: bool) -> None:
     """The mask as the values' floats, made once where ``prepare`` counts it (``Batch._keep``,

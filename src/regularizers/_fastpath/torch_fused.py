@@ -188,7 +188,9 @@ def _total(parts: list[Any]) -> Any:
 def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     """L1's value and metrics: Σ|x| (or Σ exp(x)) by two cheap kernels, block by block above
     ``BLOCK`` elements (``vector_norm(x, 1)``, the one-kernel form, is several times slower
-    but for small inputs, where the fewest calls win)."""
+    but for small inputs, where the fewest calls win); of logprobs (every element <= 0, on
+    the CPU) and above ``BLOCK``, as ``0 - Σx`` (:func:`_negated_sum`: no ``|x|`` written
+    out; at 1e4 and 1e5 elements its max and host read cost more than they save)."""
     x = _flat(logprobs)
     if x is None:
         return None
@@ -200,10 +202,12 @@ def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
     if n <= SMALL and not probs:
         # one kernel: fewest calls (dtype= only where it differs: the argument costs 0.2 us)
         raw = torch.linalg.vector_norm(x, 1, dtype=None if x.dtype == dtype else dtype)
-    elif n <= BLOCK and not probs:
-        raw = x.abs().sum(dtype=dtype)
     elif probs:  # Σ exp(x) >= 0
         raw = _total([b.sum() for b in _blocks(x, dtype, True, None, None)])
+    elif n <= BLOCK:  # (one block: |x| and its sum cost less than the max, read, and sum)
+        raw = x.abs().sum(dtype=dtype)
+    elif (raw := _negated_sum(x, dtype)) is not None:
+        pass
     else:
         buf = torch.empty(BLOCK, dtype=x.dtype, device=x.device)
         parts = []
@@ -215,6 +219,32 @@ def l1(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
         raw = _total(parts)
     mean = raw / n
     return reduced(reg, raw, mean), {"l1_raw": raw, "l1_mean": mean}
+
+
+def _negated_sum(x: Any, dtype: Any) -> Any:
+    """Σ|x| of a CPU input of logprobs (every element <= 0) as ``0 - Σx``, else None: the
+    max and the sum of each block of ``x`` itself, read-only passes (no ``|x|`` written
+    out), the second over a block the first has just brought into the cache. Exactly Σ|x|:
+    negating every addend negates every partial sum (rounding is symmetric), and ``0 - s``
+    is +0 where ``s`` is ±0. A NaN (its max is NaN), or any element > 0, says None, and
+    the caller takes ``|x|`` (where the first block has one, after that block's max only).
+    At 1e7 float32, timed alternately in one process: 1.45-1.48 ms against 1.54-1.57 for
+    ``|x|`` block by block and its sum on two threads (one ``sum(x)``: 0.59-0.62), 2.11
+    against 2.48 on one (1.10)."""
+    if x.device.type != "cpu":
+        return None
+    tops, sums = [], []
+    for i in range(0, x.numel(), BLOCK):
+        c = x[i : i + BLOCK]
+        tops.append(c.amax())
+        if not i and not tops[0].item() <= 0.0:  # (not logprobs: told by the first block)
+            return None
+        sums.append(c.sum(dtype=dtype))
+    top = tops[0] if len(tops) == 1 else torch.stack(tops).amax()
+    if len(tops) > 1 and not top.item() <= 0.0:
+        return None
+    total = _total(sums)
+    return const(0.0, total) - total
 
 
 def l2(reg: Any, logprobs: Any) -> tuple[Any, dict[str, Any]] | None:
