@@ -239,10 +239,11 @@ COLD = 10_000_000  # from here (40 MB of float32), each timed call starts from m
 
 def evict() -> None:
     """Read 64 MiB (twice the 32 MiB L3 of this machine class), so that the next call reads
-    its input from memory. Without it a 1e7 float32 input (40 MB) was read partly from the
-    L3 in some rounds and not in others: one ``sum(x)``, the floor, took 0.58-0.77 ms in two
-    runs of the same code and 1.09-1.19 ms in a third, and every ratio against it moved
-    with it (torch L1 3.2x and 1.7x)."""
+    its input from memory: every timed call of a 1e7 case (40 MB of float32, more than the
+    L3) starts from the same state of the caches, as the floor's definition (one read of
+    memory) has it. Measured over nine runs, it did not narrow the spread of the torch floor
+    (one ``sum(x)`` on two threads, 0.78-1.23 ms with it, 0.68-1.16 without), which comes
+    from the other core (``docs/benchmarks.md``, Misses), nor move NumPy's (1.62-1.70 ms)."""
     if not _EVICT:
         _EVICT.append(np.ones(1 << 24, dtype=np.float32))
     _EVICT[0].sum()
