@@ -371,7 +371,7 @@ def test_a_traced_mask_and_counts_keep_the_closed_form(bk: Harness, reg: Any) ->
 
 
 # ---- penalties over rows: ZLoss, KL, JSD, Entropy, GradientPenalty ------------------------------
-ROWS = [rg.ZLoss, rg.KL, rg.JSD, rg.Entropy, rg.GradientPenalty]
+ROWS = [rg.ZLoss, rg.KL, rg.JSD, rg.Entropy, rg.GradientPenalty, rg.Consistency]
 
 
 def _hide(x: Any, mask: Any, hidden: float) -> Any:
@@ -654,3 +654,75 @@ def test_masked_l2_with_a_center_or_a_clip_excluding_0(bk: Harness, reg: rg.Regu
         np.testing.assert_allclose(_np(metrics[k]), _np(want_metrics[k]), rtol=1e-12, err_msg=k)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(_np(a), _np(b), rtol=1e-12, atol=1e-12)
+
+
+def _one_pass_case(size: int, dtype: str) -> tuple[Any, Any, Any]:
+    """Consistency's input, paired array and mask of ``size`` tokens: ties at the largest
+    ``(x - y)²``, a pair of -inf (dropped), ±inf, NaN and a large value under the mask in
+    either array (the input's masked tokens hold 0 once prepared, the paired array's keep
+    what they held)."""
+    rng = np.random.default_rng(size)
+    y = rng.normal(size=size)
+    x = y + rng.normal(size=size)
+    x[3], x[size - 2] = y[3] + 5.0, y[size - 2] - 5.0  # two tokens tie at the max
+    x[5] = y[5] = -np.inf
+    m = rng.random(size) > 0.2
+    m[[3, 5, size - 2]] = True
+    hidden = np.flatnonzero(~m)[:8]
+    x[hidden[:4]] = [np.inf, -np.inf, np.nan, 100.0]
+    y[hidden[4:]] = [np.inf, -np.inf, np.nan, 100.0]
+    return _jax(x, dtype), _jax(y, dtype), _jax(m, "bool")
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["at ONE_PASS", "above"])
+def test_one_pass_totals_on_either_side_of_its_size(bk: Harness, offset: int, reduce: str) -> None:
+    """Traced, up to ``ONE_PASS`` tokens the sum, max, count and NaN check of a per-token
+    penalty are one variadic reduce (a ``reduce`` in the program), above it the Batch's own
+    reductions: both equal the generic path, in the value, every metric and the derivative
+    of each (the max's shared among its ties), with the mask and the paired array traced;
+    a counted NaN makes the max NaN; a mask that counts nothing gives 0s."""
+    import jax
+
+    from regularizers._fastpath.jax_closed_form import ONE_PASS
+
+    size = ONE_PASS + offset
+    reg = rg.Consistency(rg.Field("y"), reduce=reduce, mask=rg.Field("m"))
+    x, y, m = _one_pass_case(size, "float64")
+    names = ["value", "consistency_raw", "consistency_mean", "consistency_max"]
+
+    def output(k: int) -> Any:
+        def f(a: Any, b: Any, c: Any) -> Any:
+            value, metrics = reg.compute({"y": b, "m": c}, a)
+            return [value, *(metrics[n] for n in names[1:])][k]
+
+        return f
+
+    jaxpr = str(jax.make_jaxpr(output(0))(x, y, m))
+    assert (" reduce[" in jaxpr) == (offset == 0), "one pass"
+
+    def run(a: Any, b: Any, c: Any) -> list[Any]:
+        out = []
+        for k in range(len(names)):
+            f = output(k)
+            out.append((jax.jit(f)(a, b, c), jax.jit(jax.grad(f))(a, b, c)))
+        return out
+
+    with np.errstate(all="ignore"):
+        got = run(x, y, m)
+        with generic_path():
+            want = run(x, y, m)
+    for name, (v, g), (wv, wg) in zip(names, got, want, strict=True):
+        np.testing.assert_allclose(_np(v), _np(wv), rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(_np(g), _np(wg), rtol=1e-12, atol=1e-15, err_msg=name)
+    top_grad = _np(got[3][1])
+    assert np.count_nonzero(top_grad) == 2, "the max's derivative is shared by its two ties"
+
+    with np.errstate(all="ignore"):
+        nan_x = x.at[7].set(np.nan)
+        _, metrics = jax.jit(lambda a, b, c: reg.compute({"y": b, "m": c}, a))(nan_x, y, m)
+        assert np.isnan(_np(metrics["consistency_max"]))
+        none = jax.numpy.zeros_like(m)
+        value, metrics = jax.jit(lambda a, b, c: reg.compute({"y": b, "m": c}, a))(x, y, none)
+    assert _np(value) == 0.0
+    assert all(_np(v) == 0.0 for v in metrics.values())

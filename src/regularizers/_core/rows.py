@@ -3,8 +3,9 @@
 :func:`log_normalize`, :func:`log_softmax`, :func:`entropy_rows`, :func:`kl_rows` and
 :func:`jsd_rows` with the conventions that
 ``distributions`` documents (the double ``where``, ``log p = 0`` at -inf classes, +inf with
-gradient 0 for a support gap). Here, apart from the penalties' machinery, so that the JAX
-closed form (``_fastpath``) can use the same functions.
+gradient 0 for a support gap), and Consistency's comparisons (:func:`elementwise`,
+:func:`cosine_rows`). Here, apart from the penalties' machinery, so that the JAX closed form
+(``_fastpath``) can use the same functions.
 """
 
 from __future__ import annotations
@@ -14,9 +15,19 @@ from collections.abc import Callable
 from typing import Any
 
 from .backends import device_of, stop_gradient
+from .ops import abs_
 from .typing import Array, Namespace
 
-__all__ = ["const", "entropy_rows", "jsd_rows", "kl_rows", "log_normalize", "log_softmax"]
+__all__ = [
+    "const",
+    "cosine_rows",
+    "elementwise",
+    "entropy_rows",
+    "jsd_rows",
+    "kl_rows",
+    "log_normalize",
+    "log_softmax",
+]
 
 
 def const(xp: Namespace, value: float, like: Array) -> Array:
@@ -160,3 +171,62 @@ def jsd_rows(
         return value, None
     g = p * (logp - logm - xp.reshape(kl_p, (-1, 1)))
     return value, g * ((1.0 - beta) / t)
+
+
+# ---- Consistency's comparisons of the input with its paired array -------------------------------
+def elementwise(
+    xp: Namespace, x: Array, y: Array, how: str, grad: bool
+) -> tuple[Array, Array | None]:
+    """``(x - y)²`` or ``|x - y|`` and the gradient w.r.t. ``x``; 0 where both are -inf."""
+    both = xp.logical_and(x == -xp.inf, y == -xp.inf)
+    d = xp.where(both, const(xp, 0.0, x), x - y)
+    if how == "mse":
+        return d * d, (2.0 * d if grad else None)
+    return abs_(xp, d), (xp.sign(d) if grad else None)
+
+
+def cosine_rows(xp: Namespace, x: Array, y: Array, grad: bool) -> tuple[Array, Array | None]:
+    r"""``1 - cos(x, y)`` per row as ½‖x̂ - ŷ‖², and the gradient w.r.t. ``x``.
+
+    Classes that are -inf in either row are left out; each row is scaled by its largest
+    ``|value|`` first (a constant for autodiff: the cosine does not depend on it), so that no
+    square overflows or underflows. A pair of zero rows gives 0, one zero row 1, and the
+    gradient at a zero row is 0. A row holding NaN or +inf has no direction (its scaled norm
+    is NaN): the pair is NaN, value and gradient, even beside a zero row.
+    """
+    zero, one = const(xp, 0.0, x), const(xp, 1.0, x)
+    drop = xp.logical_or(x == -xp.inf, y == -xp.inf)
+    x = xp.where(drop, zero, x)
+    y = xp.where(drop, zero, y)
+    xs, nx, sx = _unit(xp, x)
+    ys, ny, _ = _unit(xp, y)
+    x0, y0 = nx == zero, ny == zero  # zero rows (NaN is neither: it propagates)
+    # the zero-row conventions hold beside a row with a direction: NaN or +inf (a NaN
+    # norm) makes the pair NaN through the formula, under autodiff too (no where of it)
+    pos = xp.logical_or(
+        xp.logical_not(xp.logical_or(x0, y0)), xp.logical_or(xp.isnan(nx), xp.isnan(ny))
+    )
+    nx_, ny_ = xp.where(x0, one, nx), xp.where(y0, one, ny)
+    xh, yh = xs / nx_, ys / ny_
+    diff = xh - yh
+    half = 0.5 * xp.sum(diff * diff, axis=-1, keepdims=True)
+    value = xp.where(pos, half, xp.where(xp.logical_and(x0, y0), zero, one))
+    value = xp.reshape(value, (-1,))
+    if not grad:
+        return value, None
+    # d ½‖x̂ - ŷ‖² / dx = (I - x̂x̂ᵀ)(x̂ - ŷ) / ‖x‖, with ‖x‖ = sx · nx
+    along = xp.sum(xh * diff, axis=-1, keepdims=True)
+    g = (diff - xh * along) / (nx_ * sx)
+    g = xp.where(xp.logical_and(pos, xp.logical_not(drop)), g, zero)
+    return value, g
+
+
+def _unit(xp: Namespace, x: Array) -> tuple[Array, Array, Array]:
+    """(x / s, ‖x / s‖, s) with s the row's largest |x| (1 for a zero row), kept [c, 1]."""
+    zero, one = const(xp, 0.0, x), const(xp, 1.0, x)
+    s = stop_gradient(xp, xp.max(xp.abs(x), axis=-1, keepdims=True))
+    s = xp.where(s == zero, one, s)
+    xs = x / s
+    n2 = xp.sum(xs * xs, axis=-1, keepdims=True)
+    n = xp.sqrt(xp.where(n2 == zero, one, n2))  # no sqrt'(0) = inf, even unselected
+    return xs, xp.where(n2 == zero, zero, n), s

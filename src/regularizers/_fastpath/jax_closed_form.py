@@ -37,8 +37,12 @@ backend drops NaN from a max or min in a vectorized loop, a clip fused into a su
 included: a NaN is carried by a sum that keeps it (``Σd²``), or by the one max that keeps
 it (:func:`~.._core.backends.max_`), into the value and metrics.
 
-ZLoss, KL, JSD, Entropy and GradientPenalty, traced, take a closed form per row (``ROWS``,
-below), with the mask, ``reduce`` and ``counts`` outside the custom_jvp: they may be traced.
+ZLoss, KL, JSD, Entropy, GradientPenalty and Consistency, traced, take a closed form per
+token (``ROWS``, below), with the mask, ``reduce`` and ``counts`` outside the custom_jvp: they
+may be traced. A reference or paired array is an argument of the custom_jvp too. On up to
+:data:`ONE_PASS` tokens, under ``"sum"`` or ``"mean"``, their value and metrics come from one
+variadic reduce (:func:`summary`): at that size every separate reduction is a step of XLA's
+runtime that costs more than its arithmetic.
 """
 
 from __future__ import annotations
@@ -49,9 +53,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .._core.backends import nan_among
+from .._core.backends import clip_below, nan_among, reciprocal
 from .._core.ops import clamp, row_norm_parts
-from .._core.rows import entropy_rows, jsd_rows, kl_rows, log_normalize
+from .._core.rows import cosine_rows, elementwise, entropy_rows, jsd_rows, kl_rows, log_normalize
 
 __all__ = ["GRAD", "PRIMAL", "ROUTED", "routed", "value_and_metrics"]
 
@@ -371,6 +375,111 @@ def _tangent(t: Any, like: Any) -> Any:
     return jnp.zeros_like(like) if _symbolic_zero(t) else t
 
 
+# ---- the value and metrics of a per-token penalty ----------------------------------------------
+# Up to this many tokens, a traced call reduces the per-token penalty in one pass: a variadic
+# reduce gives Σ p, max p, whether a counted p is NaN, the count and the metrics' other sums
+# together. At 1e3 elements each separate reduction costs XLA's CPU runtime about as much as
+# a whole hand-written training step's arithmetic (a Consistency step, 1e3 elements:
+# ~25 µs with the count apart, ~18 with it in the one pass, 16 hand-written without a
+# count); beyond a few thousand the variadic loop, which XLA does not vectorize, costs more
+# than the separate vectorized reductions.
+ONE_PASS = 2048
+
+
+def summary(batch: Any, name: str, p: Any, **means: Any) -> Out:
+    """The value (``reduce``) and metrics of the per-token penalty ``p``: ``{name}_raw``,
+    ``{name}_mean``, ``{name}_max``, and for each of ``means`` its mean over the counted
+    tokens, as the Batch's own ``aggregate``, ``metrics`` and ``mean`` make them (and
+    differentiate them: see :func:`_totals`). Traced, under ``"sum"`` or ``"mean"``, on up
+    to :data:`ONE_PASS` tokens, in one pass."""
+    one_pass = (
+        batch.reduce in ("sum", "mean")
+        and p.ndim == 1
+        and 0 < p.shape[0] <= ONE_PASS
+        and isinstance(p, jax.core.Tracer)
+    )
+    if not one_pass:
+        raw = batch.sum(p)
+        metrics = batch.metrics(name, p, total=raw)
+        for k, a in means.items():
+            metrics[k] = batch.mean(a)
+        return batch.aggregate(p, total=raw), metrics
+    raw, top, local, sums = _totals(p, batch.mask, tuple(means.values()))
+    if batch.mask is None or "tokens" in (batch._counts or {}):
+        per, w = batch.per_token, batch.token_weights()  # (no count of the mask to make)
+    else:  # this call's count, from the one pass, as the Batch divides by its own
+        den = clip_below(jnp, local, 1.0)
+        per, w = (lambda total: total / den), 1.0 if batch.reduce == "sum" else reciprocal(jnp, den)
+    metrics = {f"{name}_raw": raw, f"{name}_mean": per(raw), f"{name}_max": top}
+    for k, total in zip(means, sums, strict=True):
+        metrics[k] = per(total)
+    return raw if isinstance(w, float) and w == 1.0 else raw * w, metrics
+
+
+def _reduced(p: Any, keep: Any, extras: tuple[Any, ...]) -> tuple[Any, Any, Any, tuple[Any, ...]]:
+    """``(Σ p, max p, N, (Σ e for e in extras))`` over the tokens ``keep`` counts (all
+    where it is None; ``N`` then None) by one variadic reduce. ``max`` is NaN where a
+    counted ``p`` is, 0 where no token counts (the Batch's conventions)."""
+    dt = p.dtype
+    zero, low = jnp.zeros((), dt), jnp.full((), -jnp.inf, dt)
+    bad = jnp.isnan(p)
+    if keep is None:
+        operands = [p, p, bad, *extras]
+    else:
+        operands = [
+            jnp.where(keep, p, zero),
+            jnp.where(keep, p, low),
+            jnp.logical_and(bad, keep),
+            keep.astype(jnp.int32),
+            *(jnp.where(keep, e, zero) for e in extras),
+        ]
+    inits = [zero, low, jnp.asarray(False)]
+    if keep is not None:
+        inits.append(jnp.asarray(0, jnp.int32))
+    inits.extend(jnp.zeros((), e.dtype) for e in extras)
+    counted = keep is not None
+
+    def combine(a: Any, b: Any) -> Any:
+        out = [a[0] + b[0], jnp.maximum(a[1], b[1]), jnp.logical_or(a[2], b[2])]
+        out.extend(x + y for x, y in zip(a[3:], b[3:], strict=True))
+        return tuple(out)
+
+    got = jax.lax.reduce(tuple(operands), tuple(inits), combine, (0,))
+    raw, top, nan = got[0], got[1], got[2]
+    top = jnp.where(nan, jnp.full((), jnp.nan, dt), top)
+    local = None
+    if counted:
+        local = got[3].astype(dt)
+        top = jnp.where(got[3] > 0, top, zero)
+    return raw, top, local, tuple(got[3 + counted :])
+
+
+@jax.custom_jvp
+def _totals(p: Any, keep: Any, extras: tuple[Any, ...]) -> tuple[Any, Any, Any, tuple[Any, ...]]:
+    """:func:`_reduced`, whose derivatives are those of the Batch's separate reductions:
+    the sums' tangents the sums of the counted tangents, the max's JAX's own (the mean of
+    the tangents at its ties), the count's 0."""
+    return _reduced(p, keep, extras)
+
+
+@_totals.defjvp
+def _totals_jvp(primals: Any, tangents: Any) -> Any:
+    (p, keep, extras), (dp, _, dextras) = primals, tangents
+    out = _totals(p, keep, extras)
+    top, local = out[1], out[2]
+    zero = jnp.zeros((), p.dtype)
+
+    def counted_sum(a: Any) -> Any:
+        return jnp.sum(a if keep is None else jnp.where(keep, a, zero))
+
+    ties = p == top if keep is None else jnp.logical_and(keep, p == top)
+    n_ties = jnp.maximum(jnp.sum(ties.astype(p.dtype)), jnp.ones((), p.dtype))
+    dtop = jnp.sum(jnp.where(ties, dp, zero)) / n_ties
+    dlocal = None if local is None else jnp.zeros_like(local)
+    dsums = tuple(counted_sum(d) for d in dextras)
+    return out, (counted_sum(dp), dtop, dlocal, dsums)
+
+
 @jax.custom_jvp
 def _z_loss_rows(z: Any) -> tuple[Any, Any]:
     """``(log Z², log Z)`` per row."""
@@ -390,27 +499,33 @@ def _z_loss_rows_jvp(primals: Any, tangents: Any) -> Any:
 
 def z_loss(reg: Any, batch: Any) -> Out:
     p, log_z = _z_loss_rows(batch.values)
-    raw = batch.sum(p)
-    metrics = batch.metrics("z_loss", p, total=raw)
-    metrics["log_z_mean"] = batch.mean(log_z)
-    return batch.aggregate(p, total=raw), metrics
+    return summary(batch, "z_loss", p, log_z_mean=log_z)
 
 
 def _against_reference(
-    closed: Callable[[Any, Any, bool], tuple[Any, Any]],
+    closed: Callable[[Any, Any, bool], tuple[Any, Any]], event_ndim: int = 1
 ) -> Callable[[Any, Any, Any], Any]:
-    """The per-row penalty of ``(z, r)`` that ``closed(z, r, grad)`` computes (``kl_rows``,
-    ``jsd_rows``): its JVP in ``z`` is the closed form; a reference being differentiated too
-    (rare) gets JAX's derivative of the same maths.
+    """The per-token penalty of ``(z, r)`` that ``closed(z, r, grad)`` computes (``kl_rows``,
+    ``jsd_rows``, Consistency's comparisons): its JVP in ``z`` is the closed form; a
+    reference being differentiated too (rare) gets JAX's derivative of the same maths.
+    ``event_ndim`` is 1 for rows of scores (the slope summed along the class axis), 0 for
+    elementwise penalties.
 
     ``keep`` (``[n]`` bool, or None) is the Batch's mask, an argument (a custom_jvp closed
-    over a traced mask fails under ``jax.grad(jax.jit(f))``): the slope is 0 at the rows it
-    drops. The rows :meth:`Batch.restrict` drops keep their values, and a row of ``z``
+    over a traced mask fails under ``jax.grad(jax.jit(f))``): the slope is 0 at the tokens
+    it drops. The tokens :meth:`Batch.restrict` drops keep their values, and a row of ``z``
     holding +inf or NaN beside a reference row of all -inf has a NaN slope, which the
-    cotangent 0 of a dropped row would otherwise carry back as NaN (``0 · NaN``)."""
+    cotangent 0 of a dropped token would otherwise carry back as NaN (``0 · NaN``); where
+    the reference is differentiated, both arrays are 0 at the dropped tokens first, as the
+    generic path's blocks have them."""
 
     def plain(z: Any, r: Any) -> Any:
         return closed(z, r, False)[0]
+
+    def kept(keep: Any, a: Any) -> Any:
+        if keep is None:
+            return a
+        return jnp.where(jnp.reshape(keep, (-1,) + (1,) * event_ndim), a, jnp.zeros((), a.dtype))
 
     @jax.custom_jvp
     def rows(z: Any, r: Any, keep: Any) -> Any:
@@ -419,13 +534,13 @@ def _against_reference(
     def jvp(primals: Any, tangents: Any) -> Any:
         (z, r, keep), (dz, dr, _) = primals, tangents
         if not _symbolic_zero(dr):
+            z, r = kept(keep, z), kept(keep, r)
             return jax.jvp(plain, (z, r), (_tangent(dz, z), dr))
         value, g = closed(z, r, True)
         if _symbolic_zero(dz):
             return value, jnp.zeros_like(value)
-        if keep is not None:
-            g = jnp.where(jnp.reshape(keep, (-1, 1)), g, jnp.zeros((), g.dtype))
-        return value, jnp.sum(g * dz, axis=-1)
+        slope = kept(keep, g) * dz
+        return value, jnp.sum(slope, axis=-1) if event_ndim else slope
 
     rows.defjvp(jvp, symbolic_zeros=True)
     return rows
@@ -440,9 +555,7 @@ def _reference_penalty(
     def penalty(reg: Any, batch: Any) -> Out:
         ref = batch.field(reg.reference, role="reference", counted=False)
         rows = _against_reference(lambda z, r, grad: closed(reg, z, r, grad))
-        p = rows(batch.values, ref, batch.mask)
-        raw = batch.sum(p)
-        return batch.aggregate(p, total=raw), batch.metrics(name, p, total=raw)
+        return summary(batch, name, rows(batch.values, ref, batch.mask))
 
     return penalty
 
@@ -453,6 +566,22 @@ kl = _reference_penalty(
 jsd = _reference_penalty(
     "jsd", lambda reg, z, r, grad: jsd_rows(jnp, z, r, reg.beta, reg.temperature, grad)
 )
+
+
+def consistency(reg: Any, batch: Any) -> Out:
+    """Consistency of the input with its paired array (an argument of the custom_jvp, as a
+    reference is): per element (``"mse"``, ``"l1"``) or per row (``"cosine"``, ``"kl"``)."""
+    how, t = reg.metric, reg.temperature
+    closed: Callable[[Any, Any, bool], tuple[Any, Any]]
+    if how == "kl":
+        closed = lambda z, r, grad: kl_rows(jnp, z, r, "symmetric", t, grad)  # noqa: E731
+    elif how == "cosine":
+        closed = lambda z, r, grad: cosine_rows(jnp, z, r, grad)  # noqa: E731
+    else:
+        closed = lambda z, r, grad: elementwise(jnp, z, r, how, grad)  # noqa: E731
+    paired = batch.field(reg.paired, role="paired", counted=False)
+    p = _against_reference(closed, batch.event_ndim)(batch.values, paired, batch.mask)
+    return summary(batch, "consistency", p)
 
 
 def _entropy_rows(t: float) -> Callable[[Any], Any]:
@@ -478,10 +607,7 @@ def entropy(reg: Any, batch: Any) -> Out:
     and at its kink, as the closed form says)."""
     h = _entropy_rows(reg.temperature)(batch.values)
     p, _ = reg._penalty(jnp, h, int(batch.values.shape[-1]))
-    raw = batch.sum(p)
-    metrics = batch.metrics("entropy", p, total=raw)
-    metrics["entropy_mean"] = batch.mean(h)
-    return batch.aggregate(p, total=raw), metrics
+    return summary(batch, "entropy", p, entropy_mean=h)
 
 
 def _sum_squares(g: Any) -> tuple[Any, Any]:
@@ -526,8 +652,9 @@ def _norms_jvp(primals: Any, tangents: Any) -> Any:
 
 
 def gradient_penalty(reg: Any, batch: Any) -> Out:
-    value, metrics = reg._finish(batch, _norms(batch.values))  # (p, metrics from the norms)
-    return value, dict(metrics)
+    norm = _norms(batch.values)
+    d = norm - reg.target_norm  # (the penalty's own _finish, through summary's one pass)
+    return summary(batch, "gradient_penalty", d * d, grad_norm_mean=norm)
 
 
 ROWS: dict[str, Callable[[Any, Any], Out]] = {
@@ -536,6 +663,7 @@ ROWS: dict[str, Callable[[Any, Any], Out]] = {
     "jsd": jsd,
     "entropy": entropy,
     "gradient_penalty": gradient_penalty,
+    "consistency": consistency,
 }
 
 # The built-ins routed here: elementwise, with a closed form, reading no array of ``data``
