@@ -726,3 +726,33 @@ def test_one_pass_totals_on_either_side_of_its_size(bk: Harness, offset: int, re
         value, metrics = jax.jit(lambda a, b, c: reg.compute({"y": b, "m": c}, a))(x, y, none)
     assert _np(value) == 0.0
     assert all(_np(v) == 0.0 for v in metrics.values())
+
+
+def test_a_traced_list_is_joined_behind_a_barrier(bk: Harness) -> None:
+    """A list's concatenation, traced, is behind ``optimization_barrier`` (XLA would
+    otherwise reduce each joined array apart: one runtime step each), and derivatives,
+    ``vmap`` and ``jit`` go through it: the values and gradients of eager NumPy."""
+    import jax
+    import jax.numpy as jnp
+
+    pipe = rg.Pipeline(
+        [(rg.L1(mask=rg.Field("m")), 0.5), (rg.L2(center="mean"), 2.0)], metrics="array"
+    )
+    xs = [np.asarray([-1.0, 2.0, 0.5]), np.asarray([3.0, -0.25])]
+    ms = [np.asarray([True, False, True]), np.asarray([True, True])]
+
+    def loss(a: Any, m: Any) -> Any:
+        return pipe({"m": m}, a)[0]
+
+    args = ([jnp.asarray(x) for x in xs], [jnp.asarray(m) for m in ms])
+    assert "optimization_barrier" in str(jax.make_jaxpr(loss)(*args))
+    assert "optimization_barrier" not in str(jax.make_jaxpr(lambda a: rg.L1()(a)[0])(args[0][0]))
+    want_value, _, want_grads = pipe.value_and_grad({"m": ms}, xs)
+    value, grads = jax.jit(jax.value_and_grad(loss))(*args)
+    np.testing.assert_allclose(_np(value), _np(want_value), rtol=1e-12)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(_np(g), _np(w), rtol=1e-12)
+    stacked = [jnp.stack([a, 2.0 * a]) for a in args[0]]
+    batched = jax.vmap(lambda a: loss(a, args[1]))(stacked)
+    doubled = pipe.value_and_grad({"m": ms}, [2.0 * x for x in xs])[0]
+    np.testing.assert_allclose(_np(batched), [_np(want_value), _np(doubled)], rtol=1e-12)
