@@ -23,6 +23,7 @@ __all__ = [
     "cosine_rows",
     "elementwise",
     "entropy_rows",
+    "exp_normalize",
     "jsd_rows",
     "kl_rows",
     "log_normalize",
@@ -46,14 +47,24 @@ def log_normalize(xp: Namespace, z: Array) -> tuple[Array, Array]:
     classes both get ``p = 1``). The shift by the row's max is a constant for autodiff (the
     value does not depend on it), so no gradient flows through ``max``.
     """
+    shifted, _, s, m = exp_normalize(xp, z)
+    log_s = xp.log(s)
+    return shifted - log_s, m + log_s
+
+
+def exp_normalize(xp: Namespace, z: Array) -> tuple[Array, Array, Array, Array]:
+    """``(z - m, e, s, m)`` of rows ``z`` along the last axis, as :func:`log_normalize`
+    makes them: ``m`` the row's max (0 for a row of all -inf; a constant for autodiff),
+    ``e = exp(z - m)`` and ``s = Σ e`` (1 for a row of all -inf), shaped ``[..., 1]``; so
+    the softmax is ``e / s`` and the log-sum-exp ``m + log s``."""
     zero, one = const(xp, 0.0, z), const(xp, 1.0, z)
     m = stop_gradient(xp, xp.max(z, axis=-1, keepdims=True))
     m = xp.where(m == -xp.inf, zero, m)  # a row of all -inf: no shift (and no -inf - -inf)
     shifted = z - m
-    s = xp.sum(xp.exp(shifted), axis=-1, keepdims=True)  # exp(-inf) = 0, derivative 0
+    e = xp.exp(shifted)  # exp(-inf) = 0, derivative 0
+    s = xp.sum(e, axis=-1, keepdims=True)
     s = xp.where(s == zero, one, s)  # only a row of all -inf sums to 0
-    log_s = xp.log(s)
-    return shifted - log_s, m + log_s
+    return shifted, e, s, m
 
 
 def log_softmax(

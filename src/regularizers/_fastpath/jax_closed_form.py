@@ -55,7 +55,15 @@ import jax.numpy as jnp
 
 from .._core.backends import clip_below, nan_among, reciprocal
 from .._core.ops import clamp, row_norm_parts
-from .._core.rows import cosine_rows, elementwise, entropy_rows, jsd_rows, kl_rows, log_normalize
+from .._core.rows import (
+    cosine_rows,
+    elementwise,
+    entropy_rows,
+    exp_normalize,
+    jsd_rows,
+    kl_rows,
+    log_normalize,
+)
 
 __all__ = ["GRAD", "PRIMAL", "ROUTED", "routed", "value_and_metrics"]
 
@@ -491,9 +499,9 @@ def _z_loss_rows(z: Any) -> tuple[Any, Any]:
 @_z_loss_rows.defjvp
 def _z_loss_rows_jvp(primals: Any, tangents: Any) -> Any:
     (z,), (dz,) = primals, tangents
-    raw, lse = log_normalize(jnp, z)
-    log_z = jnp.reshape(lse, (-1,))
-    d_log_z = jnp.sum(jnp.exp(raw) * dz, axis=-1)  # softmax · dz
+    _, e, s, m = exp_normalize(jnp, z)  # (one exp per element, for the sum and the softmax)
+    log_z = jnp.reshape(m + jnp.log(s), (-1,))
+    d_log_z = jnp.sum(e * dz, axis=-1) / jnp.reshape(s, (-1,))  # softmax · dz
     return (log_z * log_z, log_z), ((2.0 * log_z) * d_log_z, d_log_z)
 
 
