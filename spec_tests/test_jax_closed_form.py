@@ -756,3 +756,45 @@ def test_a_traced_list_is_joined_behind_a_barrier(bk: Harness) -> None:
     batched = jax.vmap(lambda a: loss(a, args[1]))(stacked)
     doubled = pipe.value_and_grad({"m": ms}, [2.0 * x for x in xs])[0]
     np.testing.assert_allclose(_np(batched), [_np(want_value), _np(doubled)], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "reg",
+    [
+        rg.Consistency(rg.Field("y"), reduce="mean", mask=rg.Field("m")),
+        rg.Consistency(rg.Field("y"), metric="l1", mask=rg.Field("m")),
+        rg.ZLoss(mask=rg.Field("m")),
+        rg.Entropy(reduce="mean", mask=rg.Field("m")),
+        rg.GradientPenalty(mask=rg.Field("m")),
+    ],
+    ids=repr,
+)
+def test_the_one_pass_under_vmap_and_forward_mode(bk: Harness, reg: rg.Regularizer) -> None:
+    """The one-pass totals (a variadic reduce inside a custom_jvp) batched by ``vmap`` with a
+    batched mask, and ``jax.jvp`` of the max metric: the generic path's numbers."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(3)
+    shape = (3, 8) if reg.event_ndim == 0 else (3, 4, 5)
+    x = jnp.asarray(rng.normal(size=shape))
+    y = jnp.asarray(rng.normal(size=shape))
+    m = jnp.asarray(rng.random(shape[:2]) > 0.3)
+    name = f"{reg.name}_max"
+
+    def f(a: Any, b: Any, c: Any) -> Any:
+        return reg.compute({"y": b, "m": c}, a)
+
+    def run() -> Any:
+        vg = jax.vmap(jax.value_and_grad(lambda a, b, c: f(a, b, c)[0]))(x, y, m)
+        metrics = jax.vmap(lambda a, b, c: f(a, b, c)[1])(x, y, m)
+        tangent = jnp.ones_like(x[0])
+        fwd = jax.jvp(lambda a: f(a, y[0], m[0])[1][name], (x[0],), (tangent,))
+        return vg, metrics, fwd
+
+    assert " reduce[" in str(jax.make_jaxpr(lambda a: f(a, y[0], m[0])[0])(x[0])), "one pass"
+    got = run()
+    with generic_path():
+        want = run()
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(_np(a), _np(b), rtol=1e-10, atol=1e-14)
