@@ -7,9 +7,10 @@ ragged lists, dtypes (float16 and bfloat16 included), values on the kinks (0, th
 and beyond (±inf, NaN), masks whose masked entries hold ±inf or NaN, and ``counts``; value,
 metrics and ``jax.grad`` must equal the generic path's (``generic_path()``), eagerly and
 under ``jax.jit``, and the custom_jvp must really be in the traced program. ZLoss, KL, JSD,
-Entropy and GradientPenalty, traced, take a closed form per row: their drawn cases (-inf classes and
-rows, zero rows, masks hiding ±inf/NaN, counts, half precision) equal the generic path with
-the mask and the reference as traced arguments.
+Entropy, GradientPenalty and Consistency, traced, take a closed form per token: their drawn
+cases (-inf classes and rows, zero rows, masks hiding ±inf/NaN, counts, half precision)
+equal the generic path with the mask and the reference as traced arguments, and so do their
+one-pass totals on small inputs (at and above ``ONE_PASS``, under ``vmap`` and ``jax.jvp``).
 """
 
 from __future__ import annotations

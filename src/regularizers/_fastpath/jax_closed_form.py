@@ -364,11 +364,13 @@ GRAD: dict[str, Callable[[Any, Any], Any]] = {"l1_sparsity": _l1_grad, "l2_weigh
 
 
 # ---- penalties over rows: a closed form per token ---------------------------------------------
-# ZLoss, KL, JSD, Entropy and GradientPenalty, traced: the per-token penalty of every row is a
-# ``jax.custom_jvp`` of the rows (and of the reference, an argument like the values, so
-# nothing traced is closed over), whose JVP is the penalty's own per-row closed form
-# (``d p_i = Σ_v g_iv dz_iv``), and everything after it (the mask, ``reduce``, ``counts``,
-# the metrics) is the generic Batch code, which JAX differentiates as usual. Under ``jit``
+# ZLoss, KL, JSD, Entropy, GradientPenalty and Consistency, traced: the per-token penalty of
+# every row (or element) is a ``jax.custom_jvp`` of the rows (and of the reference or paired
+# array, an argument like the values, so nothing traced is closed over), whose JVP is the
+# penalty's own per-row closed form (``d p_i = Σ_v g_iv dz_iv``), and everything after it
+# (the mask, ``reduce``, ``counts``, the metrics) is the Batch's code, which JAX
+# differentiates as usual, or on up to ONE_PASS tokens its one-pass equivalent
+# (:func:`summary`). Under ``jit``
 # this is one program over the whole ``[n, V]`` input: no blocks (the generic path's
 # :func:`blockwise` slices the input and pads the gradient of every block back to full
 # size, which XLA runs as copies), and a backward pass that is one product per element.
