@@ -98,12 +98,15 @@ def _close(got: Any, want: Any, rtol: float, atol: float, what: str) -> None:
 
 
 def _autograd(reg: Any, data: Any, x: Any, mask: Any, counts: Any) -> Any:
-    """Value, metrics and gradients by torch autograd through ``compute``."""
+    """Value, metrics and gradients by torch autograd through ``compute`` (which writes to
+    none of the leaves)."""
     import torch
 
     leaves = [a.detach().clone().requires_grad_(True) for a in _listed(x)]
     lp = leaves if isinstance(x, list) else leaves[0]
     value, metrics = reg.compute(data, lp, counts=counts, **kwargs(mask))
+    for leaf, a in zip(leaves, _listed(x), strict=True):
+        torch.testing.assert_close(leaf.detach(), a, rtol=0.0, atol=0.0, equal_nan=True)
     grads = torch.autograd.grad(value, leaves, allow_unused=True)
     grads = [torch.zeros_like(a) if g is None else g for a, g in zip(leaves, grads, strict=True)]
     return value, metrics, grads
@@ -403,6 +406,197 @@ def test_fused_sampled_kl_at_uncounted_tokens(
             torch.testing.assert_close(got[1][k], want[1][k], rtol=1e-12, atol=0, msg=k)
         for a, b in zip(got[2], want[2], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+ONE_TENSOR = ["L1", "L2", "Huber", "ElasticNet", "SampledEntropy", "SampledKL", "Consistency"]
+
+
+@st.composite
+def one_tensor_calls(draw: st.DrawFn) -> tuple[rg.Regularizer, str]:
+    """A per-token built-in with a fused kernel, ``reduce`` "sum" or "mean", and where its
+    mask comes from: ``"none"``, ``"option"`` (``mask=Field("m")`` at construction),
+    ``"field"`` (the call's ``mask=Field("m")``) or ``"array"`` (the call's tensor)."""
+    kind = draw(st.sampled_from(ONE_TENSOR))
+    where = draw(st.sampled_from(["none", "option", "field", "array"]))
+    opts: dict[str, Any] = {"reduce": draw(st.sampled_from(["sum", "mean"]))}
+    if where == "option":
+        opts["mask"] = rg.Field("m")
+    if kind == "SampledKL":
+        est = draw(st.sampled_from(["k1", "k2", "k3"]))
+        return rg.SampledKL(rg.Field("other"), estimator=est, **opts), where
+    if kind == "Consistency":
+        metric = draw(st.sampled_from(["mse", "l1"]))
+        return rg.Consistency(rg.Field("other"), metric=metric, **opts), where
+    if kind == "L2":
+        clip = draw(st.sampled_from([None, (-100.0, 0.0), (-1.0, None)]))
+        return rg.L2(clip=clip, center=draw(st.sampled_from([None, "mean", -1.0])), **opts), where
+    if kind == "Huber":
+        return rg.Huber(delta=draw(st.sampled_from([0.5, 1.0, 3.5])), **opts), where
+    if kind == "ElasticNet":
+        return rg.ElasticNet(l1_ratio=draw(st.sampled_from([0.0, 0.3, 1.0])), **opts), where
+    cls = {"L1": rg.L1, "SampledEntropy": rg.SampledEntropy}[kind]
+    return cls(**opts), where
+
+
+@given(call=one_tensor_calls(), data=st.data())
+def test_one_tensor_with_its_data_needs_no_batch(
+    bk: Harness, call: tuple[rg.Regularizer, str], data: st.DataObject
+) -> None:
+    """One tensor with its mask and other fields in a dict of ``data`` (verl's padded
+    ``[B, T]`` layout, or one sequence) runs its fused kernel without preparing a Batch, and
+    gives the numbers of the call that prepares one, bit for bit: value, metrics and
+    gradient, with ±inf or NaN hidden under the mask (in the input or the other field), half
+    precision, 1-D and 2-D. Consistency, whose invalid tokens its value tells (not finite),
+    prepares one where its value is not finite, as the call with a Batch validates then."""
+    import torch
+
+    from regularizers._fastpath import torch_autograd, torch_fused
+
+    reg, where = call
+    shape = data.draw(st.sampled_from([(0,), (1,), (7,), (3, 5), (40,)]), label="shape")
+    values = st.one_of(S.elements(-300.0, 10.0), st.sampled_from(S.TRAINING_KINKS))
+    if data.draw(st.integers(0, 3)) == 0:
+        values = st.one_of(values, st.sampled_from(S.TRAINING_SPECIALS))
+    x = data.draw(hnp.arrays("float64", shape, elements=values), label="x")
+    other = x + data.draw(hnp.arrays("float64", shape, elements=S.elements(-2.0, 2.0)), label="o")
+    mask = None
+    if where != "none":
+        mask = data.draw(S.masks_for(x), label="mask")
+        off = np.asarray(mask) == 0
+        hidden = st.sampled_from([np.inf, -np.inf, np.nan, 5.0])
+        for a in (x, other):
+            if off.any() and data.draw(st.booleans()):
+                a[off] = data.draw(hnp.arrays("float64", int(off.sum()), elements=hidden))
+    dtype = data.draw(st.sampled_from(["float16", "float32", "float64"]), label="dt")
+    xs = _cast(x, dtype)
+    d: dict[str, Any] = {"other": _cast(other, dtype)}
+    m: Any = None
+    if mask is not None:
+        tm = torch.asarray(mask, device=TORCH_DEVICE)
+        d["m"] = tm
+        m = {"field": rg.Field("m"), "array": tm}.get(where)
+    prepared: list[int] = []
+    real_prepare = rg.Regularizer.prepare
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        prepared.append(1)
+        return real_prepare(self, *args, **kwargs)
+
+    with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rg.Regularizer, "prepare", spy)
+        if data.draw(st.booleans(), label="product"):  # (the mask by the checked product)
+            mp.setattr(torch_fused, "SMALL", 2)
+        before = [xs.clone(), *[a.clone() for a in d.values()]]
+        got = _autograd(reg, d, xs, m, None)
+        assert got[0].grad_fn.name() == ROUTED
+        for a, b in zip([xs, *d.values()], before, strict=True):  # (nothing written to)
+            torch.testing.assert_close(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+        value = float(got[0].detach())
+        if isinstance(reg, rg.Consistency) and x.size and not math.isfinite(value):
+            assert prepared, "a Consistency whose value is not finite prepares a Batch"
+        else:
+            assert not prepared, f"{reg!r} prepared a Batch"
+        mp.setattr(torch_autograd, "compute_plain", lambda *a, **k: None)
+        want = _autograd(reg, d, xs, m, None)
+        assert prepared, "the call with a Batch prepared one"
+    exact = {"rtol": 0.0, "atol": 0.0, "equal_nan": True}
+    torch.testing.assert_close(got[0].detach(), want[0].detach(), **exact)
+    assert got[1].keys() == want[1].keys()
+    for k in got[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], **exact, msg=k)
+    torch.testing.assert_close(got[2][0], want[2][0], **exact)
+
+
+def test_per_token_kernels_of_penalties_with_valid_tokens_tell_them_by_their_value(
+    bk: Harness,
+) -> None:
+    """The call on one tensor prepares no Batch, so runs no ``valid_tokens``: the per-token
+    built-ins that have one (Consistency) have kernels ``VALID_IF_FINITE``, whose value is not
+    finite where a token is invalid (then the Batch is prepared, and validated)."""
+    from regularizers._fastpath import torch_fused
+
+    with_valid = []
+    for cls in CLOSED:
+        if cls.valid_tokens is rg.Regularizer.valid_tokens or cls.name not in torch_fused.GRAD:
+            continue
+        nd = cls.event_ndim  # (a property where the options decide: Consistency's metric)
+        if isinstance(nd, property) or nd == 0:
+            with_valid.append(cls.__name__)
+            assert getattr(torch_fused.GRAD[cls.name], "VALID_IF_FINITE", False), cls.__name__
+    assert with_valid == ["Consistency"]
+
+
+def test_what_one_tensor_reads_otherwise_prepares_a_batch(bk: Harness) -> None:
+    """Where a call on one tensor reads anything but tensors of its shape and device in a
+    dict (a list, a tuple ``("field", key)``, another mapping, a reference that requires
+    grad), or reads them wrongly (a missing key, another shape, a complex mask), the Batch
+    is prepared: the same numbers, and its validation's errors."""
+    import types
+
+    import torch
+
+    x = torch.tensor([-1.0, -2.5, 0.0, -0.5], dtype=torch.float64)
+    ref = torch.tensor([-1.5, -2.0, -3.0, -0.25], dtype=torch.float64)
+    w = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    reg = rg.SampledKL(rg.Field("ref"), reduce="mean")
+
+    field = rg.Field("w")
+
+    def step(d: Any, mask: Any = field) -> Any:
+        leaf = x.clone().requires_grad_(True)
+        value, metrics = reg.compute(d, leaf, mask=mask)
+        value.backward()
+        return value, metrics, leaf.grad
+
+    plain = step({"ref": ref, "w": w})
+    assert plain[0].grad_fn.name() == ROUTED
+    for d, mask in [
+        ({"ref": [ref], "w": w}, rg.Field("w")),  # a list of one tensor
+        ({"ref": ref, "w": [w]}, rg.Field("w")),
+        ({"ref": ref}, [w]),
+        ({"ref": ref, "w": w}, ("field", "w")),
+        (types.MappingProxyType({"ref": ref, "w": w}), rg.Field("w")),
+        ({"ref": ref, "w": w.to(torch.int64)}, rg.Field("w")),
+        ({"ref": ref, "w": w.bool()}, rg.Field("w")),
+    ]:
+        got = step(d, mask)
+        torch.testing.assert_close(got[0], plain[0], rtol=0.0, atol=0.0)
+        for k in plain[1]:
+            torch.testing.assert_close(got[1][k], plain[1][k], rtol=0.0, atol=0.0)
+        torch.testing.assert_close(got[2], plain[2], rtol=0.0, atol=0.0)
+    teacher = ref.clone().requires_grad_(True)  # a reference that requires grad: its gradient
+    leaf = x.clone().requires_grad_(True)
+    value, _ = reg.compute({"ref": teacher, "w": w}, leaf, mask=rg.Field("w"))
+    assert value.grad_fn.name() != ROUTED
+    value.backward()
+    assert teacher.grad is not None
+    assert bool(teacher.grad[1] == 0.0)  # (uncounted)
+    torch.testing.assert_close(leaf.grad, plain[2])
+    # a counted token -inf in both views: Consistency's valid_tokens drops it, which its
+    # kernel's value tells (not finite), so the Batch is prepared and validated
+    pair = rg.Consistency(rg.Field("ref"), reduce="mean")
+    ninf = torch.tensor([-1.0, -math.inf, 0.0, -0.5], dtype=torch.float64)
+    counted = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    leaf = ninf.clone().requires_grad_(True)
+    value, metrics = pair.compute({"ref": ninf.clone(), "w": counted}, leaf, mask=rg.Field("w"))
+    value.backward()
+    assert value.grad_fn.name() == ROUTED
+    with generic_path():
+        want = _autograd(pair, {"ref": ninf.clone(), "w": counted}, ninf, rg.Field("w"), None)
+    assert math.isfinite(float(value.detach()))
+    assert float(metrics["consistency_mean"]) == 0.0
+    torch.testing.assert_close(value.detach(), want[0].detach(), rtol=0.0, atol=0.0)
+    torch.testing.assert_close(leaf.grad, want[2][0], rtol=0.0, atol=0.0)
+    with pytest.raises(KeyError, match="'w'"):
+        step({"ref": ref})
+    with pytest.raises(ValueError, match="does not match"):
+        step({"ref": ref, "w": w[:3]})
+    with pytest.raises(ValueError, match="does not match"):
+        step({"ref": ref[:3], "w": w})
+    with pytest.raises(TypeError, match="complex"):
+        step({"ref": ref, "w": w.to(torch.complex128)})
+    with pytest.raises(TypeError, match="mask"):
+        step({"ref": ref, "w": w}, "w")
 
 
 @pytest.mark.parametrize("cls", CLOSED, ids=[c.__name__ for c in CLOSED])

@@ -118,17 +118,18 @@ def try_route(
         return None
     autograd, fused = _TORCH or _torch_modules()
     kernels = fused.GRAD
-    unset = type(mask).__name__ == "_Unset"  # (base.UNSET: "no mask given to this call")
-    if logprobs is first and data is None and counts is None and unset:
-        o = reg._opts  # one tensor, nothing else: the call that needs no Batch
-        kernel = kernels.get(reg.name) if reg.name in fused.PLAIN else None
+    if logprobs is first and counts is None and (data is None or type(data) is dict):
+        o = reg._opts  # one tensor, no counts: the call that needs no Batch, where it applies
+        kernel = kernels.get(reg.name)
         if (
             kernel is not None
-            and o["mask"] is None
+            and reg.event_ndim == 0
             and o["target"] == "logprobs"
             and o["reduce"] in ("sum", "mean")
         ):
-            plain: tuple[Any, dict[str, Any]] | None = autograd.compute_plain(reg, first, kernel)
+            plain: tuple[Any, dict[str, Any]] | None = autograd.compute_plain(
+                reg, first, kernel, data, mask
+            )
             if plain is not None:
                 return plain
     got = autograd.compute([(reg, mask)], data, logprobs, counts, call, kernels)

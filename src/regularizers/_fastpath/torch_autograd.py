@@ -11,6 +11,12 @@ ragged batch of 64 datums: 64 reshapes, a ``cat``, the mask's ``where``, then th
 a ``[T, V]`` penalty over distributions, several ``[T, V]`` arrays), and the backward pass has
 the documented conventions at the kinks.
 
+A call on one tensor of per-token values with ``reduce`` "sum" or "mean" and no counts,
+whose mask and other fields are tensors of its shape in a ``dict`` of data (verl's padded
+``[B, T]`` layout, or one sequence), prepares no Batch: its kernel reads a :class:`_Flat`,
+which makes the mask and the counts as ``prepare`` does, and which declines (a Batch is
+then prepared, and validates) wherever what it reads is of another kind.
+
 Kernels (``torch_fused.GRAD``, keyed by registered name) have two static methods::
 
     forward(reg, batch) -> (value, metrics, state) | None   # None: the generic kernel
@@ -45,11 +51,19 @@ import torch
 from array_api_compat import array_namespace
 
 from .._core.backends import torch_cat
-from .._core.inputs import check_data
+from .._core.inputs import Batch, check_data
+from .._core.options import ByIdentity, Field
 from .._core.typing import Array, Metrics
 from .common import disabled
 from .torch_const import const
-from .torch_fused import GRAD, PLAIN, all_valid, count_and_keep, zero_uncounted
+from .torch_fused import (
+    GRAD,
+    PLAIN,
+    all_valid,
+    count_and_keep,
+    zero_and_count,
+    zero_uncounted,
+)
 
 __all__ = ["ClosedForm", "Generic", "compute", "value_metrics_and_grad"]
 
@@ -402,17 +416,31 @@ class _Split:
             self.lengths = tuple([s[0] if len(s) == 1 else math.prod(s) for s in shapes])
 
 
+class _Decline(Exception):
+    """What the Batch-free call reads is not the plain case it handles (see :class:`_Flat`):
+    a Batch is prepared instead, whose validation names anything that is wrong."""
+
+
 class _Flat:
-    """What the kernels read of a Batch, for one plain tensor with no data, mask or counts
-    and ``reduce`` "sum" or "mean": the common small call, without ``prepare``'s generality
-    (its validation is :func:`compute_plain`'s condition)."""
+    """What the kernels read of a Batch, for one tensor with ``reduce`` "sum" or "mean" and
+    no counts: the common call, without ``prepare``'s generality. Its mask and the fields its
+    kernel reads (a reference, a paired view) are tensors of the input's shape and device,
+    found in a ``dict`` of data (a ``Field``) or given themselves, none of which requires
+    grad; anything else is :class:`_Decline` (then :func:`compute` prepares a Batch). The
+    mask is made as ``prepare`` makes it (nonzero, NaN too, is counted; ``zero_and_count``,
+    or ``count_and_keep`` for a kernel that masks its own), so are the counts and the
+    divisions by them, so the kernels compute the same numbers."""
 
     __slots__ = (
         "_arrays",
+        "_count",
+        "_data",
+        "_den",
         "_is_list",
         "_keep",
         "_local",
         "_moved",
+        "device",
         "dtype",
         "event_ndim",
         "lengths",
@@ -421,25 +449,37 @@ class _Flat:
         "size",
         "target",
         "values",
+        "xp",
     )
 
-    def __init__(self, x: Any, reduce: str) -> None:
+    def __init__(self, x: Any, reduce: str, data: Any = None) -> None:
         v = x if x.ndim == 1 else x.reshape(-1)
         if v.dtype != torch.float32 and v.dtype != torch.float64:
             v = v.to(torch.float32)  # half precision computes in float32
         self.values, self.dtype, self._arrays = v, v.dtype, [x]
-        self.size = self._local = v.numel()
+        self.size = self._local = self._count = v.numel()
         self.lengths = (self.size,)
         self.mask, self._keep, self.reduce, self.target = None, None, reduce, "logprobs"
         self._is_list, self._moved, self.event_ndim = False, None, 0
+        self._data, self._den, self.xp, self.device = data, None, _XP, x.device
 
-    def token_weights(self) -> float:
-        return 1.0 if self.reduce == "sum" else 1.0 / max(self.size, 1)
+    @property
+    def count(self) -> Any:
+        return self._count
+
+    def token_weights(self) -> Any:
+        if self.reduce == "sum":
+            return 1.0
+        return 1.0 / max(self.size, 1) if self._den is None else self._den.reciprocal()
 
     def per_token(self, total: Any) -> Any:
+        if self._den is not None:  # (the mask's count, at least 1)
+            return total / self._den
         return total / const(float(max(self.size, 1)), total)
 
-    def _divide(self, total: Any, by: int) -> Any:
+    def _divide(self, total: Any, by: Any) -> Any:
+        if by is self._count:
+            return self.per_token(total)
         return total / const(float(max(by, 1)), total)
 
     def zero(self) -> Any:
@@ -450,37 +490,101 @@ class _Flat:
         value = min(max(value, -top), top)
         return torch.full((), value, dtype=self.dtype, device=self.values.device)
 
+    def max(self, p: Any) -> Any:
+        return Batch.max(self, p)  # type: ignore[arg-type]  # (what it reads, this has)
 
-def _flat_run(reg: Any, x: Any, kernel: Any, results: list[Any]) -> _Run | None:
-    """A plain term (see :func:`_plain`) by its fused kernel over one tensor ``x`` (the
-    caller's, or a list's concatenation), without a Batch. Its ``(value, metrics)`` is
-    appended to ``results``; None where the kernel declines (then a Batch is prepared)."""
-    batch = _Flat(x, reg._opts["reduce"])
+    def _read(self, ref: Any) -> Any:
+        """The tensor ``ref`` is or names (a ``Field`` of ``data``, ``ByIdentity``)."""
+        if isinstance(ref, ByIdentity):
+            ref = ref.value
+        if isinstance(ref, Field):
+            if type(self._data) is not dict or ref.key not in self._data:
+                raise _Decline
+            ref = self._data[ref.key]
+        x = self._arrays[0]
+        if type(ref) not in _TENSORS or ref.shape != x.shape or ref.device != x.device:
+            raise _Decline
+        if ref.requires_grad:  # (its own gradient: the generic path records it)
+            raise _Decline
+        return ref if ref.ndim == 1 else ref.reshape(-1)
+
+    def field(self, ref: Any, *, role: str = "field", counted: bool = True) -> Any:
+        a = self._read(Field(ref) if isinstance(ref, str) else ref)
+        if a.dtype not in _FLOAT_SET:
+            raise _Decline
+        if a.dtype != self.dtype:
+            a = a.to(self.dtype)
+        if counted and self.mask is not None:
+            a = zero_uncounted(a, self.mask, False, self._keep)
+        return a
+
+    def masked(self, mask: Any, own: bool) -> None:
+        """Count and mask by ``mask`` (a mask option's value, or the call's)."""
+        m = self._read(mask)
+        if m.dtype.is_complex:
+            raise _Decline
+        if m.dtype != torch.bool:
+            m = m.to(torch.bool)  # (nonzero is counted, NaN too)
+        fresh = self.values.dtype != self._arrays[0].dtype  # (a float32 copy of half precision)
+        counted = count_and_keep if own else zero_and_count
+        self.values, count, self._keep = counted(self.values, m, fresh)
+        self.mask, self._count = m, count
+        self._local = count
+        self._den = count.clamp_min(1.0)  # (Batch._clamped: what per_token divides by)
+
+
+def _flat_run(
+    reg: Any, x: Any, kernel: Any, results: list[Any], data: Any = None, mask: Any = None
+) -> _Run | None:
+    """A term by its fused kernel over one tensor ``x`` (the caller's, or a list's
+    concatenation), without a Batch: a plain term (see :func:`_plain`), or one whose mask
+    and fields :class:`_Flat` reads (``mask``: the call's, or the regularizer's option). Its
+    ``(value, metrics)`` is appended to ``results``; None where the kernel declines (then a
+    Batch is prepared); :class:`_Decline` where :class:`_Flat` does."""
+    batch = _Flat(x, reg._opts["reduce"], data)
+    if mask is not None:
+        batch.masked(mask, getattr(kernel, "MASKS_ITS_OWN", False))
     got = kernel.forward(reg, batch)
     if got is None:
         return None
     value, metrics, state = got
+    # (a kernel whose value is finite only where every token is valid: where it is not, a
+    # Batch, whose valid_tokens runs)
+    if getattr(kernel, "VALID_IF_FINITE", False) and not math.isfinite(value.item()):
+        raise _Decline
     results.append((value, metrics))
     return _Run(reg, batch, kernel, state)
 
 
-def compute_plain(reg: Any, x: Any, kernel: Any) -> tuple[Array, Metrics] | None:
-    """:func:`compute` of one plain float tensor that requires grad, with no data, mask or
-    counts, ``reduce`` "sum" or "mean" and a fused kernel: the call without a Batch."""
+def compute_plain(
+    reg: Any, x: Any, kernel: Any, data: Any = None, mask: Any = None
+) -> tuple[Array, Metrics] | None:
+    """:func:`compute` of one float tensor that requires grad, with no counts, ``reduce``
+    "sum" or "mean", per-token values (``event_ndim`` 0) and a fused kernel: the call
+    without a Batch (see :class:`_Flat`). ``mask`` is the call's (``base.UNSET`` where it
+    gave none). None where a Batch must be prepared."""
     if not (x.requires_grad and torch.is_grad_enabled()) or x.dtype not in _FLOATS:
         return None
     if _functorch_active():
         return None
+    m = reg._opts["mask"] if type(mask).__name__ == "_Unset" else mask
+    # (of the per-token built-ins, those with valid_tokens have kernels VALID_IF_FINITE, read
+    # on the host: on the CPU only)
+    if getattr(kernel, "VALID_IF_FINITE", False) and x.device.type != "cpu":
+        return None
     results: list[tuple[Any, Metrics]] = []
     with _NoGrad():
-        run = _flat_run(reg, x, kernel, results)
+        try:
+            run = _flat_run(reg, x, kernel, results, data, m)
+        except _Decline:
+            return None
     if run is None:
         return None
     ((value, metrics),) = results
 
     def generic(arrays: tuple[Any, ...]) -> list[Any]:
         with disabled():
-            return [reg.compute(None, arrays[0])[0]]
+            return [reg.compute(data, arrays[0], mask=mask)[0]]
 
     node = _Call([run], run.batch, generic)
     (out,) = _apply(node, [_own(value, metrics)], x)
