@@ -507,6 +507,52 @@ def test_one_tensor_with_its_data_needs_no_batch(
     torch.testing.assert_close(got[2][0], want[2][0], **exact)
 
 
+@given(calls=st.lists(one_tensor_calls(), min_size=2, max_size=3), data=st.data())
+def test_a_pipeline_over_one_tensor_needs_no_batch(
+    bk: Harness, calls: list[tuple[rg.Regularizer, str]], data: st.DataObject
+) -> None:
+    """A Pipeline's per-token terms over one tensor (each with its own mask option or none,
+    the fields in a dict of data) share one node without preparing a Batch, with the numbers
+    of the call that prepares one, bit for bit."""
+    import torch
+
+    from regularizers._fastpath import torch_autograd
+
+    shape = data.draw(st.sampled_from([(1,), (9,), (3, 5)]), label="shape")
+    x = data.draw(hnp.arrays("float64", shape, elements=S.elements(-300.0, 10.0)), label="x")
+    mask = data.draw(S.masks_for(x), label="mask")
+    other = x + data.draw(hnp.arrays("float64", shape, elements=S.elements(-2.0, 2.0)), label="o")
+    d = {"other": torch.asarray(other), "m": torch.asarray(mask)}
+    terms = [rg.Term(reg, 0.5 + i, name=f"t{i}") for i, (reg, _) in enumerate(calls)]
+    pipe = rg.Pipeline(terms, metrics="array")
+    prepared: list[int] = []
+    real_prepare = rg.Regularizer.prepare
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        prepared.append(1)
+        return real_prepare(self, *args, **kwargs)
+
+    def step() -> Any:
+        leaf = torch.asarray(x).requires_grad_(True)
+        value, metrics = pipe(d, leaf)
+        (grad,) = torch.autograd.grad(value, [leaf])
+        return value, metrics, grad
+
+    with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rg.Regularizer, "prepare", spy)
+        got = step()
+        assert not prepared, "a term prepared a Batch"
+        mp.setattr(torch_autograd, "compute_plain", lambda *a, **k: None)
+        want = step()
+        assert prepared
+    exact = {"rtol": 0.0, "atol": 0.0, "equal_nan": True}
+    torch.testing.assert_close(got[0].detach(), want[0].detach(), **exact)
+    assert got[1].keys() == want[1].keys()
+    for k in got[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], **exact, msg=k)
+    torch.testing.assert_close(got[2], want[2], **exact)
+
+
 def test_per_token_kernels_of_penalties_with_valid_tokens_tell_them_by_their_value(
     bk: Harness,
 ) -> None:

@@ -119,19 +119,10 @@ def try_route(
     autograd, fused = _TORCH or _torch_modules()
     kernels = fused.GRAD
     if logprobs is first and counts is None and (data is None or type(data) is dict):
-        o = reg._opts  # one tensor, no counts: the call that needs no Batch, where it applies
-        kernel = kernels.get(reg.name)
-        if (
-            kernel is not None
-            and reg.event_ndim == 0
-            and o["target"] == "logprobs"
-            and o["reduce"] in ("sum", "mean")
-        ):
-            plain: tuple[Any, dict[str, Any]] | None = autograd.compute_plain(
-                reg, first, kernel, data, mask
-            )
-            if plain is not None:
-                return plain
+        # one tensor, no counts: the call that needs no Batch, where it applies
+        plain = autograd.compute_plain([(reg, mask)], first, kernels, data)
+        if plain is not None:
+            return plain[0]  # type: ignore[no-any-return]
     got = autograd.compute([(reg, mask)], data, logprobs, counts, call, kernels)
     return None if got is None else got[0]
 
@@ -160,9 +151,11 @@ def try_route_terms(
     if not all([_routable(reg) and reg.event_ndim == 0 for reg, _ in terms]):  # noqa: C419
         return None
     autograd, fused = _TORCH or _torch_modules()
-    got: list[tuple[Any, dict[str, Any]]] | None = autograd.compute(
-        terms, data, logprobs, counts, "compute(data, logprobs)", fused.GRAD
-    )
+    got: list[tuple[Any, dict[str, Any]]] | None = None
+    if logprobs is first and counts is None and (data is None or type(data) is dict):
+        got = autograd.compute_plain(terms, first, fused.GRAD, data)  # (no Batch: try_route)
+    if got is None:
+        got = autograd.compute(terms, data, logprobs, counts, "compute(data, logprobs)", fused.GRAD)
     return got
 
 

@@ -557,38 +557,48 @@ def _flat_run(
 
 
 def compute_plain(
-    reg: Any, x: Any, kernel: Any, data: Any = None, mask: Any = None
-) -> tuple[Array, Metrics] | None:
-    """:func:`compute` of one float tensor that requires grad, with no counts, ``reduce``
-    "sum" or "mean", per-token values (``event_ndim`` 0) and a fused kernel: the call
-    without a Batch (see :class:`_Flat`). ``mask`` is the call's (``base.UNSET`` where it
-    gave none). None where a Batch must be prepared."""
+    terms: list[tuple[Any, Any]], x: Any, kernels: dict[str, Any], data: Any = None
+) -> list[tuple[Array, Metrics]] | None:
+    """:func:`compute` of ``(regularizer, mask)`` terms over one float tensor that requires
+    grad, with no counts, each of per-token values (``event_ndim`` 0), ``reduce`` "sum" or
+    "mean" and a fused kernel: the call without a Batch (see :class:`_Flat`), one node for
+    every term. A term's ``mask`` is the call's (``base.UNSET`` where it gave none). None
+    where a Batch must be prepared."""
     if not (x.requires_grad and torch.is_grad_enabled()) or x.dtype not in _FLOATS:
         return None
     if _functorch_active():
         return None
-    m = reg._opts["mask"] if type(mask).__name__ == "_Unset" else mask
-    # (of the per-token built-ins, those with valid_tokens have kernels VALID_IF_FINITE, read
-    # on the host: on the CPU only)
-    if getattr(kernel, "VALID_IF_FINITE", False) and x.device.type != "cpu":
-        return None
+    picked = []
+    for reg, mask in terms:
+        o, kernel = reg._opts, kernels.get(reg.name)
+        if kernel is None or reg.event_ndim != 0 or o["target"] != "logprobs":
+            return None
+        if o["reduce"] != "sum" and o["reduce"] != "mean":
+            return None
+        # (of the per-token built-ins, those with valid_tokens have kernels VALID_IF_FINITE,
+        # read on the host: on the CPU only)
+        if getattr(kernel, "VALID_IF_FINITE", False) and x.device.type != "cpu":
+            return None
+        picked.append((reg, kernel, o["mask"] if type(mask).__name__ == "_Unset" else mask))
     results: list[tuple[Any, Metrics]] = []
+    runs: list[_Run] = []
     with _NoGrad():
         try:
-            run = _flat_run(reg, x, kernel, results, data, m)
+            for reg, kernel, m in picked:
+                run = _flat_run(reg, x, kernel, results, data, m)
+                if run is None:
+                    return None
+                runs.append(run)
         except _Decline:
             return None
-    if run is None:
-        return None
-    ((value, metrics),) = results
 
     def generic(arrays: tuple[Any, ...]) -> list[Any]:
         with disabled():
-            return [reg.compute(data, arrays[0], mask=mask)[0]]
+            return [reg.compute(data, arrays[0], mask=mask)[0] for reg, mask in terms]
 
-    node = _Call([run], run.batch, generic)
-    (out,) = _apply(node, [_own(value, metrics)], x)
-    return out, metrics
+    node = _Call(runs, runs[0].batch, generic)
+    values = _apply(node, [_own(v, m) for v, m in results], x)
+    return [(v, metrics) for v, (_, metrics) in zip(values, results, strict=True)]
 
 
 def value_metrics_and_grad(reg: Any, batch: Any) -> tuple[Array, Metrics, Array] | None:
