@@ -553,12 +553,75 @@ def test_a_pipeline_over_one_tensor_needs_no_batch(
     torch.testing.assert_close(got[2], want[2], **exact)
 
 
+@given(data=st.data())
+def test_rows_of_one_tensor_need_no_batch(bk: Harness, data: st.DataObject) -> None:
+    """GradientPenalty (a kernel ``ROWS``: ``[n, D]`` rows, a per-row mask) on one tensor
+    with its mask in a dict (or given) prepares no Batch where its kernel runs, with the
+    numbers of the call that prepares one, bit for bit; a row its kernel declines (not
+    finite, or underflowing) hands the call to a Batch; the vectors along another axis
+    (``axis``) take a Batch."""
+    import torch
+
+    from regularizers._fastpath import torch_autograd, torch_fused
+
+    shape = data.draw(st.sampled_from([(4,), (1, 3), (5, 4), (2, 3, 4), (3, 1)]), label="shape")
+    axis = data.draw(st.sampled_from([-1, len(shape) - 1, 0]), label="axis")
+    reduce = data.draw(st.sampled_from(["sum", "mean"]), label="reduce")
+    where = data.draw(st.sampled_from(["none", "option", "field", "array"]), label="where")
+    reg = rg.GradientPenalty(
+        target_norm=data.draw(st.sampled_from([1.0, 0.0, 2.5])),
+        axis=axis,
+        reduce=reduce,
+        mask=rg.Field("m") if where == "option" else None,
+    )
+    magnitudes = st.one_of(S.elements(0.25, 4.0), S.elements(-4.0, -0.25))
+    special = data.draw(st.booleans(), label="special")
+    if special:
+        magnitudes = st.one_of(magnitudes, st.sampled_from([0.0, np.inf, np.nan, 1e-30]))
+    x = data.draw(hnp.arrays("float64", shape, elements=magnitudes), label="x")
+    tokens = shape[:-1] if axis != 0 else shape[1:]
+    mask = data.draw(
+        hnp.arrays(np.float32, tokens, elements=st.sampled_from([0.0, 1.0, 0.5])), label="mask"
+    )
+    dtype = data.draw(st.sampled_from(["float32", "float64"]), label="dt")
+    xs = _cast(x, dtype)
+    d = {"m": torch.asarray(mask, device=TORCH_DEVICE)}
+    m = {"field": rg.Field("m"), "array": d["m"]}.get(where)
+    prepared: list[int] = []
+    real_prepare = rg.Regularizer.prepare
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        prepared.append(1)
+        return real_prepare(self, *args, **kwargs)
+
+    with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rg.Regularizer, "prepare", spy)
+        if data.draw(st.booleans(), label="product"):
+            mp.setattr(torch_fused, "SMALL", 2)
+        got = _autograd(reg, d, xs, m, None)
+        assert got[0].grad_fn.name() == ROUTED
+        along_last = axis != 0 or len(shape) == 1
+        if along_last and not special:  # (every norm finite and far from 0: the kernel runs)
+            assert not prepared, "a Batch was prepared"
+        if not along_last:
+            assert prepared, "vectors along another axis need a Batch"
+        mp.setattr(torch_autograd, "compute_plain", lambda *a, **k: None)
+        want = _autograd(reg, d, xs, m, None)
+    exact = {"rtol": 0.0, "atol": 0.0, "equal_nan": True}
+    torch.testing.assert_close(got[0].detach(), want[0].detach(), **exact)
+    assert got[1].keys() == want[1].keys()
+    for k in got[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], **exact, msg=k)
+    torch.testing.assert_close(got[2][0], want[2][0], **exact)
+
+
 def test_per_token_kernels_of_penalties_with_valid_tokens_tell_them_by_their_value(
     bk: Harness,
 ) -> None:
     """The call on one tensor prepares no Batch, so runs no ``valid_tokens``: the per-token
     built-ins that have one (Consistency) have kernels ``VALID_IF_FINITE``, whose value is not
-    finite where a token is invalid (then the Batch is prepared, and validated)."""
+    finite where a token is invalid (then the Batch is prepared, and validated); the kernels
+    ``ROWS`` (GradientPenalty's) are of penalties that have none."""
     from regularizers._fastpath import torch_fused
 
     with_valid = []
@@ -570,6 +633,9 @@ def test_per_token_kernels_of_penalties_with_valid_tokens_tell_them_by_their_val
             with_valid.append(cls.__name__)
             assert getattr(torch_fused.GRAD[cls.name], "VALID_IF_FINITE", False), cls.__name__
     assert with_valid == ["Consistency"]
+    rows = [c.__name__ for c in CLOSED if getattr(torch_fused.GRAD.get(c.name), "ROWS", False)]
+    assert rows == ["GradientPenalty"]  # (a kernel ROWS: its penalty has no valid_tokens)
+    assert all(getattr(rg, n).valid_tokens is rg.Regularizer.valid_tokens for n in rows)
 
 
 def test_what_one_tensor_reads_otherwise_prepares_a_batch(bk: Harness) -> None:

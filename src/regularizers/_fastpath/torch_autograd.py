@@ -452,15 +452,18 @@ class _Flat:
         "xp",
     )
 
-    def __init__(self, x: Any, reduce: str, data: Any = None) -> None:
-        v = x if x.ndim == 1 else x.reshape(-1)
+    def __init__(self, x: Any, reduce: str, data: Any = None, rows: bool = False) -> None:
+        if rows:  # a vector per token along the last axis: [n, D] (``event_ndim`` 1)
+            v = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+        else:
+            v = x if x.ndim == 1 else x.reshape(-1)
         if v.dtype != torch.float32 and v.dtype != torch.float64:
             v = v.to(torch.float32)  # half precision computes in float32
         self.values, self.dtype, self._arrays = v, v.dtype, [x]
-        self.size = self._local = self._count = v.numel()
+        self.size = self._local = self._count = v.shape[0] if rows else v.numel()
         self.lengths = (self.size,)
         self.mask, self._keep, self.reduce, self.target = None, None, reduce, "logprobs"
-        self._is_list, self._moved, self.event_ndim = False, None, 0
+        self._is_list, self._moved, self.event_ndim = False, None, 1 if rows else 0
         self._data, self._den, self.xp, self.device = data, None, _XP, x.device
 
     @property
@@ -493,8 +496,10 @@ class _Flat:
     def max(self, p: Any) -> Any:
         return Batch.max(self, p)  # type: ignore[arg-type]  # (what it reads, this has)
 
-    def _read(self, ref: Any) -> Any:
-        """The tensor ``ref`` is or names (a ``Field`` of ``data``, ``ByIdentity``)."""
+    def _read(self, ref: Any, token: bool = False) -> Any:
+        """The tensor ``ref`` is or names (a ``Field`` of ``data``, ``ByIdentity``), of the
+        input's shape (``token``: one value per token, a mask's), shaped as the values (as
+        the tokens)."""
         if isinstance(ref, ByIdentity):
             ref = ref.value
         if isinstance(ref, Field):
@@ -502,11 +507,14 @@ class _Flat:
                 raise _Decline
             ref = self._data[ref.key]
         x = self._arrays[0]
-        if type(ref) not in _TENSORS or ref.shape != x.shape or ref.device != x.device:
+        rows = token and self.event_ndim
+        if type(ref) not in _TENSORS or ref.shape != (x.shape[:-1] if rows else x.shape):
             raise _Decline
-        if ref.requires_grad:  # (its own gradient: the generic path records it)
+        if ref.device != x.device or ref.requires_grad:  # (a gradient of its own: generic)
             raise _Decline
-        return ref if ref.ndim == 1 else ref.reshape(-1)
+        if token or not self.event_ndim:
+            return ref if ref.ndim == 1 else ref.reshape(-1)
+        return ref if ref.ndim == 2 else ref.reshape(self.values.shape)
 
     def field(self, ref: Any, *, role: str = "field", counted: bool = True) -> Any:
         a = self._read(Field(ref) if isinstance(ref, str) else ref)
@@ -520,7 +528,7 @@ class _Flat:
 
     def masked(self, mask: Any, own: bool) -> None:
         """Count and mask by ``mask`` (a mask option's value, or the call's)."""
-        m = self._read(mask)
+        m = self._read(mask, token=True)
         if m.dtype.is_complex:
             raise _Decline
         if m.dtype != torch.bool:
@@ -534,14 +542,21 @@ class _Flat:
 
 
 def _flat_run(
-    reg: Any, x: Any, kernel: Any, results: list[Any], data: Any = None, mask: Any = None
+    reg: Any,
+    x: Any,
+    kernel: Any,
+    results: list[Any],
+    data: Any = None,
+    mask: Any = None,
+    rows: bool = False,
 ) -> _Run | None:
     """A term by its fused kernel over one tensor ``x`` (the caller's, or a list's
     concatenation), without a Batch: a plain term (see :func:`_plain`), or one whose mask
     and fields :class:`_Flat` reads (``mask``: the call's, or the regularizer's option). Its
     ``(value, metrics)`` is appended to ``results``; None where the kernel declines (then a
-    Batch is prepared); :class:`_Decline` where :class:`_Flat` does."""
-    batch = _Flat(x, reg._opts["reduce"], data)
+    Batch is prepared); :class:`_Decline` where :class:`_Flat` does. ``rows``: a vector per
+    token along the last axis (a kernel ``ROWS``)."""
+    batch = _Flat(x, reg._opts["reduce"], data, rows)
     if mask is not None:
         batch.masked(mask, getattr(kernel, "MASKS_ITS_OWN", False))
     got = kernel.forward(reg, batch)
@@ -560,10 +575,10 @@ def compute_plain(
     terms: list[tuple[Any, Any]], x: Any, kernels: dict[str, Any], data: Any = None
 ) -> list[tuple[Array, Metrics]] | None:
     """:func:`compute` of ``(regularizer, mask)`` terms over one float tensor that requires
-    grad, with no counts, each of per-token values (``event_ndim`` 0), ``reduce`` "sum" or
-    "mean" and a fused kernel: the call without a Batch (see :class:`_Flat`), one node for
-    every term. A term's ``mask`` is the call's (``base.UNSET`` where it gave none). None
-    where a Batch must be prepared."""
+    grad, with no counts, each of per-token values (``event_ndim`` 0, or 1 for a kernel
+    ``ROWS``), ``reduce`` "sum" or "mean" and a fused kernel: the call without a Batch (see
+    :class:`_Flat`), one node for every term. A term's ``mask`` is the call's
+    (``base.UNSET`` where it gave none). None where a Batch must be prepared."""
     if not (x.requires_grad and torch.is_grad_enabled()) or x.dtype not in _FLOATS:
         return None
     if _functorch_active():
@@ -571,7 +586,13 @@ def compute_plain(
     picked = []
     for reg, mask in terms:
         o, kernel = reg._opts, kernels.get(reg.name)
-        if kernel is None or reg.event_ndim != 0 or o["target"] != "logprobs":
+        if kernel is None or o["target"] != "logprobs":
+            return None
+        # (a kernel ROWS reads a vector per token, along the last axis, and no valid_tokens)
+        rows = reg.event_ndim == 1 and getattr(kernel, "ROWS", False) and x.ndim >= 1
+        if rows and (o.get("axis", -1) not in (-1, x.ndim - 1) or not x.shape[-1]):
+            return None
+        if reg.event_ndim != 0 and not rows:
             return None
         if o["reduce"] != "sum" and o["reduce"] != "mean":
             return None
@@ -579,13 +600,14 @@ def compute_plain(
         # read on the host: on the CPU only)
         if getattr(kernel, "VALID_IF_FINITE", False) and x.device.type != "cpu":
             return None
-        picked.append((reg, kernel, o["mask"] if type(mask).__name__ == "_Unset" else mask))
+        m = o["mask"] if type(mask).__name__ == "_Unset" else mask
+        picked.append((reg, kernel, m, rows))
     results: list[tuple[Any, Metrics]] = []
     runs: list[_Run] = []
     with _NoGrad():
         try:
-            for reg, kernel, m in picked:
-                run = _flat_run(reg, x, kernel, results, data, m)
+            for reg, kernel, m, rows in picked:
+                run = _flat_run(reg, x, kernel, results, data, m, rows)
                 if run is None:
                     return None
                 runs.append(run)

@@ -724,7 +724,12 @@ class GradientPenaltyGrad:
     dtype's range unscaled), or a counted row whose squares underflow (``Σ g²`` within
     ``D · tiny / eps`` of 0, a zero row included), hands the call to the generic kernel,
     whose scaled norms and conventions cover it: their sum and least, read on the host (no
-    device sync on the CPU), tell."""
+    device sync on the CPU), tell.
+
+    ``ROWS``: it reads the values as ``[n, D]`` rows and a per-row mask, and its penalty has
+    no ``valid_tokens``, so a call on one tensor needs no Batch (``torch_autograd._Flat``)."""
+
+    ROWS = True
 
     @staticmethod
     def forward(reg: Any, batch: Any) -> tuple[Any, dict[str, Any], Any] | None:
