@@ -742,6 +742,52 @@ def test_every_built_in_equals_the_generic_path(
     _close(grads, want_grads, rtol * 10, rtol * 10 * gscale, "gradient")
 
 
+@pytest.mark.parametrize("cls", CLOSED, ids=[c.__name__ for c in CLOSED])
+@given(data=st.data())
+def test_without_a_gradient_the_kernels_give_the_same_numbers(
+    bk: Harness, cls: type, data: st.DataObject
+) -> None:
+    """``compute`` under ``torch.no_grad()``, or on tensors that need no gradient, runs the
+    kernels the call with a gradient runs (before, it took the generic path), with no node:
+    its value and metrics are that call's, bit for bit, and nothing is recorded. L1 and L2
+    without a mask or data have fused reductions of their own (``torch_fused.FAST``): close,
+    as the generic path is."""
+    import torch
+
+    case = data.draw(S.cases(cls), label="case")
+    dtype = data.draw(st.sampled_from(["float32", "float64"]), label="dtype")
+    x, d, m = convert(bk, case, dtype)
+    plain = [a.detach().clone() for a in _listed(x)]
+    lp = plain if isinstance(x, list) else plain[0]
+    with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp, _spy(mp) as ran:
+        value, metrics, _ = _autograd(case.reg, d, x, m, None)
+        trained = [r for r in ran if r.endswith(".forward")]
+        ran.clear()
+        with torch.no_grad():
+            leaves = [a.detach().clone().requires_grad_(True) for a in _listed(x)]
+            got = [case.reg.compute(d, leaves if isinstance(x, list) else leaves[0], **kwargs(m))]
+        unwanted = [r for r in ran if r.endswith(".forward")]
+        ran.clear()
+        got.append(case.reg.compute(d, lp, **kwargs(m)))
+        assert [r for r in ran if r.endswith(".forward")] == unwanted
+    fused = isinstance(case.reg, (rg.L1, rg.L2)) and not unwanted
+    assert unwanted == trained or fused, (unwanted, trained)
+    for v, ms in got:
+        assert v.grad_fn is None
+        assert not v.requires_grad
+        assert ms.keys() == metrics.keys()
+        if trained and not fused:
+            exact = {"rtol": 0.0, "atol": 0.0, "equal_nan": True}
+            torch.testing.assert_close(v, value.detach(), **exact)
+            for k in ms:
+                torch.testing.assert_close(ms[k], metrics[k], **exact, msg=k)
+        else:  # (the generic path, or the fused reductions: the rounding of another order)
+            rtol = 1e-9 if dtype == "float64" else 1e-4
+            for a, b in [(v, value), *[(ms[k], metrics[k]) for k in ms]]:
+                w = float(b.detach())
+                _close(a, b, rtol, rtol * (max(1.0, abs(w)) if np.isfinite(w) else 1.0), "nograd")
+
+
 @st.composite
 def pipelines(draw: st.DrawFn) -> rg.Pipeline:
     terms = []

@@ -110,9 +110,9 @@ def _routable(reg: Any) -> bool:
 def try_route(
     reg: Any, data: object, logprobs: Any, mask: Any, counts: Any, call: str
 ) -> tuple[Any, dict[str, Any]] | None:
-    """``(value, metrics)`` of a call on torch tensors that need a gradient, recorded as one
-    node whose backward is ``reg``'s closed form (``torch_autograd``), or None: record the
-    generic path."""
+    """``(value, metrics)`` of a call on torch tensors by ``reg``'s kernels, recorded as one
+    node whose backward is ``reg``'s closed form where a tensor needs a gradient
+    (``torch_autograd``), or None: the generic path."""
     first = logprobs[0] if type(logprobs) in (list, tuple) and logprobs else logprobs
     if type(first).__module__ not in _TORCH_MODULES or _torch_compiling() or not _routable(reg):
         return None

@@ -17,6 +17,12 @@ whose mask and other fields are tensors of its shape in a ``dict`` of data (verl
 which makes the mask and the counts as ``prepare`` does, and which declines (a Batch is
 then prepared, and validates) wherever what it reads is of another kind.
 
+Where nothing is to be recorded (grad mode off, or no tensor that requires grad), the same
+kernels give value and metrics, with no node: ``compute`` gives the same numbers whether or
+not a gradient is wanted (before, such a call took the generic path; L1 and L2 have fused
+reductions of their own, ``torch_fused.FAST``, tried first). A kernel that declines leaves
+the call to the generic ``evaluate`` then, which computes no gradient.
+
 Kernels (``torch_fused.GRAD``, keyed by registered name) have two static methods::
 
     forward(reg, batch) -> (value, metrics, state) | None   # None: the generic kernel
@@ -273,15 +279,19 @@ def compute(
     kernels: dict[str, Any],
 ) -> list[tuple[Array, Metrics]] | None:
     """``(value, metrics)`` of each ``(regularizer, mask)`` term over one input, the values
-    recorded as the outputs of one :class:`ClosedForm` node, or None where the generic path
-    must be recorded (see the module docstring). Terms over a class axis go one per call."""
+    recorded as the outputs of one :class:`ClosedForm` node (where nothing is to be recorded,
+    grad mode off or no tensor requiring grad, the kernels' numbers with no node), or None
+    where the generic path must run (see the module docstring). Terms over a class axis go
+    one per call."""
     is_list = type(logprobs) in (list, tuple)
     arrays = list(logprobs) if is_list else [logprobs]
-    if not torch.is_grad_enabled() or _functorch_active():
+    if _functorch_active():
         return None
     kinds = {type(a) for a in arrays}
-    if not kinds <= _TENSORS or not any(a.requires_grad for a in arrays):  # (stops at one)
+    if not kinds <= _TENSORS:
         return None
+    # (nothing to record: the kernels' value and metrics, the same numbers, with no node)
+    record = torch.is_grad_enabled() and any(a.requires_grad for a in arrays)
     dtypes = {a.dtype for a in arrays}
     floats = dtypes <= _FLOAT_SET  # (else prepare names the datum that is not)
     watch: list[str] = []
@@ -347,6 +357,8 @@ def compute(
                 batch = reg._validated(batch, all_valid)  # (a token may be invalid: as prepare)
                 got = None if kernel is None else kernel.forward(reg, batch)
             if got is None:
+                if not record:  # (evaluate, not evaluate_with_grad: no gradient is wanted)
+                    return None
                 if own and batch.mask is not None:  # the values as prepare would leave them
                     object.__setattr__(batch, "values", zero_uncounted(batch.values, batch.mask))
                 kernel = Generic
@@ -356,6 +368,8 @@ def compute(
             runs.append(_Run(reg, batch, kernel, state))
     if watch:  # a Field it reads needs a gradient too
         return None
+    if not record:
+        return [(_own(v, m), m) for v, m in results]
 
     def generic(arrays: tuple[Any, ...]) -> list[Any]:
         lp = list(arrays) if is_list else arrays[0]
@@ -577,11 +591,10 @@ def compute_plain(
     """:func:`compute` of ``(regularizer, mask)`` terms over one float tensor that requires
     grad, with no counts, each of per-token values (``event_ndim`` 0, or 1 for a kernel
     ``ROWS``), ``reduce`` "sum" or "mean" and a fused kernel: the call without a Batch (see
-    :class:`_Flat`), one node for every term. A term's ``mask`` is the call's
-    (``base.UNSET`` where it gave none). None where a Batch must be prepared."""
-    if not (x.requires_grad and torch.is_grad_enabled()) or x.dtype not in _FLOATS:
-        return None
-    if _functorch_active():
+    :class:`_Flat`), one node for every term (none where ``x`` needs no gradient: the
+    kernels' numbers). A term's ``mask`` is the call's (``base.UNSET`` where it gave none).
+    None where a Batch must be prepared."""
+    if x.dtype not in _FLOATS or _functorch_active():
         return None
     picked = []
     for reg, mask in terms:
@@ -613,6 +626,8 @@ def compute_plain(
                 runs.append(run)
         except _Decline:
             return None
+    if not (x.requires_grad and torch.is_grad_enabled()):  # (nothing to record: no node)
+        return [(_own(v, m), m) for v, m in results]
 
     def generic(arrays: tuple[Any, ...]) -> list[Any]:
         with disabled():
