@@ -408,6 +408,32 @@ def test_fused_sampled_kl_at_uncounted_tokens(
             torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
+def _count_prepares(mp: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one each time a Batch is prepared (``Regularizer.prepare``)."""
+    prepared: list[int] = []
+    real_prepare = rg.Regularizer.prepare
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        prepared.append(1)
+        return real_prepare(self, *args, **kwargs)
+
+    mp.setattr(rg.Regularizer, "prepare", spy)
+    return prepared
+
+
+def _bitwise(got: Any, want: Any) -> None:
+    """Two ``(value, metrics, gradients)``: equal to the bit, NaN where NaN."""
+    import torch
+
+    exact = {"rtol": 0.0, "atol": 0.0, "equal_nan": True}
+    torch.testing.assert_close(got[0].detach(), want[0].detach(), **exact)
+    assert got[1].keys() == want[1].keys()
+    for k in got[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], **exact, msg=k)
+    for a, b in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(a, b, **exact)
+
+
 ONE_TENSOR = ["L1", "L2", "Huber", "ElasticNet", "SampledEntropy", "SampledKL", "Consistency"]
 
 
@@ -475,15 +501,8 @@ def test_one_tensor_with_its_data_needs_no_batch(
         tm = torch.asarray(mask, device=TORCH_DEVICE)
         d["m"] = tm
         m = {"field": rg.Field("m"), "array": tm}.get(where)
-    prepared: list[int] = []
-    real_prepare = rg.Regularizer.prepare
-
-    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
-        prepared.append(1)
-        return real_prepare(self, *args, **kwargs)
-
     with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rg.Regularizer, "prepare", spy)
+        prepared = _count_prepares(mp)
         if data.draw(st.booleans(), label="product"):  # (the mask by the checked product)
             mp.setattr(torch_fused, "SMALL", 2)
         before = [xs.clone(), *[a.clone() for a in d.values()]]
@@ -499,12 +518,7 @@ def test_one_tensor_with_its_data_needs_no_batch(
         mp.setattr(torch_autograd, "compute_plain", lambda *a, **k: None)
         want = _autograd(reg, d, xs, m, None)
         assert prepared, "the call with a Batch prepared one"
-    exact = {"rtol": 0.0, "atol": 0.0, "equal_nan": True}
-    torch.testing.assert_close(got[0].detach(), want[0].detach(), **exact)
-    assert got[1].keys() == want[1].keys()
-    for k in got[1]:
-        torch.testing.assert_close(got[1][k], want[1][k], **exact, msg=k)
-    torch.testing.assert_close(got[2][0], want[2][0], **exact)
+    _bitwise(got, want)
 
 
 @given(calls=st.lists(one_tensor_calls(), min_size=2, max_size=3), data=st.data())
@@ -525,32 +539,20 @@ def test_a_pipeline_over_one_tensor_needs_no_batch(
     d = {"other": torch.asarray(other), "m": torch.asarray(mask)}
     terms = [rg.Term(reg, 0.5 + i, name=f"t{i}") for i, (reg, _) in enumerate(calls)]
     pipe = rg.Pipeline(terms, metrics="array")
-    prepared: list[int] = []
-    real_prepare = rg.Regularizer.prepare
-
-    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
-        prepared.append(1)
-        return real_prepare(self, *args, **kwargs)
 
     def step() -> Any:
         leaf = torch.asarray(x).requires_grad_(True)
         value, metrics = pipe(d, leaf)
-        (grad,) = torch.autograd.grad(value, [leaf])
-        return value, metrics, grad
+        return value, metrics, torch.autograd.grad(value, [leaf])
 
     with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rg.Regularizer, "prepare", spy)
+        prepared = _count_prepares(mp)
         got = step()
         assert not prepared, "a term prepared a Batch"
         mp.setattr(torch_autograd, "compute_plain", lambda *a, **k: None)
         want = step()
         assert prepared
-    exact = {"rtol": 0.0, "atol": 0.0, "equal_nan": True}
-    torch.testing.assert_close(got[0].detach(), want[0].detach(), **exact)
-    assert got[1].keys() == want[1].keys()
-    for k in got[1]:
-        torch.testing.assert_close(got[1][k], want[1][k], **exact, msg=k)
-    torch.testing.assert_close(got[2], want[2], **exact)
+    _bitwise(got, want)
 
 
 @given(data=st.data())
@@ -587,15 +589,8 @@ def test_rows_of_one_tensor_need_no_batch(bk: Harness, data: st.DataObject) -> N
     xs = _cast(x, dtype)
     d = {"m": torch.asarray(mask, device=TORCH_DEVICE)}
     m = {"field": rg.Field("m"), "array": d["m"]}.get(where)
-    prepared: list[int] = []
-    real_prepare = rg.Regularizer.prepare
-
-    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
-        prepared.append(1)
-        return real_prepare(self, *args, **kwargs)
-
     with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rg.Regularizer, "prepare", spy)
+        prepared = _count_prepares(mp)
         if data.draw(st.booleans(), label="product"):
             mp.setattr(torch_fused, "SMALL", 2)
         got = _autograd(reg, d, xs, m, None)
@@ -607,12 +602,7 @@ def test_rows_of_one_tensor_need_no_batch(bk: Harness, data: st.DataObject) -> N
             assert prepared, "vectors along another axis need a Batch"
         mp.setattr(torch_autograd, "compute_plain", lambda *a, **k: None)
         want = _autograd(reg, d, xs, m, None)
-    exact = {"rtol": 0.0, "atol": 0.0, "equal_nan": True}
-    torch.testing.assert_close(got[0].detach(), want[0].detach(), **exact)
-    assert got[1].keys() == want[1].keys()
-    for k in got[1]:
-        torch.testing.assert_close(got[1][k], want[1][k], **exact, msg=k)
-    torch.testing.assert_close(got[2][0], want[2][0], **exact)
+    _bitwise(got, want)
 
 
 def test_per_token_kernels_of_penalties_with_valid_tokens_tell_them_by_their_value(
