@@ -515,7 +515,7 @@ def test_one_tensor_with_its_data_needs_no_batch(
             assert prepared, "a Consistency whose value is not finite prepares a Batch"
         else:
             assert not prepared, f"{reg!r} prepared a Batch"
-        mp.setattr(torch_autograd, "compute_plain", lambda *a, **k: None)
+        mp.setattr(torch_autograd, "compute_flat", lambda *a, **k: None)
         want = _autograd(reg, d, xs, m, None)
         assert prepared, "the call with a Batch prepared one"
     _bitwise(got, want)
@@ -549,7 +549,7 @@ def test_a_pipeline_over_one_tensor_needs_no_batch(
         prepared = _count_prepares(mp)
         got = step()
         assert not prepared, "a term prepared a Batch"
-        mp.setattr(torch_autograd, "compute_plain", lambda *a, **k: None)
+        mp.setattr(torch_autograd, "compute_flat", lambda *a, **k: None)
         want = step()
         assert prepared
     _bitwise(got, want)
@@ -600,7 +600,7 @@ def test_rows_of_one_tensor_need_no_batch(bk: Harness, data: st.DataObject) -> N
             assert not prepared, "a Batch was prepared"
         if not along_last:
             assert prepared, "vectors along another axis need a Batch"
-        mp.setattr(torch_autograd, "compute_plain", lambda *a, **k: None)
+        mp.setattr(torch_autograd, "compute_flat", lambda *a, **k: None)
         want = _autograd(reg, d, xs, m, None)
     _bitwise(got, want)
 
@@ -1951,7 +1951,7 @@ def test_fused_compute_over_several_blocks(
 
 @pytest.mark.parametrize("reg", [rg.L1(), rg.L2(), rg.ElasticNet(l1_ratio=0.5)], ids=repr)
 def test_half_precision_plain_call_computes_in_float32(bk: Harness, reg: Any) -> None:
-    """A plain float16 tensor that requires grad (the Batch-free call, ``compute_plain``)
+    """A plain float16 tensor that requires grad (the Batch-free call, ``compute_flat``)
     computes in float32, as the generic path does: a sum beyond float16's range is finite,
     and value and metrics are float32."""
     import torch

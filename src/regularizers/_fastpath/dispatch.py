@@ -120,7 +120,7 @@ def try_route(
     kernels = fused.GRAD
     if logprobs is first and counts is None and (data is None or type(data) is dict):
         # one tensor, no counts: the call that needs no Batch, where it applies
-        plain = autograd.compute_plain([(reg, mask)], first, kernels, data)
+        plain = autograd.compute_flat([(reg, mask)], first, kernels, data)
         if plain is not None:
             return plain[0]  # type: ignore[no-any-return]
     got = autograd.compute([(reg, mask)], data, logprobs, counts, call, kernels)
@@ -153,7 +153,7 @@ def try_route_terms(
     autograd, fused = _TORCH or _torch_modules()
     got: list[tuple[Any, dict[str, Any]]] | None = None
     if logprobs is first and counts is None and (data is None or type(data) is dict):
-        got = autograd.compute_plain(terms, first, fused.GRAD, data)  # (no Batch: try_route)
+        got = autograd.compute_flat(terms, first, fused.GRAD, data)  # (no Batch: try_route)
     if got is None:
         got = autograd.compute(terms, data, logprobs, counts, "compute(data, logprobs)", fused.GRAD)
     return got

@@ -585,7 +585,7 @@ def _flat_run(
     return _Run(reg, batch, kernel, state)
 
 
-def compute_plain(
+def compute_flat(
     terms: list[tuple[Any, Any]], x: Any, kernels: dict[str, Any], data: Any = None
 ) -> list[tuple[Array, Metrics]] | None:
     """:func:`compute` of ``(regularizer, mask)`` terms over one float tensor that requires
