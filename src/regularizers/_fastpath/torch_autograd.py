@@ -588,12 +588,12 @@ def _flat_run(
 def compute_flat(
     terms: list[tuple[Any, Any]], x: Any, kernels: dict[str, Any], data: Any = None
 ) -> list[tuple[Array, Metrics]] | None:
-    """:func:`compute` of ``(regularizer, mask)`` terms over one float tensor that requires
-    grad, with no counts, each of per-token values (``event_ndim`` 0, or 1 for a kernel
-    ``ROWS``), ``reduce`` "sum" or "mean" and a fused kernel: the call without a Batch (see
-    :class:`_Flat`), one node for every term (none where ``x`` needs no gradient: the
-    kernels' numbers). A term's ``mask`` is the call's (``base.UNSET`` where it gave none).
-    None where a Batch must be prepared."""
+    """:func:`compute` of ``(regularizer, mask)`` terms over one float tensor, with no
+    counts, each of per-token values (``event_ndim`` 0, or 1 for a kernel ``ROWS``),
+    ``reduce`` "sum" or "mean" and a fused kernel: the call without a Batch (see
+    :class:`_Flat`), one node for every term where ``x`` requires grad (else, nothing to
+    record, the kernels' numbers with no node). A term's ``mask`` is the call's
+    (``base.UNSET`` where it gave none). None where a Batch must be prepared."""
     if x.dtype not in _FLOATS or _functorch_active():
         return None
     picked = []
